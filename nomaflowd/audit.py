@@ -1,0 +1,77 @@
+"""`nomaflowd audit`: query the notifications table; table, json or csv output."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from datetime import datetime, timedelta
+from typing import Any
+
+from nomaflowd import db
+from nomaflowd.errors import UsageError
+
+COLUMNS = ("id", "created_at", "event_id", "job_id", "run_id", "alert", "level", "transport",
+           "transport_type", "recipient", "outcome", "detail", "duration_ms", "replica")
+TABLE_COLUMNS = ("created_at", "job_id", "run_id", "alert", "transport", "recipient", "outcome",
+                 "detail")
+UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+OUTCOMES = ("SENT", "FAILED_TRANSPORT", "FAILED_DELIVERY")
+
+
+def parse_since(value: str, now: datetime) -> datetime:
+    """`7d`, `12h`, `30m`, `2w` or an ISO date/time (UTC)."""
+    match = re.fullmatch(r"(\d+)([smhdw])", value.strip())
+    if match:
+        return now - timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"--since {value!r}: use a duration like 7d, 12h, 30m or a date like"
+                         " 2026-05-01") from None
+    from nomaflowd.events import utc
+    return utc(dt)
+
+
+def query(*, job: str | None = None, run: str | None = None, since: datetime | None = None,
+          outcome: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    n = db.NotificationRow
+    q = n.select().order_by(n.created_at, n.id)
+    if job:
+        q = q.where(n.job_id == job)
+    if run:
+        q = q.where(n.run_id == run)
+    if since:
+        q = q.where(n.created_at >= since)
+    if outcome:
+        if outcome.upper() not in OUTCOMES:
+            raise UsageError(f"--outcome must be one of {', '.join(OUTCOMES)}")
+        q = q.where(n.outcome == outcome.upper())
+    if limit:
+        q = q.limit(limit)
+    return [{c: _plain(row[c]) for c in COLUMNS} for row in q.dicts().iterator()]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return value
+
+
+def render(rows: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, ensure_ascii=False, indent=1)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue().rstrip("\n")
+    if not rows:
+        return "no notifications match"
+    cells = [[str(r[c] if r[c] is not None else "-")[:60] for c in TABLE_COLUMNS] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(TABLE_COLUMNS)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(TABLE_COLUMNS, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)

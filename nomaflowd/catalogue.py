@@ -1,0 +1,179 @@
+"""The job catalogue (jobs.toml): tags and alerts blocks, effective-block resolution."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nomaflowd.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ALERT_KEYS = ("on_failure", "on_long_run_minutes", "on_success", "on_cancel", "on_toggle",
+              "recipients")
+
+
+@dataclass(frozen=True)
+class AlertsBlock:
+    on_failure: bool = True
+    on_long_run_minutes: float | None = None
+    on_success: bool = False
+    on_cancel: bool = False
+    on_toggle: bool = False
+    recipients: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+BUILTIN = AlertsBlock()
+
+
+def parse_alerts(raw: Any, where: str) -> AlertsBlock:
+    """Validate an alerts block; raises ValueError naming the key."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be an object")
+    unknown = sorted(set(raw) - set(ALERT_KEYS))
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]} is not a known alerts setting")
+    values: dict[str, Any] = {}
+    for key in ("on_failure", "on_success", "on_cancel", "on_toggle"):
+        if key in raw:
+            if not isinstance(raw[key], bool):
+                raise ValueError(f"{where}.{key} must be true or false")
+            values[key] = raw[key]
+    minutes = raw.get("on_long_run_minutes")
+    if minutes is not None:
+        if isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes <= 0:
+            raise ValueError(f"{where}.on_long_run_minutes must be a number of minutes above 0")
+        values["on_long_run_minutes"] = float(minutes)
+    if "recipients" in raw:
+        recipients = raw["recipients"]
+        if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
+            raise ValueError(f"{where}.recipients must be a list of strings")
+        for r in recipients:
+            if "://" in r:
+                raise ValueError(
+                    f"{where}.recipients holds a URL; configure it as an encrypted transport"
+                    " and list the transport's name instead"
+                )
+        values["recipients"] = tuple(recipients)
+    return AlertsBlock(**values)
+
+
+def parse_tags(raw: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
+        raise ValueError(f"{where} must be a list of strings")
+    return tuple(raw)
+
+
+@dataclass(frozen=True)
+class Effective:
+    """The alerts block and tags that apply to one event, with where each came from."""
+
+    alerts: AlertsBlock
+    alerts_origin: str
+    tags: tuple[str, ...]
+    tags_origin: str
+
+
+@dataclass
+class Catalogue:
+    jobs_alerts: dict[str, AlertsBlock] = field(default_factory=dict)
+    jobs_tags: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    default_alerts: AlertsBlock | None = None
+    default_tags: tuple[str, ...] | None = None
+
+    def effective(
+        self, job_id: str, alerts: AlertsBlock | None = None, tags: tuple[str, ...] | None = None
+    ) -> Effective:
+        """First found wins: the event's own, the job's, [defaults], then built-in."""
+        if alerts is not None:
+            block, origin = alerts, "event"
+        elif job_id in self.jobs_alerts:
+            block, origin = self.jobs_alerts[job_id], "job"
+        elif self.default_alerts is not None:
+            block, origin = self.default_alerts, "defaults"
+        else:
+            block, origin = BUILTIN, "built-in"
+        if tags is not None:
+            tag_list, tags_origin = tags, "event"
+        elif job_id in self.jobs_tags:
+            tag_list, tags_origin = self.jobs_tags[job_id], "job"
+        elif self.default_tags is not None:
+            tag_list, tags_origin = self.default_tags, "defaults"
+        else:
+            tag_list, tags_origin = (), "built-in"
+        return Effective(block, origin, tag_list, tags_origin)
+
+
+def parse(data: dict[str, Any], where: str = "jobs.toml") -> Catalogue:
+    """Build a catalogue from jobs.toml data; only `tags` and `alerts` of each job matter."""
+    cat = Catalogue()
+    try:
+        defaults = data.get("defaults", {})
+        if not isinstance(defaults, dict):
+            raise ValueError("defaults must be a table")
+        if "alerts" in defaults:
+            cat.default_alerts = parse_alerts(defaults["alerts"], "defaults.alerts")
+        if "tags" in defaults:
+            cat.default_tags = parse_tags(defaults["tags"], "defaults.tags")
+        jobs = data.get("jobs", {})
+        if not isinstance(jobs, dict):
+            raise ValueError("jobs must be a table of jobs")
+        for job_id, job in jobs.items():
+            if not isinstance(job, dict):
+                continue
+            if "alerts" in job:
+                cat.jobs_alerts[job_id] = parse_alerts(job["alerts"], f"jobs.{job_id}.alerts")
+            if "tags" in job:
+                cat.jobs_tags[job_id] = parse_tags(job["tags"], f"jobs.{job_id}.tags")
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return cat
+
+
+def load(path: Path) -> Catalogue:
+    """Read jobs.toml; a missing file is an empty catalogue (built-in policy applies)."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        return Catalogue()
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return parse(data, str(path))
+
+
+class WatchedCatalogue:
+    """A catalogue that reloads itself when jobs.toml changes; a broken file keeps the last good one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp = self._stat()
+        self.current = load(path)
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def refresh(self) -> Catalogue:
+        """Cheap enough to call on every batch: one stat()."""
+        stamp = self._stat()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self.current = load(self.path)
+                logger.info("catalogue %s reloaded", self.path)
+            except ConfigError as exc:
+                logger.error("catalogue not reloaded, keeping the last good one: %s", exc)
+        return self.current

@@ -1,0 +1,58 @@
+"""`nomaflowd check`: the seed's common pitfalls, found before a real failure finds them."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from nomaflowd import catalogue
+from nomaflowd.config import Config
+from nomaflowd.crypto import key_path
+from nomaflowd.errors import ConfigError
+from nomaflowd.routing import Router
+
+
+def run_checks(cfg: Config) -> list[tuple[str, str]]:
+    """(level, text) pairs; level is "error" or "warning"."""
+    problems: list[tuple[str, str]] = []
+    if not cfg.transports:
+        problems.append(("error", "no transports configured: no alert can reach anyone"))
+    if not cfg.base_url:
+        problems.append(("warning", "daemon.base_url is empty: alerts carry no run link"))
+    try:
+        cat = catalogue.load(cfg.jobs_file)
+    except ConfigError as exc:
+        problems.append(("error", str(exc)))
+        cat = catalogue.Catalogue()
+    if not cfg.jobs_file.exists():
+        problems.append(("warning", f"{cfg.jobs_file} not found: every job gets the built-in"
+                         " policy (alert on failure to every transport's default recipient)"))
+    router = Router(cfg.transports, cfg.routing)
+
+    def recipients(where: str, values: tuple[str, ...]) -> None:
+        for value in values:
+            target = router.classify(value, where)
+            if target.error:
+                problems.append(("error", f"{where}: {target.error}"))
+
+    for i, rule in enumerate(cfg.routing):
+        recipients(f"routing[{i}]", rule.recipients)
+    if cat.default_alerts:
+        recipients("defaults.alerts.recipients", cat.default_alerts.recipients)
+    for job, block in cat.jobs_alerts.items():
+        recipients(f"jobs.{job}.alerts.recipients", block.recipients)
+        if block.on_long_run_minutes is not None and block.on_long_run_minutes < 2:
+            problems.append(("warning", f"jobs.{job}.alerts.on_long_run_minutes is"
+                             f" {block.on_long_run_minutes:g}: tune it to the job's normal"
+                             " runtime plus headroom"))
+    blocks = list(cat.jobs_alerts.values())
+    loud = [b for b in blocks if b.on_success]
+    if len(blocks) >= 4 and len(loud) * 2 > len(blocks):
+        problems.append(("warning", f"on_success is on for {len(loud)} of {len(blocks)} jobs:"
+                         " failures get lost among the green ticks"))
+    key = key_path(cfg.key_file)
+    if key.exists() and stat.S_IMODE(os.stat(key).st_mode) & 0o077:
+        problems.append(("warning", f"{key} is readable by others; chmod 600 {key}"))
+    if not cfg.spool_dir.is_dir():
+        problems.append(("warning", f"spool {cfg.spool_dir} does not exist yet (run creates it)"))
+    return problems

@@ -1,0 +1,322 @@
+"""Command line: argparse subcommands. The only module that prints; maps errors to 0/1/2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from nomaflowd import __version__, config, crypto, db, events
+from nomaflowd.alerts import test_alert
+from nomaflowd.config import Config
+from nomaflowd.errors import ConfigError, NomaflowError, Rejected, UsageError
+
+STATES_HELP = ", ".join(events.STATES)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's own exit 2, but one line
+        self.print_usage(sys.stderr)
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="nomaflowd.toml (default: "
+                        "$NOMAFLOWD_CONFIG, ./etc/nomaflowd.toml, /etc/nomaflowd/nomaflowd.toml)")
+    parser = Parser(prog="nomaflowd", parents=[common],
+                    description="Nomaflow's notification sidecar.")
+    parser.add_argument("--version", action="version", version=f"nomaflowd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+
+    p = sub.add_parser("emit", parents=[common], help="drop an event file into the spool")
+    p.add_argument("--job")
+    p.add_argument("--state", help=STATES_HELP)
+    p.add_argument("--run")
+    p.add_argument("--error")
+    p.add_argument("--step")
+    p.add_argument("--tag", action="append", dest="tags")
+    p.add_argument("--by")
+    p.add_argument("--triggered-by")
+    p.add_argument("--notice", metavar="TEXT", help="a NOTICE event with this message")
+    p.add_argument("--to", action="append", dest="to", metavar="RECIPIENT",
+                   help="NOTICE recipient (repeatable)")
+    p.add_argument("--json", metavar="FILE", help="a whole event as JSON (- for stdin)")
+
+    p = sub.add_parser("test", parents=[common], help="send a test message through a transport")
+    p.add_argument("transport")
+    p.add_argument("--to", metavar="RECIPIENT")
+
+    sub.add_parser("transports", parents=[common], help="list transports and their last outcome")
+    sub.add_parser("check", parents=[common], help="validate config and catalogue")
+
+    p = sub.add_parser("audit", parents=[common], help="query the notifications audit table")
+    p.add_argument("--job")
+    p.add_argument("--run")
+    p.add_argument("--since", help="e.g. 7d, 12h, 2026-05-01")
+    p.add_argument("--outcome", help="SENT, FAILED_TRANSPORT or FAILED_DELIVERY")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+
+    p = sub.add_parser("secret", parents=[common], help="key file and enc: tokens")
+    ss = p.add_subparsers(dest="secret_command", metavar="keygen|encrypt|rotate",
+                          parser_class=Parser)
+    ss.required = True
+    ss.add_parser("keygen", parents=[common], help="create the key file (mode 0600)")
+    ss.add_parser("encrypt", parents=[common], help="encrypt stdin to an enc: token")
+    ss.add_parser("rotate", parents=[common], help="re-encrypt every token under a new key")
+
+    sub.add_parser("prune", parents=[common], help="apply retention now")
+
+    p = sub.add_parser("explain", parents=[common], help="dry run: who would get what, and why")
+    p.add_argument("event", metavar="EVENT.json")
+
+    p = sub.add_parser("demo", parents=[common],
+                       help="run the daemon with a local receiver and send one alert to it")
+    p.add_argument("--port", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        handler = HANDLERS[args.command]
+        return int(handler(args) or 0)
+    except NomaflowError as exc:
+        print(f"nomaflowd: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # never a traceback at a user
+        logging.getLogger("nomaflowd").debug("unexpected error", exc_info=True)
+        print(f"nomaflowd: internal error: {type(exc).__name__}; run again with"
+              " NOMAFLOWD_DEBUG=1 for details", file=sys.stderr)
+        if os.environ.get("NOMAFLOWD_DEBUG"):
+            raise
+        return 1
+
+
+def setup_logging() -> None:
+    level = logging.DEBUG if os.environ.get("NOMAFLOWD_DEBUG") else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
+
+
+def load_config(args: argparse.Namespace, *, decrypt: bool = True) -> Config:
+    return config.load(config.find(args.config), decrypt=decrypt)
+
+
+def open_db(cfg: Config) -> Any:
+    database = db.open_database(cfg.database)
+    if db.is_sqlite(database):
+        database.returning_clause = True
+    return database
+
+
+# --- commands ------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from nomaflowd.daemon import Daemon
+
+    cfg = load_config(args)
+    setup_logging()
+    daemon = Daemon(cfg)
+    daemon.install_signals()
+    return daemon.run()
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    from nomaflowd.client import drop
+
+    cfg = load_config(args, decrypt=False)
+    if args.json:
+        try:
+            raw = sys.stdin.buffer.read() if args.json == "-" else Path(args.json).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--json {args.json}: {exc.strerror}") from None
+        try:
+            event, _ = events.decode(raw)
+        except Rejected as exc:
+            raise UsageError(f"--json: {exc}") from None
+    else:
+        if not args.job:
+            raise UsageError("--job is required (or give a whole event with --json)")
+        state = "NOTICE" if args.notice else (args.state or "").upper()
+        if not state:
+            raise UsageError(f"--state is required: one of {STATES_HELP}")
+        event = {"job_id": args.job, "state": state}
+        for key, value in (("run_id", args.run), ("error", args.error), ("step", args.step),
+                           ("by", args.by), ("triggered_by", args.triggered_by),
+                           ("message", args.notice)):
+            if value:
+                event[key] = value
+        if args.tags:
+            event["tags"] = args.tags
+        if args.to:
+            event["recipients"] = args.to
+        if state in events.RUN_STATES:
+            now = datetime.utcnow().strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # noqa: DTZ003
+            event["at"] = now
+            event.setdefault("started_at" if state == "RUNNING" else "finished_at", now)
+    try:
+        events.parse(json.dumps(event).encode(), "emit", datetime.utcnow())  # noqa: DTZ003
+    except Rejected as exc:
+        raise UsageError(f"the event would be rejected: {exc}") from None
+    try:
+        path = drop(cfg.spool_dir, event)
+    except OSError as exc:
+        raise NomaflowError(f"cannot write into {cfg.spool_dir}: {exc.strerror}") from None
+    print(f"dropped {path}")
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from nomaflowd.dispatch import SENT, Attempt, Dispatcher
+    from nomaflowd.routing import Router, default_recipient
+    from nomaflowd.transports import build
+
+    cfg = load_config(args)
+    if args.transport not in cfg.transports:
+        names = ", ".join(cfg.transports) or "none configured"
+        raise UsageError(f"no transport named {args.transport!r} (have: {names})")
+    tc = cfg.transports[args.transport]
+    recipient = default_recipient(tc)
+    if args.to:
+        normal = Router._normalise(tc.type, args.to.strip())
+        if normal is None:
+            raise UsageError(f"--to {args.to!r} is not a {tc.type} recipient")
+        recipient = normal
+    open_db(cfg)
+    transports = build({tc.name: tc}, cfg.send_timeout_seconds)
+    dispatcher = Dispatcher(transports, cfg.replica_id)
+    result = dispatcher.attempt(Attempt(test_alert(cfg.base_url), tc.name, recipient))
+    dispatcher.record([result])
+    print(f"{result.outcome} {tc.name} -> {recipient}: {result.detail}")
+    return 0 if result.outcome == SENT else 1
+
+
+def cmd_transports(args: argparse.Namespace) -> int:
+    from nomaflowd.routing import default_recipient
+    from nomaflowd.transports import build
+
+    cfg = load_config(args)
+    if not cfg.transports:
+        print("no transports configured")
+        return 0
+    open_db(cfg)
+    built = build(cfg.transports, cfg.send_timeout_seconds)
+    n = db.NotificationRow
+    rows = []
+    for name, tc in cfg.transports.items():
+        last = n.select(n.outcome, n.created_at).where(n.transport == name).order_by(
+            n.created_at.desc(), n.id.desc()).first()
+        rows.append((name, tc.type, default_recipient(tc), built[name].destination(),
+                     f"{last.outcome} at {last.created_at:%Y-%m-%d %H:%M:%S}Z" if last else
+                     "never used"))
+    header = ("NAME", "TYPE", "DEFAULT RECIPIENT", "SENDS TO", "LAST ATTEMPT")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    for line in (header, *rows):
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from nomaflowd.checks import run_checks
+
+    try:
+        cfg = load_config(args)
+    except ConfigError as exc:
+        print(f"error: {exc}")
+        return 1
+    problems = run_checks(cfg)
+    for level, text in problems:
+        print(f"{level}: {text}")
+    errors = sum(1 for level, _ in problems if level == "error")
+    warnings = len(problems) - errors
+    print(f"{cfg.path}: {errors} error(s), {warnings} warning(s)")
+    return 1 if errors else 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from nomaflowd import audit
+    from nomaflowd.dispatch import utcnow
+
+    cfg = load_config(args, decrypt=False)
+    open_db(cfg)
+    since = audit.parse_since(args.since, utcnow()) if args.since else None
+    rows = audit.query(job=args.job, run=args.run, since=since, outcome=args.outcome,
+                       limit=args.limit)
+    print(audit.render(rows, args.format))
+    return 0
+
+
+def cmd_secret(args: argparse.Namespace) -> int:
+    cfg = load_config(args, decrypt=False)
+    if args.secret_command == "keygen":
+        crypto.write_key(cfg.key_file)
+        print(f"created {cfg.key_file} (mode 0600); keep it out of version control")
+        return 0
+    if args.secret_command == "encrypt":
+        value = sys.stdin.read()
+        value = value[:-1] if value.endswith("\n") else value
+        if not value:
+            raise UsageError("nothing on stdin: pipe the secret in, e.g. `printf %s URL | "
+                             "nomaflowd secret encrypt`")
+        print(crypto.encrypt(crypto.load_keys(crypto.key_path(cfg.key_file)), value))
+        return 0
+    count = crypto.rotate(cfg.path, cfg.key_file)
+    print(f"re-encrypted {count} token(s) in {cfg.path} under a new key in {cfg.key_file}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from nomaflowd.dispatch import utcnow
+
+    cfg = load_config(args, decrypt=False)
+    open_db(cfg)
+    removed = db.prune(utcnow(), cfg.retention_days)
+    print("removed " + ", ".join(f"{n} {table}" for table, n in removed.items())
+          + f" (older than {cfg.retention_days} days)")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from nomaflowd.explain import explain
+
+    cfg = load_config(args)
+    try:
+        raw = Path(args.event).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{args.event}: {exc.strerror}") from None
+    try:
+        event = events.parse(raw, Path(args.event).name, datetime.utcnow())  # noqa: DTZ003
+    except Rejected as exc:
+        print(f"the daemon would reject this file: {exc}")
+        return 1
+    print(explain(cfg, event))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nomaflowd.demo import run_demo
+
+    setup_logging()
+    return run_demo(Path.cwd(), args.port)
+
+
+HANDLERS = {
+    "run": cmd_run, "emit": cmd_emit, "test": cmd_test, "transports": cmd_transports,
+    "check": cmd_check, "audit": cmd_audit, "secret": cmd_secret, "prune": cmd_prune,
+    "explain": cmd_explain, "demo": cmd_demo,
+}

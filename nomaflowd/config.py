@@ -1,0 +1,276 @@
+"""nomaflowd.toml -> frozen dataclasses. Every refusal names the dotted key and the fix."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nomaflowd import crypto
+from nomaflowd.crypto import Secret
+from nomaflowd.errors import ConfigError
+
+SEARCH_PATH = (Path("etc/nomaflowd.toml"), Path("/etc/nomaflowd/nomaflowd.toml"))
+TLS_MODES = ("starttls", "tls", "none")
+# Header values that carry no credential may stay plaintext; every other one must be enc:.
+PLAIN_HEADERS = frozenset({"content-type", "accept", "user-agent"})
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    name: str
+    type: str
+    settings: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Rule:
+    tag: str | None
+    recipients: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    spool_dir: Path
+    database: str
+    jobs_file: Path
+    key_file: Path
+    base_url: str
+    poll_seconds: float
+    retention_days: int
+    send_timeout_seconds: float
+    replica_id: str
+    rescan_seconds: float
+    transports: Mapping[str, TransportConfig] = field(default_factory=dict)
+    routing: tuple[Rule, ...] = ()
+
+    def run_url(self, run_id: str | None) -> str:
+        if not run_id or not self.base_url:
+            return ""
+        return f"{self.base_url.rstrip('/')}/runs/{run_id}/"
+
+
+def find(explicit: str | None) -> Path:
+    """--config, else $NOMAFLOWD_CONFIG, else ./etc/nomaflowd.toml, else /etc/nomaflowd/."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("NOMAFLOWD_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in SEARCH_PATH:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        "no config found; pass --config FILE, set NOMAFLOWD_CONFIG, or create etc/nomaflowd.toml"
+    )
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found; pass --config with the right file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+# --- a tiny typed reader -------------------------------------------------------------
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               list: "a list of strings", dict: "a table"}
+
+
+class Table:
+    """One TOML table being read; unknown keys are refused by finish()."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must be a table")
+        self.data = data
+        self.where = where
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def get(self, name: str, kind: type, default: Any = None, *, required: bool = False) -> Any:
+        self.seen.add(name)
+        if name not in self.data:
+            if required:
+                raise ConfigError(f"{self.key(name)} is required; add it to the config")
+            return default
+        value = self.data[name]
+        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if kind is list:
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        if not ok:
+            raise ConfigError(f"{self.key(name)} must be {_TYPE_NAMES[kind]}, not {value!r}")
+        return value
+
+    def positive(self, name: str, kind: type, default: Any) -> Any:
+        value = self.get(name, kind, default)
+        if value <= 0:
+            raise ConfigError(f"{self.key(name)} must be greater than 0")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])} is not a known setting; check its spelling")
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _database_url(base: Path, url: str, key: str) -> str:
+    if url.startswith("sqlite:///"):
+        rest = url[len("sqlite:///"):]
+        if rest and rest != ":memory:" and not rest.startswith("/"):
+            return "sqlite:///" + str(_resolve(base, rest))
+        return url
+    if url.startswith(("postgresql://", "postgres://", "postgresext://")):
+        return url
+    raise ConfigError(f"{key} must be sqlite:///PATH or postgresql://user@host/db, not {url!r}")
+
+
+# --- transports ----------------------------------------------------------------------
+
+SecretReader = Callable[[Table, str, bool], "Secret | None"]
+
+
+def _slack(t: Table, secret: SecretReader) -> dict[str, Any]:
+    return {
+        "webhook_url": secret(t, "webhook_url", True),
+        "default_channel": t.get("default_channel", str),
+        "username": t.get("username", str, "Nomaflow"),
+        "icon_emoji": t.get("icon_emoji", str, ":gear:"),
+    }
+
+
+def _email(t: Table, secret: SecretReader, base: Path) -> dict[str, Any]:
+    tls = t.get("tls", str, "starttls")
+    if tls not in TLS_MODES:
+        raise ConfigError(f"{t.key('tls')} must be one of starttls, tls, none; not {tls!r}")
+    ca_file = t.get("ca_file", str)
+    port = t.get("port", int, required=True)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{t.key('port')} must be a TCP port (1-65535)")
+    return {
+        "host": t.get("host", str, required=True),
+        "port": port,
+        "tls": tls,
+        "username": t.get("username", str),
+        "password": secret(t, "password", False),
+        "default_from": t.get("default_from", str, required=True),
+        "default_recipient": t.get("default_recipient", str),
+        "ca_file": _resolve(base, ca_file) if ca_file else None,
+    }
+
+
+def _webhook(t: Table, secret: SecretReader) -> dict[str, Any]:
+    headers: dict[str, Secret | str] = {}
+    raw = Table(t.get("headers", dict, {}), t.key("headers"))
+    for name in list(raw.data):
+        value = raw.get(name, str)
+        if value.startswith(crypto.PREFIX) or name.lower() not in PLAIN_HEADERS:
+            headers[name] = secret(raw, name, True)  # type: ignore[assignment]
+        else:
+            headers[name] = value
+    raw.finish()
+    return {
+        "url": secret(t, "url", True),
+        "headers": headers,
+        "body_template": t.get("body_template", str),
+        "signing_secret": secret(t, "signing_secret", False),
+    }
+
+
+TRANSPORT_TYPES = ("slack", "email", "webhook")
+
+
+def load(path: Path, *, decrypt: bool = True) -> Config:
+    """Read and validate the whole config; raises ConfigError with one line.
+
+    decrypt=False checks that secret fields hold enc: tokens without needing the key
+    (for `emit` and `secret keygen`, which may run where the key is not readable).
+    """
+    path = path.resolve() if path.exists() else path
+    data = read_toml(path)
+    base = path.parent
+    top = Table(data, "")
+    d = Table(top.get("daemon", dict, required=True), "daemon")
+    spool = _resolve(base, d.get("spool_dir", str, required=True))
+    database = d.get("database", str)
+    database = (
+        _database_url(base, database, "daemon.database")
+        if database
+        else "sqlite:///" + str(spool.parent / "lib" / "nomaflowd.db")
+    )
+    key_file = _resolve(base, d.get("key_file", str, "nomaflowd.key"))
+    config_kwargs: dict[str, Any] = {
+        "path": path,
+        "spool_dir": spool,
+        "database": database,
+        "jobs_file": _resolve(base, d.get("jobs_file", str, "jobs.toml")),
+        "key_file": key_file,
+        "base_url": d.get("base_url", str, ""),
+        "poll_seconds": d.positive("poll_seconds", float, 30.0),
+        "retention_days": d.positive("retention_days", int, 183),
+        "send_timeout_seconds": d.positive("send_timeout_seconds", float, 10.0),
+        "replica_id": d.get("replica_id", str) or socket.gethostname(),
+        "rescan_seconds": d.positive("rescan_seconds", float, 2.0),
+    }
+    d.finish()
+
+    keys: list[Any] = []  # loaded lazily: a config without secrets needs no key
+
+    def secret(t: Table, name: str, required: bool) -> Secret | None:
+        value = t.get(name, str, required=required)
+        if value is None:
+            return None
+        if not value.startswith(crypto.PREFIX):
+            crypto.decrypt(None, value, t.key(name))  # type: ignore[arg-type]
+        if not decrypt:
+            return Secret("")
+        if not keys:
+            keys.append(crypto.load_keys(crypto.key_path(key_file)))
+        return crypto.decrypt(keys[0], value, t.key(name))
+
+    transports: dict[str, TransportConfig] = {}
+    for name, raw in top.get("transports", dict, {}).items():
+        t = Table(raw, f"transports.{name}")
+        kind = t.get("type", str, required=True)
+        if kind == "slack":
+            settings = _slack(t, secret)
+        elif kind == "email":
+            settings = _email(t, secret, base)
+        elif kind == "webhook":
+            settings = _webhook(t, secret)
+        else:
+            raise ConfigError(f"{t.key('type')} must be one of slack, email, webhook; not {kind!r}")
+        t.finish()
+        transports[name] = TransportConfig(name, kind, settings)
+
+    rules = []
+    raw_rules = data.get("routing", [])
+    top.seen.add("routing")
+    if not isinstance(raw_rules, list):
+        raise ConfigError("routing must be an array of tables: write [[routing]]")
+    for i, raw in enumerate(raw_rules):
+        r = Table(raw, f"routing[{i}]")
+        rules.append(Rule(r.get("tag", str), tuple(r.get("recipients", list, required=True))))
+        r.finish()
+    top.finish()
+    return Config(**config_kwargs, transports=transports, routing=tuple(rules))

@@ -1,0 +1,399 @@
+"""The daemon: spool -> database -> dispatcher, long-run poll and retention on APScheduler."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from types import FrameType
+from typing import Any
+
+import peewee as pw
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from nomaflowd import alerts, catalogue, config, db, events, state, systemd, transports
+from nomaflowd.alerts import Alert
+from nomaflowd.catalogue import Catalogue, Effective, WatchedCatalogue
+from nomaflowd.config import Config
+from nomaflowd.dispatch import Attempt, Dispatcher, Result, utcnow
+from nomaflowd.errors import NomaflowError, Rejected
+from nomaflowd.routing import Plan, Router
+from nomaflowd.spool import Spool, watch
+
+logger = logging.getLogger(__name__)
+
+BATCH = 1000
+DB_ERRORS = (pw.PeeweeException, OSError)
+RESENT = "sent again after a restart (the earlier attempt got no verdict)"
+
+
+@dataclass
+class Routed:
+    """An alert with its recipients worked out (what `explain` shows and ingest stores)."""
+
+    alert: Alert
+    effective: Effective
+    plan: Plan
+
+
+class Policy:
+    """Config + catalogue -> which alerts an event makes due and to whom. Pure apart from stat()."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.config = cfg
+        self.router = Router(cfg.transports, cfg.routing)
+        self.catalogue = WatchedCatalogue(cfg.jobs_file)
+
+    def current(self) -> Catalogue:
+        return self.catalogue.refresh()
+
+    def route(self, alert: Alert, eff: Effective, notice_to: list[str] | None = None) -> Routed:
+        if notice_to:
+            plan = self.router.plan(notice_to, (), use_rules=False)
+        else:
+            plan = self.router.plan(eff.alerts.recipients, eff.tags)
+        return Routed(alert, eff, plan)
+
+    def for_event(self, event: events.Event, cat: Catalogue | None = None) -> list[Routed]:
+        cat = cat or self.current()
+        eff = cat.effective(event.job_id, event.alerts, event.tags)
+        url = self.config.run_url(event.run_id)
+        return [self.route(alerts.from_event(kind, event, url), eff, event.get("recipients"))
+                for kind in state.alerts_due(event, eff.alerts)]
+
+    def for_long_run(self, run: db.RunRow, now: datetime) -> Routed:
+        overrides = json.loads(run.overrides) if run.overrides else {}
+        block = (catalogue.parse_alerts(overrides["alerts"], "alerts")
+                 if "alerts" in overrides else None)
+        tags = tuple(overrides["tags"]) if "tags" in overrides else None
+        eff = self.current().effective(run.job_id, block, tags)
+        started = run.started_at
+        minutes = (now - started).total_seconds() / 60 if started else None
+        alert = Alert(kind="long_run", key=f"{run.job_id}/{run.run_id}/long_run",
+                      job_id=run.job_id, run_id=run.run_id, event_id=None, state="RUNNING",
+                      url=self.config.run_url(run.run_id),
+                      started_at=started.strftime("%Y-%m-%dT%H:%M:%SZ") if started else None,
+                      minutes=minutes)
+        return Routed(alert, eff, self.router.plan(eff.alerts.recipients, eff.tags))
+
+
+def claim(routed: list[Routed], replica: str, now: datetime) -> list[Attempt]:
+    """Insert one claimed delivery per target; only the rows this call inserted are ours to send.
+
+    Runs inside the caller's transaction, so an alert is claimed in the same commit as
+    the event (or long-run mark) that made it due.
+    """
+    rows, alerts_by_key = [], {}
+    for r in routed:
+        alerts_by_key[r.alert.key] = r.alert
+        context = r.alert.to_json()
+        for t in r.plan.targets:
+            rows.append({"alert_key": r.alert.key, "transport": t.transport,
+                         "recipient": t.recipient, "event_id": r.alert.event_id,
+                         "context": json.dumps({"alert": json.loads(context), "error": t.error}),
+                         "state": "claimed", "claimed_by": replica, "claimed_at": now,
+                         "attempts": 1})
+    attempts = []
+    errors = {(row["alert_key"], row["transport"], row["recipient"]):
+              json.loads(row["context"])["error"] for row in rows}
+    for i in range(0, len(rows), 500):
+        query = (db.DeliveryRow.insert_many(rows[i:i + 500])
+                 .on_conflict(conflict_target=[db.DeliveryRow.alert_key, db.DeliveryRow.transport,
+                                               db.DeliveryRow.recipient], action="IGNORE")
+                 .returning(db.DeliveryRow.id, db.DeliveryRow.alert_key,
+                            db.DeliveryRow.transport, db.DeliveryRow.recipient))
+        for row in query.execute():
+            attempts.append(Attempt(alerts_by_key[row.alert_key], row.transport, row.recipient,
+                                    delivery_id=row.id,
+                                    error=errors[(row.alert_key, row.transport, row.recipient)]))
+    return attempts
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.config = cfg
+        self.spool = Spool(cfg.spool_dir)
+        self.wakeup = threading.Event()
+        self.stopping = threading.Event()
+        self.hinted = True
+        self.reload_requested = False
+        self.pending: deque[str] = deque()
+        self.last_scan = 0.0
+        self.unrecorded: list[Result] = []
+        self.db_down_logged = 0.0
+        self.ready = False
+        self.last_ping = 0.0
+        self.watchdog_every = systemd.watchdog_interval()
+        self.policy = Policy(cfg)
+        self.dispatcher = Dispatcher(transports.build(cfg.transports, cfg.send_timeout_seconds),
+                                     cfg.replica_id, wake=self.wakeup.set)
+        self.observer: Any = None
+        self.scheduler: BackgroundScheduler | None = None
+
+    # --- start and stop ------------------------------------------------------------
+
+    def initialize(self) -> None:
+        self.spool.prepare()
+        self.database = db.open_database(self.config.database)
+        if db.is_sqlite(self.database):
+            self.database.returning_clause = True
+        self.observer = watch(self.config.spool_dir, self.hint)  # watch first...
+        self.hinted = True                                      # ...then scan the backlog
+        self.resume_claimed()
+        self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={
+            "max_instances": 1, "coalesce": True, "misfire_grace_time": None})
+        self.scheduler.add_job(self.poll_long_runs_job, "interval",
+                               seconds=self.config.poll_seconds, next_run_time=datetime.now().astimezone(),
+                               id="long_run")
+        self.scheduler.add_job(self.prune_job, "interval", days=1,
+                               next_run_time=datetime.now().astimezone() + timedelta(minutes=1),
+                               id="prune")
+        self.scheduler.start()
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping.set()
+        self.wakeup.set()
+
+    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
+        self.reload_requested = True
+        self.wakeup.set()
+
+    def hint(self) -> None:
+        self.hinted = True
+        self.wakeup.set()
+
+    def run(self) -> int:
+        self.initialize()
+        logger.info("nomaflowd started: spool %s, replica %s, %d transport(s)",
+                    self.config.spool_dir, self.config.replica_id, len(self.config.transports))
+        while not self.stopping.is_set():
+            more = self.step()
+            if self.reload_requested:
+                self.reload()
+            self.maybe_ping()
+            if not more:
+                self.wakeup.wait(self.idle_timeout())
+                self.wakeup.clear()
+        self.shutdown()
+        return 0
+
+    def idle_timeout(self) -> float:
+        timeout = self.config.rescan_seconds
+        if self.watchdog_every:
+            timeout = min(timeout, self.watchdog_every)
+        return max(0.05, timeout - (time.monotonic() - self.last_scan)) if not self.pending else 0
+
+    def shutdown(self) -> None:
+        systemd.notify("STOPPING=1")
+        logger.info("stopping: waiting for %d send(s) in flight", self.dispatcher.inflight)
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+        self.dispatcher.wait_idle(self.config.send_timeout_seconds + 5)
+        self.record(self.dispatcher.drain())
+        self.dispatcher.close(wait=True)
+        self.database.close()
+        logger.info("stopped")
+
+    def reload(self) -> None:
+        self.reload_requested = False
+        systemd.reloading()
+        try:
+            cfg = config.load(self.config.path)
+        except NomaflowError as exc:
+            logger.error("reload refused, keeping the running config: %s", exc)
+            systemd.notify("READY=1")
+            return
+        for key in ("spool_dir", "database"):
+            if getattr(cfg, key) != getattr(self.config, key):
+                logger.warning("daemon.%s changed; it takes effect at the next restart", key)
+                cfg = replace(cfg, **{key: getattr(self.config, key)})
+        self.config = cfg
+        self.policy = Policy(cfg)
+        self.dispatcher.configure(transports.build(cfg.transports, cfg.send_timeout_seconds))
+        logger.info("reloaded %s: %d transport(s)", cfg.path, len(cfg.transports))
+        systemd.notify("READY=1")
+
+    def maybe_ping(self) -> None:
+        if not self.ready:
+            if not self.pending and not self.hinted:
+                self.ready = True
+                systemd.notify("READY=1", "STATUS=watching the spool")
+                logger.info("backlog ingested; watching %s", self.config.spool_dir)
+            return
+        if self.watchdog_every and time.monotonic() - self.last_ping >= self.watchdog_every:
+            self.last_ping = time.monotonic()
+            systemd.notify("WATCHDOG=1")
+
+    # --- one iteration -----------------------------------------------------------------
+
+    def step(self, now: datetime | None = None) -> bool:
+        """Record finished sends, then ingest at most one batch. Returns "more work right away?"."""
+        try:
+            self.record(self.dispatcher.drain())
+            if not self.pending:
+                due = time.monotonic() - self.last_scan >= self.config.rescan_seconds
+                if not (self.hinted or due):
+                    return False
+                self.hinted = False
+                self.last_scan = time.monotonic()
+                self.pending.extend(self.spool.scan())
+                if not self.pending:
+                    return False
+            batch = [self.pending.popleft() for _ in range(min(BATCH, len(self.pending)))]
+            try:
+                self.ingest(batch, now or utcnow())
+            except DB_ERRORS:
+                self.pending.extendleft(reversed(batch))
+                raise
+            return bool(self.pending)
+        except DB_ERRORS as exc:
+            self.database_down(exc)
+            return False
+
+    def database_down(self, exc: BaseException) -> None:
+        """Files stay in the spool; say so once a minute, wait a moment, try again."""
+        if time.monotonic() - self.db_down_logged >= 60:
+            self.db_down_logged = time.monotonic()
+            logger.error("database unavailable, files wait in the spool: %s", exc)
+        self.pending.clear()
+        self.stopping.wait(1.0)
+        try:
+            self.database.close()
+        except DB_ERRORS:
+            pass  # it was broken anyway; the next query reconnects
+
+    def record(self, results: list[Result]) -> None:
+        self.unrecorded.extend(results)
+        if self.unrecorded:
+            self.dispatcher.record(self.unrecorded)
+            self.unrecorded = []
+
+    def ingest(self, names: list[str], now: datetime) -> None:
+        """Read a batch of files, commit their events and claims in one transaction, then send."""
+        accepted: list[tuple[str, events.Event]] = []
+        for name in names:
+            try:
+                raw = self.spool.read(name)
+                if raw is not None:
+                    accepted.append((name, events.parse(raw, name, now)))
+            except Rejected as exc:
+                self.spool.reject(name, str(exc), now)
+            except Exception as exc:  # a parser bug must quarantine the file, not stop the loop
+                logger.exception("spool file %r could not be handled", name)
+                self.spool.reject(name, f"internal error: {type(exc).__name__}", now)
+        if not accepted:
+            return
+        with self.database.atomic():
+            attempts = self.commit_events([e for _, e in accepted], now)
+        self.spool.remove([name for name, _ in accepted])
+        for attempt in attempts:
+            self.dispatcher.submit(attempt)
+
+    def commit_events(self, batch: list[events.Event], now: datetime) -> list[Attempt]:
+        rows = [{"event_id": e.event_id, "received_at": now, "job_id": e.job_id,
+                 "run_id": e.run_id, "state": e.state, "payload": e.payload} for e in batch]
+        fresh_ids: set[str] = set()
+        for i in range(0, len(rows), 500):
+            query = (db.EventRow.insert_many(rows[i:i + 500])
+                     .on_conflict(conflict_target=[db.EventRow.event_id], action="IGNORE")
+                     .returning(db.EventRow.event_id))
+            fresh_ids.update(r.event_id for r in query.execute())
+        cat = self.policy.current()
+        routed: list[Routed] = []
+        inserts, finishes = [], []
+        for e in batch:
+            if e.event_id not in fresh_ids:
+                continue  # a duplicate: recorded once already, alerts once already
+            fresh_ids.discard(e.event_id)
+            if e.run_id and e.state in events.RUN_STATES:
+                eff = cat.effective(e.job_id, e.alerts, e.tags)
+                started = e.started_at or (e.at if e.state == "RUNNING" else None)
+                deadline = None
+                if e.state == "RUNNING" and eff.alerts.on_long_run_minutes and started:
+                    deadline = started + timedelta(minutes=eff.alerts.on_long_run_minutes)
+                overrides = {}
+                if e.alerts is not None:
+                    overrides["alerts"] = e.fields["alerts"]
+                if e.tags is not None:
+                    overrides["tags"] = list(e.tags)
+                final = state.is_final(e.state)
+                inserts.append((e.job_id, e.run_id, e.state, started,
+                                (e.finished_at or e.at) if final else None, now, deadline,
+                                json.dumps(overrides) if overrides else None))
+                if final:
+                    finishes.append((e.state, e.finished_at or e.at, now, started,
+                                     e.job_id, e.run_id))
+            routed.extend(self.policy.for_event(e, cat))
+        param = self.database.param
+        if inserts:
+            self.database.cursor().executemany(state.INSERT_RUN.format(p=param), inserts)
+        if finishes:
+            self.database.cursor().executemany(state.FINISH_RUN.format(p=param), finishes)
+        return claim(routed, self.config.replica_id, now)
+
+    # --- scheduled work --------------------------------------------------------------
+
+    def resume_claimed(self) -> None:
+        """Claims this replica made but never finished (a crash mid-send) are sent again."""
+        rows = list(db.DeliveryRow.select().where(
+            (db.DeliveryRow.state == "claimed") & (db.DeliveryRow.claimed_by == self.config.replica_id)))
+        for row in rows:
+            context = json.loads(row.context)
+            db.DeliveryRow.update(attempts=db.DeliveryRow.attempts + 1).where(
+                db.DeliveryRow.id == row.id).execute()
+            self.dispatcher.submit(Attempt(Alert(**context["alert"]), row.transport, row.recipient,
+                                           delivery_id=row.id, error=context["error"], note=RESENT))
+        if rows:
+            logger.warning("%d notification(s) interrupted by the last stop are being sent again",
+                           len(rows))
+
+    def poll_long_runs(self, now: datetime) -> int:
+        """Warn once per run still RUNNING past its deadline; one indexed query per poll."""
+        due = list(db.RunRow.select().where(
+            (db.RunRow.long_run_deadline <= now) & (db.RunRow.state == "RUNNING")
+            & db.RunRow.long_run_alerted_at.is_null()).limit(BATCH))
+        attempts: list[Attempt] = []
+        for run in due:
+            with self.database.atomic():
+                won = db.RunRow.update(long_run_alerted_at=now, long_run_deadline=None).where(
+                    (db.RunRow.id == run.id) & db.RunRow.long_run_alerted_at.is_null()
+                    & (db.RunRow.state == "RUNNING")).execute()
+                if won:
+                    attempts += claim([self.policy.for_long_run(run, now)],
+                                      self.config.replica_id, now)
+        for attempt in attempts:
+            self.dispatcher.submit(attempt)
+        return len(attempts)
+
+    def poll_long_runs_job(self) -> None:
+        try:
+            self.poll_long_runs(utcnow())
+        except DB_ERRORS as exc:
+            logger.error("long-run poll skipped, database unavailable: %s", exc)
+        except Exception:
+            logger.exception("long-run poll failed")
+        finally:
+            self.database.close()
+
+    def prune_job(self) -> None:
+        try:
+            removed = db.prune(utcnow(), self.config.retention_days)
+            logger.info("retention: removed %s", ", ".join(f"{n} {t}" for t, n in removed.items()))
+        except DB_ERRORS as exc:
+            logger.error("retention skipped, database unavailable: %s", exc)
+        finally:
+            self.database.close()
+

@@ -1,0 +1,186 @@
+"""peewee models for the SPEC's tables (events, runs, notifications) and the delivery claims."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import peewee as pw
+from playhouse.db_url import connect as url_connect
+from playhouse.migrate import SchemaMigrator, migrate
+
+from nomaflowd.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+proxy = pw.DatabaseProxy()
+PRUNE_BATCH = 5000
+
+
+class Model(pw.Model):
+    class Meta:
+        database = proxy
+        legacy_table_names = False
+
+
+class EventRow(Model):
+    event_id = pw.CharField(max_length=300, unique=True)
+    received_at = pw.DateTimeField(index=True)
+    job_id = pw.CharField(max_length=300)
+    run_id = pw.CharField(max_length=300, null=True)
+    state = pw.CharField(max_length=16)
+    payload = pw.TextField()
+
+    class Meta:
+        table_name = "events"
+
+
+class RunRow(Model):
+    job_id = pw.CharField(max_length=300)
+    run_id = pw.CharField(max_length=300)
+    state = pw.CharField(max_length=16)
+    started_at = pw.DateTimeField(null=True)
+    finished_at = pw.DateTimeField(null=True)
+    updated_at = pw.DateTimeField()
+    long_run_alerted_at = pw.DateTimeField(null=True)
+    # Stored so that the long-run poll is one indexed range query, not a scan of all runs.
+    long_run_deadline = pw.DateTimeField(null=True, index=True)
+    # The RUNNING event's own alerts/tags overrides, needed when its warning is due.
+    overrides = pw.TextField(null=True)
+
+    class Meta:
+        table_name = "runs"
+        indexes = ((("job_id", "run_id"), True), (("state", "updated_at"), False))
+
+
+class NotificationRow(Model):
+    created_at = pw.DateTimeField(index=True)
+    event_id = pw.CharField(max_length=300, null=True)
+    job_id = pw.CharField(max_length=300, null=True)
+    run_id = pw.CharField(max_length=300, null=True)
+    alert = pw.CharField(max_length=32)
+    level = pw.CharField(max_length=16)
+    transport = pw.CharField(max_length=200)
+    transport_type = pw.CharField(max_length=32)
+    recipient = pw.CharField(max_length=400)
+    outcome = pw.CharField(max_length=32)
+    detail = pw.TextField(default="")
+    duration_ms = pw.IntegerField(null=True)
+    replica = pw.CharField(max_length=200)
+
+    class Meta:
+        table_name = "notifications"
+        indexes = (
+            (("job_id", "created_at"), False),
+            (("level", "created_at"), False),
+            (("transport", "created_at"), False),
+            (("outcome", "created_at"), False),
+        )
+
+
+class DeliveryRow(Model):
+    """One (alert, transport, recipient): inserted claimed, so it is attempted exactly once."""
+
+    alert_key = pw.CharField(max_length=400)
+    transport = pw.CharField(max_length=200)
+    recipient = pw.CharField(max_length=400)
+    event_id = pw.CharField(max_length=300, null=True)
+    context = pw.TextField()  # the alert as JSON, to send it again after a crash
+    state = pw.CharField(max_length=16, default="claimed")  # claimed -> done
+    claimed_by = pw.CharField(max_length=200)
+    claimed_at = pw.DateTimeField()
+    attempts = pw.IntegerField(default=1)
+
+    class Meta:
+        table_name = "deliveries"
+        indexes = (
+            (("alert_key", "transport", "recipient"), True),
+            (("state", "claimed_at"), False),
+        )
+
+
+class SpoolTryRow(Model):
+    """Counts how often a spool file was picked up without being finished (crash quarantine)."""
+
+    name = pw.CharField(max_length=400, unique=True)
+    tries = pw.IntegerField(default=0)
+    updated_at = pw.DateTimeField()
+
+    class Meta:
+        table_name = "spool_tries"
+
+
+MODELS: tuple[type[Model], ...] = (EventRow, RunRow, NotificationRow, DeliveryRow, SpoolTryRow)
+
+
+def open_database(url: str) -> pw.Database:
+    """Connect, create or migrate the tables, and bind the models."""
+    try:
+        if url.startswith("sqlite:///"):
+            path = url[len("sqlite:///"):]
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            db: pw.Database = pw.SqliteDatabase(
+                path,
+                pragmas={"journal_mode": "wal", "synchronous": "full", "busy_timeout": 10000,
+                         "foreign_keys": 0},
+                timeout=10,
+            )
+        else:
+            if url.startswith("postgres://"):
+                url = "postgresql://" + url[len("postgres://"):]
+            db = url_connect(url, autorollback=True)
+    except ImportError:
+        raise ConfigError(
+            "daemon.database is PostgreSQL but no driver is installed; pip install 'nomaflowd[postgres]'"
+        ) from None
+    proxy.initialize(db)
+    db.connect(reuse_if_open=True)
+    create_or_migrate(db)
+    return db
+
+
+def create_or_migrate(db: pw.Database) -> None:
+    """Create missing tables; add columns that a newer version introduced."""
+    with db.atomic():
+        db.create_tables(MODELS, safe=True)
+        migrator = SchemaMigrator.from_database(db)
+        operations = []
+        for model in MODELS:
+            table = model._meta.table_name
+            have = {c.name for c in db.get_columns(table)}
+            for f in model._meta.sorted_fields:
+                if f.column_name not in have:
+                    f.null = True
+                    operations.append(migrator.add_column(table, f.column_name, f))
+        if operations:
+            migrate(*operations)
+
+
+def is_sqlite(db: pw.Database) -> bool:
+    return isinstance(db, pw.SqliteDatabase)
+
+
+def prune(now: datetime, retention_days: int) -> dict[str, int]:
+    """Delete rows older than the retention, in batches so no lock is held for long."""
+    cutoff = now - timedelta(days=retention_days)
+    removed: dict[str, int] = {}
+    targets: list[tuple[type[Model], Any]] = [
+        (NotificationRow, NotificationRow.created_at < cutoff),
+        (EventRow, EventRow.received_at < cutoff),
+        (RunRow, (RunRow.updated_at < cutoff) & (RunRow.state != "RUNNING")),
+        (DeliveryRow, (DeliveryRow.claimed_at < cutoff) & (DeliveryRow.state == "done")),
+    ]
+    for model, condition in targets:
+        total = 0
+        while True:
+            ids = model.select(model.id).where(condition).limit(PRUNE_BATCH)
+            with proxy.atomic():
+                count = model.delete().where(model.id.in_([r.id for r in ids])).execute()
+            total += count
+            if count < PRUNE_BATCH:
+                break
+        removed[model._meta.table_name] = total
+    return removed

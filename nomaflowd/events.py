@@ -1,0 +1,158 @@
+"""Spool event files: parse bytes into an Event, or raise Rejected with the reason."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from nomaflowd.catalogue import AlertsBlock, parse_alerts, parse_tags
+from nomaflowd.errors import Rejected
+
+MAX_BYTES = 1024 * 1024
+RUN_STATES = ("RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+FINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
+TOGGLE_STATES = ("ENABLED", "DISABLED")
+STATES = (*RUN_STATES, *TOGGLE_STATES, "NOTICE")
+STRING_FIELDS = ("job_id", "state", "message", "run_id", "event_id", "triggered_by", "step",
+                 "error", "traceback", "by")
+TIME_FIELDS = ("at", "started_at", "finished_at")
+LIST_FIELDS = ("recipients", "tags")
+KNOWN = frozenset((*STRING_FIELDS, *TIME_FIELDS, *LIST_FIELDS, "alerts"))
+ID_MAX = 256
+
+
+@dataclass(frozen=True)
+class Event:
+    event_id: str
+    job_id: str
+    state: str
+    run_id: str | None
+    at: datetime                      # naive UTC, like every stored timestamp
+    started_at: datetime | None
+    finished_at: datetime | None
+    fields: dict[str, Any]            # the validated object as received
+    payload: str                      # the JSON text as received
+    alerts: AlertsBlock | None
+    tags: tuple[str, ...] | None
+
+    def get(self, key: str) -> Any:
+        return self.fields.get(key)
+
+
+def utc(dt: datetime) -> datetime:
+    """Aware -> naive UTC (the database's convention)."""
+    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
+
+
+def parse_time(value: Any, key: str) -> datetime:
+    if not isinstance(value, str):
+        raise Rejected(f"{key} must be an RFC 3339 time string")
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise Rejected(f"{key} is not an RFC 3339 time: {value[:40]!r}") from None
+    if dt.tzinfo is None or "T" not in value.upper():
+        raise Rejected(f"{key} needs a date, a time and a UTC offset (e.g. 2026-05-26T02:00:00Z)")
+    return utc(dt)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise Rejected(f"key {key[:40]!r} appears twice")
+        obj[key] = value
+    return obj
+
+
+def _no_constants(name: str) -> Any:
+    raise Rejected(f"{name} is not valid JSON")
+
+
+def decode(raw: bytes) -> tuple[dict[str, Any], str]:
+    """Bytes -> (object, text); every failure is Rejected."""
+    if len(raw) > MAX_BYTES:
+        raise Rejected(f"file is larger than {MAX_BYTES} bytes")
+    if not raw.strip():
+        raise Rejected("file is empty")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Rejected(f"not UTF-8 (byte {exc.start})") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except json.JSONDecodeError as exc:
+        raise Rejected(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise Rejected("JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+        raise Rejected(f"not acceptable JSON: {str(exc)[:80]}") from None
+    if not isinstance(obj, dict):
+        raise Rejected(f"top level must be a JSON object, not {type(obj).__name__}")
+    return obj, text
+
+
+def parse(raw: bytes, name: str, received_at: datetime) -> Event:
+    """Validate one spool file's bytes; `name` feeds the default event_id of notices."""
+    obj, text = decode(raw)
+    unknown = sorted(set(obj) - KNOWN)
+    if unknown:
+        raise Rejected(f"unknown key {unknown[0][:40]!r}")
+    for key in STRING_FIELDS:
+        if key in obj and not isinstance(obj[key], str):
+            raise Rejected(f"{key} must be a string")
+    for key in LIST_FIELDS:
+        if key in obj and (
+            not isinstance(obj[key], list) or not all(isinstance(v, str) for v in obj[key])
+        ):
+            raise Rejected(f"{key} must be a list of strings")
+    for key in ("job_id", "state"):
+        if not obj.get(key):
+            raise Rejected(f"{key} is required")
+    state = obj["state"]
+    if state not in STATES:
+        raise Rejected(f"state {state[:40]!r} is not one of {', '.join(STATES)}")
+    for key in ("job_id", "run_id", "event_id"):
+        value = obj.get(key)
+        if value is not None and (
+            not value or len(value) > ID_MAX or not value.isprintable() or value != value.strip()
+        ):
+            raise Rejected(f"{key} must be 1-{ID_MAX} printable characters without edge spaces")
+    run_id = obj.get("run_id")
+    if state in RUN_STATES and not run_id:
+        raise Rejected(f"run_id is required for a {state} event")
+    if state == "NOTICE" and not obj.get("message"):
+        raise Rejected("message is required for a NOTICE event")
+    if "recipients" in obj and state != "NOTICE":
+        raise Rejected("recipients is only for NOTICE events; use alerts.recipients")
+    times = {key: parse_time(obj[key], key) for key in TIME_FIELDS if key in obj}
+    try:
+        alerts = parse_alerts(obj["alerts"], "alerts") if "alerts" in obj else None
+        tags = parse_tags(obj["tags"], "tags") if "tags" in obj else None
+        if state == "NOTICE" and "recipients" in obj:
+            parse_alerts({"recipients": obj["recipients"]}, "notice")
+    except ValueError as exc:
+        raise Rejected(str(exc)) from None
+    event_id = obj.get("event_id")
+    if not event_id:
+        if state in RUN_STATES:
+            event_id = f"{obj['job_id']}/{run_id}/{state}"
+        else:
+            digest = hashlib.sha256(name.encode("utf-8", "replace") + b"\0" + raw).hexdigest()
+            event_id = f"{obj['job_id']}/{state.lower()}/{digest[:32]}"
+    return Event(
+        event_id=event_id,
+        job_id=obj["job_id"],
+        state=state,
+        run_id=run_id,
+        at=times.get("at", received_at),
+        started_at=times.get("started_at"),
+        finished_at=times.get("finished_at"),
+        fields=obj,
+        payload=text,
+        alerts=alerts,
+        tags=tags,
+    )

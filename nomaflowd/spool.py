@@ -1,0 +1,129 @@
+"""The spool directory is the queue: scan it, read files safely, reject with a reason, drop atomically."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from nomaflowd.errors import Rejected
+from nomaflowd.events import MAX_BYTES
+
+logger = logging.getLogger(__name__)
+
+REJECTED = "rejected"
+TMP = "tmp"
+
+
+class Spool:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rejected = path / REJECTED
+        self.tmp = path / TMP
+
+    def prepare(self) -> None:
+        for d in (self.path, self.rejected, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def scan(self) -> list[str]:
+        """Names of `*.json` entries directly in the spool, oldest name first."""
+        with os.scandir(self.path) as it:
+            names = [e.name for e in it if e.name.endswith(".json") and not e.is_dir()]
+        names.sort()
+        return names
+
+    def read(self, name: str) -> bytes | None:
+        """The file's bytes, None if it is gone, or Rejected (symlink, FIFO, too large...)."""
+        path = os.path.join(self.path, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise Rejected("is a symbolic link; write the file itself into the spool") from None
+            raise Rejected(f"cannot be opened: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise Rejected("not a regular file")
+            if st.st_nlink > 1:
+                raise Rejected("has other hard links; rename a file of its own into the spool")
+            if st.st_size > MAX_BYTES:
+                raise Rejected(f"file is larger than {MAX_BYTES} bytes ({st.st_size})")
+            chunks = []
+            remaining = MAX_BYTES + 1
+            while remaining > 0:
+                chunk = os.read(fd, min(remaining, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                remaining -= len(chunk)
+            data = b"".join(chunks)
+            if len(data) > MAX_BYTES:
+                raise Rejected(f"file is larger than {MAX_BYTES} bytes")
+            return data
+        finally:
+            os.close(fd)
+
+    def reject(self, name: str, reason: str, now: datetime) -> None:
+        """Move the file to rejected/ with `<name>.error` beside it; never overwrite an earlier one."""
+        target = name
+        if os.path.lexists(self.rejected / target):
+            target = f"{name}.{uuid.uuid4().hex[:8]}"
+        note = self.rejected / f"{target}.error"
+        note.write_text(f"{now:%Y-%m-%dT%H:%M:%SZ} {name}: {reason}\n", encoding="utf-8",
+                        errors="replace")
+        try:
+            os.rename(self.path / name, self.rejected / target)
+        except FileNotFoundError:
+            note.unlink(missing_ok=True)
+            return
+        logger.warning("spool file %r rejected: %s", name, reason)
+
+    def remove(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                os.unlink(os.path.join(self.path, name))
+            except FileNotFoundError:
+                pass  # another replica or an operator got there first
+
+    def rejected_files(self) -> list[tuple[str, str]]:
+        out = []
+        for note in sorted(self.rejected.glob("*.error")):
+            try:
+                out.append((note.name[:-len(".error")], note.read_text(errors="replace").strip()))
+            except OSError:
+                continue
+        return out
+
+
+class Hints(FileSystemEventHandler):
+    """watchdog callback: a `*.json` appeared. Only a hint; the scan finds the files."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self.wake = wake
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        path = getattr(event, "dest_path", "") or event.src_path
+        if isinstance(path, bytes):
+            path = path.decode(errors="replace")
+        if path.endswith(".json") and event.event_type in ("moved", "created", "closed"):
+            self.wake()
+
+
+def watch(path: Path, wake: Callable[[], None]) -> Any:
+    observer = Observer()
+    observer.schedule(Hints(wake), str(path), recursive=False)
+    observer.daemon = True
+    observer.start()
+    return observer

@@ -1,0 +1,219 @@
+"""The narrow transport interface, typed verdicts, and the HTTP client every HTTP transport shares."""
+
+from __future__ import annotations
+
+import heapq
+import http.client
+import itertools
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from nomaflowd.alerts import Alert
+
+MAX_RESPONSE = 64 * 1024
+USER_AGENT = "nomaflowd"
+
+
+class TransportError(Exception):
+    """No verdict from the upstream: DNS, refused, TLS, timeout, authentication, no transport."""
+
+
+class DeliveryError(Exception):
+    """The upstream answered and refused."""
+
+
+class Deadlines:
+    """One thread that shuts down sockets whose whole-request deadline has passed.
+
+    A socket timeout bounds each read, not the request: a server trickling a byte a
+    second would hold a send forever. Shutting the socket down wakes the blocked read.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], Any]]] = []
+        self._live: dict[int, bool] = {}
+        self._cond = threading.Condition()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watch(self, sock: Callable[[], Any], deadline: float) -> Iterator[dict[int, bool]]:
+        """`sock` returns the live socket (STARTTLS swaps it mid-conversation)."""
+        with self._cond:
+            ident = next(self._ids)
+            self._live[ident] = False
+            heapq.heappush(self._heap, (deadline, ident, sock))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="nomaflowd-deadlines",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        state = {0: False}
+        try:
+            yield state
+        finally:
+            with self._cond:
+                state[0] = self._live.pop(ident, False)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                while self._heap and self._heap[0][1] not in self._live:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, ident, sock = self._heap[0]
+                delay = deadline - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+                self._live[ident] = True
+                try:
+                    live = sock()
+                    if live is not None:
+                        live.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed by its owner: nothing left to interrupt
+
+
+DEADLINES = Deadlines()
+
+
+class Transport:
+    """One configured transport. render() is pure; send() is the only I/O."""
+
+    type: ClassVar[str]
+
+    def __init__(self, name: str, settings: Mapping[str, Any], *, timeout: float) -> None:
+        self.name = name
+        self.settings = settings
+        self.timeout = timeout
+
+    def default_recipient(self) -> str:
+        raise NotImplementedError
+
+    def destination(self) -> str:
+        """Where it sends, safe to print (host only)."""
+        raise NotImplementedError
+
+    def render(self, alert: Alert, recipient: str) -> Any:
+        raise NotImplementedError
+
+    def send(self, alert: Alert, recipient: str) -> str:
+        """Deliver once; return a short detail, or raise TransportError / DeliveryError."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Drop pooled connections."""
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.type}) -> {self.destination()}"
+
+
+def host_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or '?'}" + (f":{parts.port}" if parts.port else "")
+
+
+def describe_exception(exc: BaseException) -> str:
+    if isinstance(exc, socket.timeout | TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or type(exc).__name__}"
+    if isinstance(exc, socket.gaierror):
+        return f"DNS lookup failed: {exc.strerror}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return type(exc).__name__
+
+
+class HttpTransport(Transport):
+    """POSTs over http.client with one keep-alive connection per worker thread.
+
+    http.client rather than requests: the whole-request deadline needs the socket, and
+    the per-request cost is a third (see bench/). Redirects are never followed.
+    """
+
+    def __init__(self, name: str, settings: Mapping[str, Any], *, timeout: float) -> None:
+        super().__init__(name, settings, timeout=timeout)
+        self._local = threading.local()
+        self._ssl = ssl.create_default_context()
+
+    def _connection(self, scheme: str, host: str, port: int | None) -> http.client.HTTPConnection:
+        key = (scheme, host, port)
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is not None and self._local.key == key and conn.sock is not None:
+            # A pooled socket the server closed while idle reads as ready (EOF): drop it
+            # instead of sending into it, so keep-alive never costs a failed attempt.
+            if select.select([conn.sock], [], [], 0)[0]:
+                conn.close()
+            return conn
+        if conn is not None:
+            conn.close()
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._ssl)
+        elif scheme == "http":
+            conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        else:
+            raise TransportError(f"unsupported URL scheme {scheme!r}")
+        self._local.conn, self._local.key = conn, key
+        return conn
+
+    def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes, Any]:
+        """One POST bounded by the timeout as a whole; returns (status, first bytes, headers)."""
+        parts = urlsplit(url)
+        if not parts.hostname:
+            raise TransportError("the URL has no host")
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn = self._connection(parts.scheme, parts.hostname, parts.port)
+        deadline = time.monotonic() + self.timeout
+        all_headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
+                       "Connection": "keep-alive", **headers}
+        try:
+            if conn.sock is None:
+                conn.connect()
+            assert conn.sock is not None
+            with DEADLINES.watch(lambda: conn.sock, deadline) as fired:
+                try:
+                    conn.request("POST", path, body=body, headers=all_headers)
+                    resp = conn.getresponse()
+                    data = resp.read(MAX_RESPONSE)
+                    if not resp.isclosed() or resp.will_close:
+                        conn.close()  # unread rest (huge answers) or server wants it closed
+                except (OSError, http.client.HTTPException):
+                    conn.close()
+                    raise
+            if fired[0]:
+                conn.close()  # the answer was complete, but the socket is shut down now
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            if time.monotonic() >= deadline:
+                raise TransportError(f"timed out after {self.timeout:g}s") from None
+            raise TransportError(describe_exception(exc)) from None
+        return resp.status, data, resp.headers
+
+    def check_response(self, status: int, data: bytes, headers: Any) -> str:
+        """2xx -> detail; anything else raises DeliveryError via describe_refusal()."""
+        if 200 <= status < 300:
+            return f"HTTP {status}"
+        raise DeliveryError(self.describe_refusal(status, data, headers))
+
+    def describe_refusal(self, status: int, data: bytes, headers: Any) -> str:
+        snippet = data[:200].decode("utf-8", "replace").replace("\n", " ").strip()
+        return f"HTTP {status}" + (f": {snippet}" if snippet else "")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()

@@ -1,0 +1,71 @@
+"""Generic webhook: the default JSON body or a `${var}` template, optional HMAC signature."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import time
+from typing import Any
+
+from nomaflowd.alerts import Alert
+from nomaflowd.transports.base import HttpTransport, host_of
+
+VARIABLE_RE = re.compile(r"\$\{([a-z_]+)\}")
+
+
+def substitute(template: str, values: dict[str, str]) -> str:
+    """Fill `${name}`; in a JSON template each value is JSON-escaped so it cannot break the body."""
+    as_json = template.lstrip().startswith(("{", "["))
+
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in values:
+            return match.group(0)
+        value = values[name]
+        return json.dumps(value, ensure_ascii=False)[1:-1] if as_json else value
+
+    return VARIABLE_RE.sub(one, template)
+
+
+class Webhook(HttpTransport):
+    type = "webhook"
+
+    def default_recipient(self) -> str:
+        return self.name
+
+    def destination(self) -> str:
+        return host_of(self.settings["url"].reveal())
+
+    def render(self, alert: Alert, recipient: str) -> dict[str, Any]:
+        """The body text, exactly as it will be sent."""
+        values = alert.variables()
+        template = self.settings.get("body_template")
+        if template:
+            return {"body": substitute(template, values)}
+        body = {k: (values[k] or None) for k in ("job_id", "run_id", "state", "triggered_by",
+                                                 "started_at", "finished_at", "error", "url")}
+        body.update(alert=alert.kind, level=alert.level, summary=alert.summary())
+        if values["step"]:
+            body["step"] = values["step"]
+        if values["message"]:
+            body["message"] = values["message"]
+        return {"body": json.dumps(body, ensure_ascii=False, separators=(",", ":"))}
+
+    def signed_headers(self, body: bytes, now: float | None = None) -> dict[str, str]:
+        headers = {name: (v if isinstance(v, str) else v.reveal())
+                   for name, v in self.settings.get("headers", {}).items()}
+        secret = self.settings.get("signing_secret")
+        if secret is not None:
+            stamp = str(int(now if now is not None else time.time()))
+            mac = hmac.new(secret.reveal().encode(), stamp.encode() + b"." + body, hashlib.sha256)
+            headers["X-Nomaflow-Timestamp"] = stamp
+            headers["X-Nomaflow-Signature"] = "sha256=" + mac.hexdigest()
+        return headers
+
+    def send(self, alert: Alert, recipient: str) -> str:
+        body = self.render(alert, recipient)["body"].encode("utf-8")
+        status, data, headers = self.post(self.settings["url"].reveal(), body,
+                                          self.signed_headers(body))
+        return self.check_response(status, data, headers)
