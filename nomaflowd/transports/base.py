@@ -195,7 +195,9 @@ class HttpTransport(Transport):
                     conn.close()
                     raise
             if fired[0]:
-                conn.close()  # the answer was complete, but the socket is shut down now
+                # Cut off mid-answer (a trickling server): no complete verdict within the bound.
+                conn.close()
+                raise TransportError(f"timed out after {self.timeout:g}s")
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             if time.monotonic() >= deadline:

@@ -1,0 +1,227 @@
+"""End to end: the daemon as a real process, a real HTTP receiver, a real SQLite file."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import signal
+
+from tests.servers import Reply, closed_port, wait_until
+
+FAILED = {"job_id": "reporting-nightly-sync", "run_id": "run_a8c4d", "state": "FAILED",
+          "triggered_by": "cron", "started_at": "2026-05-26T02:00:00Z",
+          "finished_at": "2026-05-26T02:14:22Z", "step": "copy-orders",
+          "error": "OperationalError: connection refused"}
+
+
+def test_failed_event_posts_default_body_and_records_sent(tree, http, daemon_factory):
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = daemon_factory()
+    tree.drop(FAILED)
+    body = http.wait_for(1)[0].json()
+    assert body["job_id"] == "reporting-nightly-sync"
+    assert body["run_id"] == "run_a8c4d"
+    assert body["state"] == "FAILED"
+    assert body["triggered_by"] == "cron"
+    assert body["started_at"] == "2026-05-26T02:00:00Z"
+    assert body["finished_at"] == "2026-05-26T02:14:22Z"
+    assert body["error"] == "OperationalError: connection refused"
+    assert body["url"] == "https://nomaflow.test/runs/run_a8c4d/"
+    assert body["alert"] == "failed" and body["level"] == "high"
+    rows = wait_until(tree.notifications, what="audit row")
+    assert [(r["outcome"], r["transport"], r["alert"], r["level"]) for r in rows] == [
+        ("SENT", "ops", "failed", "high")]
+    wait_until(lambda: not tree.spool_files(), what="spool empty")
+    assert tree.sql("SELECT state FROM runs WHERE run_id = 'run_a8c4d'") == [("FAILED",)]
+    assert "notification" in d.output() and "SENT" in d.output()
+    assert d.stop() == 0
+
+
+def test_files_dropped_while_down_are_processed_at_start(tree, http, daemon_factory):
+    tree.write_config(tree.webhook("ops", http.url()))
+    for i in range(5):
+        tree.drop({**FAILED, "run_id": f"r{i}"})
+    daemon_factory()
+    assert sorted(r.json()["run_id"] for r in http.wait_for(5)) == [f"r{i}" for i in range(5)]
+    wait_until(lambda: not tree.spool_files(), what="spool empty")
+
+
+def test_files_dropped_during_startup_all_arrive(tree, http, daemon_factory):
+    tree.write_config(tree.webhook("ops", http.url()))
+    tree.spool.mkdir(parents=True)
+    d = daemon_factory(wait=False)
+    for i in range(20):
+        tree.drop({**FAILED, "run_id": f"s{i}"})
+    d.wait_message("READY=1")
+    http.wait_for(20)
+    wait_until(lambda: len(tree.notifications()) == 20, what="20 audit rows")
+
+
+def test_same_event_twice_posts_once(tree, http, daemon_factory):
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = daemon_factory()
+    tree.drop(FAILED)
+    tree.drop(FAILED)
+    tree.drop({**FAILED, "event_id": "another-id-same-run"})
+    http.wait_for(1)
+    wait_until(lambda: not tree.spool_files(), what="spool empty")
+    assert tree.sql("SELECT count(*) FROM events") == [(2,)]
+    assert d.stop() == 0
+    assert len(http.requests) == 1
+    assert len(tree.notifications()) == 1
+
+
+def test_http_500_is_failed_delivery_and_refused_port_is_failed_transport(tree, http,
+                                                                          daemon_factory):
+    http.default = Reply(500, b"boom")
+    tree.write_config(tree.webhook("broken", http.url())
+                      + tree.webhook("dead", f"http://127.0.0.1:{closed_port()}/x"))
+    daemon_factory()
+    tree.drop(FAILED)
+    rows = wait_until(lambda: len(tree.notifications()) == 2 and tree.notifications())
+    outcomes = {r["transport"]: (r["outcome"], r["detail"]) for r in rows}
+    assert outcomes["broken"][0] == "FAILED_DELIVERY" and "500" in outcomes["broken"][1]
+    assert outcomes["dead"] == ("FAILED_TRANSPORT", "connection refused")
+
+
+def test_slow_receiver_times_out_without_delaying_a_healthy_one(tree, http, daemon_factory):
+    from tests.servers import HttpRecorder
+
+    slow = HttpRecorder()
+    slow.default = Reply(delay=5)
+    try:
+        tree.write_config(tree.webhook("slow", slow.url()) + tree.webhook("fast", http.url()))
+        daemon_factory()
+        tree.drop(FAILED)
+        fast = http.wait_for(1)[0]
+        rows = wait_until(lambda: len(tree.notifications()) == 2 and tree.notifications(),
+                          timeout=15)
+        by = {r["transport"]: r for r in rows}
+        assert by["slow"]["outcome"] == "FAILED_TRANSPORT"
+        assert "timed out" in by["slow"]["detail"]
+        assert by["fast"]["outcome"] == "SENT"
+        assert by["fast"]["duration_ms"] < 1000
+        assert fast.at is not None
+    finally:
+        slow.close()
+
+
+def test_trickling_receiver_is_cut_at_the_send_timeout(tree, http, daemon_factory):
+    http.default = Reply(200, b"x" * 100, trickle=0.5)
+    tree.write_config(tree.webhook("trickle", http.url()))
+    daemon_factory()
+    tree.drop(FAILED)
+    row = wait_until(tree.notifications, timeout=15)[0]
+    assert row["outcome"] == "FAILED_TRANSPORT"
+    assert "timed out" in row["detail"]
+    assert row["duration_ms"] < 4000
+
+
+def test_body_template_survives_quotes_and_newlines(tree, http, daemon_factory):
+    template = '{"text": "${job_id} ${state}: ${error}", "link": "${url}"}'
+    tree.write_config(tree.webhook("tpl", http.url(), f"body_template = '{template}'"))
+    daemon_factory()
+    tree.drop({**FAILED, "error": 'bad "quote"\nand a newline \\ backslash'})
+    body = http.wait_for(1)[0].json()
+    assert body["text"] == ('reporting-nightly-sync FAILED: bad "quote"\nand a newline '
+                            "\\ backslash")
+    assert body["link"] == "https://nomaflow.test/runs/run_a8c4d/"
+
+
+def test_signature_verifies(tree, http, daemon_factory):
+    tree.write_config(tree.webhook("signed", http.url(),
+                                   f'signing_secret = "{tree.enc("s3cret-signing")}"\n'
+                                   f'headers = {{ Authorization = "{tree.enc("Bearer tok")}" }}'))
+    daemon_factory()
+    tree.drop(FAILED)
+    req = http.wait_for(1)[0]
+    stamp = req.headers["X-Nomaflow-Timestamp"]
+    expected = hmac.new(b"s3cret-signing", stamp.encode() + b"." + req.body,
+                        hashlib.sha256).hexdigest()
+    assert req.headers["X-Nomaflow-Signature"] == f"sha256={expected}"
+    assert req.headers["Authorization"] == "Bearer tok"
+
+
+BAD_FILES = {
+    "not-json.json": b"this is not json",
+    "binary.json": bytes(range(256)),
+    "empty.json": b"",
+    "array.json": b"[1, 2, 3]",
+    "wrong-type.json": b'{"job_id": 5, "state": "FAILED", "run_id": "r"}',
+    "no-job.json": b'{"state": "FAILED", "run_id": "r"}',
+    "no-run.json": b'{"job_id": "j", "state": "FAILED"}',
+    "bad-state.json": b'{"job_id": "j", "state": "EXPLODED", "run_id": "r"}',
+    "huge.json": b'{"job_id": "j", "state": "FAILED", "run_id": "r", "error": "'
+                 + b"x" * (1024 * 1024) + b'"}',
+}
+
+
+def test_bad_files_are_rejected_with_a_reason_and_good_ones_still_delivered(
+        tree, http, daemon_factory):
+    tree.write_config(tree.webhook("ops", http.url()))
+    tree.spool.mkdir(parents=True)
+    for name, data in BAD_FILES.items():
+        (tree.spool / name).write_bytes(data)
+    target = tree.root / "elsewhere.json"
+    target.write_text('{"job_id": "j", "state": "FAILED", "run_id": "r"}')
+    os.symlink(target, tree.spool / "symlink.json")
+    os.mkfifo(tree.spool / "fifo.json")
+    tree.drop(FAILED)
+    daemon_factory()
+    http.wait_for(1)
+    expected = {*BAD_FILES, "symlink.json", "fifo.json"}
+    wait_until(lambda: set(tree.rejected()) >= expected | {f"{n}.error" for n in expected},
+               what="every bad file rejected")
+    reasons = {n: (tree.spool / "rejected" / f"{n}.error").read_text() for n in expected}
+    assert "not JSON" in reasons["not-json.json"]
+    assert "UTF-8" in reasons["binary.json"]
+    assert "empty" in reasons["empty.json"]
+    assert "object" in reasons["array.json"]
+    assert "job_id must be a string" in reasons["wrong-type.json"]
+    assert "job_id is required" in reasons["no-job.json"]
+    assert "run_id is required" in reasons["no-run.json"]
+    assert "EXPLODED" in reasons["bad-state.json"]
+    assert "larger than" in reasons["huge.json"]
+    assert "symbolic link" in reasons["symlink.json"]
+    assert "not a regular file" in reasons["fifo.json"]
+    assert target.exists()
+    assert not tree.spool_files()
+
+
+def test_kill_9_with_events_in_flight_loses_nothing(tree, http, daemon_factory):
+    http.default = Reply(delay=0.05)
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = daemon_factory()
+    for i in range(60):
+        tree.drop({**FAILED, "run_id": f"k{i}"})
+    http.wait_for(5)
+    d.kill()
+    daemon_factory()
+    wanted = {f"k{i}" for i in range(60)}
+    wait_until(lambda: {r.json()["run_id"] for r in http.requests} >= wanted, timeout=30,
+               what="all 60 delivered")
+    wait_until(lambda: not tree.spool_files(), what="spool empty")
+    rows = wait_until(lambda: len({r["run_id"] for r in tree.notifications()}) == 60
+                      and tree.notifications(), what="60 audit rows")
+    runs = [r.json()["run_id"] for r in http.requests]
+    duplicates = {r for r in runs if runs.count(r) > 1}
+    resent = {r["run_id"] for r in rows if "sent again after a restart" in r["detail"]}
+    assert duplicates <= resent
+
+
+def test_sigterm_exits_zero_and_sighup_reloads(tree, http, daemon_factory):
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = daemon_factory()
+    tree.write_config(tree.webhook("ops", http.url("/after-reload")))
+    d.signal(signal.SIGHUP)
+    d.wait_message("RELOADING=1")
+    wait_until(lambda: "reloaded" in d.output(), what="reload logged")
+    tree.drop(FAILED)
+    assert http.wait_for(1)[0].path == "/after-reload"
+    tree.config_path.write_text("[daemon]\nspool_dirr = 1\n")
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in d.output(), what="bad reload refused")
+    tree.drop({**FAILED, "run_id": "second"})
+    http.wait_for(2)
+    assert d.stop() == 0
