@@ -184,3 +184,54 @@ def pg_dsn() -> str:
     if not PG_DSN:
         pytest.skip("NOMAFLOWD_TEST_PG_DSN is not set (CI sets it)")
     return PG_DSN
+
+
+class InProcess:
+    """The daemon's own loop driven from the test: initialize(), step(), shutdown()."""
+
+    def __init__(self, tree: Tree) -> None:
+        from nomaflowd import config
+        from nomaflowd.daemon import Daemon
+
+        self.daemon = Daemon(config.load(tree.config_path))
+        self.daemon.initialize()
+        self.closed = False
+
+    def pump(self, until: Any = None, timeout: float = 10.0, what: str = "condition") -> Any:
+        """Run steps until `until()` is truthy (or, without one, until idle with nothing in flight)."""
+        deadline = time.monotonic() + timeout
+        d = self.daemon
+        d.hinted = True  # files the test just dropped count, whether or not inotify said so yet
+        while True:
+            more = d.step()
+            if until is not None:
+                value = until()
+                if value:
+                    return value
+            elif not more and not d.pending and d.dispatcher.inflight == 0:
+                d.step()
+                return True
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            if not more:
+                d.wakeup.wait(0.05)
+                d.wakeup.clear()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.daemon.shutdown()
+
+
+@pytest.fixture
+def inproc(tree: Tree) -> Iterator[Any]:
+    made: list[InProcess] = []
+
+    def make() -> InProcess:
+        d = InProcess(tree)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()

@@ -1,0 +1,238 @@
+"""Who hears about what: catalogue resolution, recipients, tag routing, every alert kind."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+import pytest
+
+from nomaflowd import catalogue
+from nomaflowd.catalogue import AlertsBlock, Catalogue
+from nomaflowd.cli import main
+from nomaflowd.config import Rule, TransportConfig
+from nomaflowd.routing import Router
+from tests.servers import wait_until
+
+TRANSPORTS = {
+    "slack": TransportConfig("slack", "slack", {"default_channel": "#nomaflow-alerts"}),
+    "email": TransportConfig("email", "email", {"default_from": "Nomaflow <nomaflow@corp.local>"}),
+    "opsgenie-data": TransportConfig("opsgenie-data", "webhook", {}),
+}
+
+
+@pytest.mark.parametrize(("written", "transport", "recipient"), [
+    ("#data-oncall", "slack", "#data-oncall"),
+    ("#Data-Team", "slack", "#data-team"),
+    ("@Alice", "slack", "@alice"),
+    ("data-team@corp.local", "email", "data-team@corp.local"),
+    ("Data Team <Data-Team@Corp.Local>", "email", "data-team@corp.local"),
+    ("opsgenie-data", "opsgenie-data", "opsgenie-data"),
+    ("slack:#builds", "slack", "#builds"),
+    ("email", "email", "nomaflow@corp.local"),
+])
+def test_recipient_classification(written, transport, recipient):
+    target = Router(TRANSPORTS, ()).classify(written, "alerts")
+    assert (target.transport, target.recipient, target.error) == (transport, recipient, "")
+
+
+@pytest.mark.parametrize(("written", "reason"), [
+    ("pagerduty-x", "matches no transport"),
+    ("not an address@", "matches no transport"),
+    ("slack:nochannel", "is not a slack recipient"),
+])
+def test_unmatched_recipient_says_why(written, reason):
+    target = Router(TRANSPORTS, ()).classify(written, "alerts")
+    assert target.transport == "" and reason in target.error
+
+
+def test_two_transports_of_a_type_need_a_prefix():
+    transports = {**TRANSPORTS, "slack-eng": TransportConfig("slack-eng", "slack", {})}
+    router = Router(transports, ())
+    assert "several slack transports" in router.classify("#builds", "alerts").error
+    assert router.classify("slack-eng:#Builds", "alerts").recipient == "#builds"
+
+
+def test_plan_merges_block_tag_rules_and_tagless_rules_then_deduplicates():
+    rules = (Rule("team-data", ("#data-team",)), Rule("team-sec", ("sec@corp.local",)),
+             Rule(None, ("#nomaflow-alerts",)))
+    plan = Router(TRANSPORTS, rules).plan(["#Data-Team", "#data-team"], ["team-data", "etl"])
+    assert [(t.transport, t.recipient) for t in plan.targets] == [
+        ("slack", "#data-team"), ("slack", "#nomaflow-alerts")]
+    assert len(plan.duplicates) == 2
+
+
+def test_empty_recipients_means_every_transport_default():
+    plan = Router(TRANSPORTS, ()).plan([], [])
+    assert [(t.transport, t.recipient) for t in plan.targets] == [
+        ("slack", "#nomaflow-alerts"), ("email", "nomaflow@corp.local"),
+        ("opsgenie-data", "opsgenie-data")]
+
+
+def test_effective_block_first_found_wins():
+    job = AlertsBlock(on_success=True)
+    default = AlertsBlock(on_failure=False)
+    cat = Catalogue(jobs_alerts={"a": job}, jobs_tags={"a": ("t",)}, default_alerts=default)
+    own = AlertsBlock(on_cancel=True)
+    assert cat.effective("a", own, ("x",)).alerts is own
+    assert cat.effective("a", own, ("x",)).alerts_origin == "event"
+    assert cat.effective("a").alerts is job and cat.effective("a").tags == ("t",)
+    assert cat.effective("b").alerts is default and cat.effective("b").alerts_origin == "defaults"
+    builtin = Catalogue().effective("b")
+    assert builtin.alerts == AlertsBlock(on_failure=True, recipients=())
+    assert builtin.alerts_origin == "built-in"
+
+
+def test_catalogue_ignores_other_keys_and_refuses_url_recipients():
+    cat = catalogue.parse({"jobs": {"j": {"schedule": "* * * * *", "steps": [1],
+                                          "alerts": {"recipients": ["#x"]}}}})
+    assert cat.jobs_alerts["j"].recipients == ("#x",)
+    with pytest.raises(Exception, match="URL"):
+        catalogue.parse({"jobs": {"j": {"alerts": {"recipients": ["https://hooks.x/y"]}}}})
+
+
+def test_broken_catalogue_keeps_the_last_good_one(tmp_path, caplog):
+    path = tmp_path / "jobs.toml"
+    path.write_text('[jobs.j.alerts]\nrecipients = ["#one"]\n')
+    watched = catalogue.WatchedCatalogue(path)
+    path.write_text("[jobs.j.alerts\nbroken")
+    assert watched.refresh().jobs_alerts["j"].recipients == ("#one",)
+    assert "keeping the last good one" in caplog.text
+    path.write_text('[jobs.j.alerts]\nrecipients = ["#two"]\n')
+    assert watched.refresh().jobs_alerts["j"].recipients == ("#two",)
+
+
+# --- end to end with the real daemon -----------------------------------------------------
+
+def slack_channels(http):
+    return sorted(r.json().get("channel", "") for r in http.requests if r.path == "/slack")
+
+
+def test_tagged_job_with_rules_gets_exactly_two_slack_deliveries(tree, http, daemon_factory):
+    tree.write_config(tree.slack("slack", http.url("/slack"))
+                      + '[[routing]]\ntag = "team-data"\nrecipients = ["#data-team"]\n'
+                      + '[[routing]]\nrecipients = ["#nomaflow-alerts"]\n')
+    tree.write_jobs('[jobs.sync]\ntags = ["team-data", "etl"]\n[jobs.sync.alerts]\n'
+                    'recipients = ["#Data-Team", "#data-team"]\n')
+    d = daemon_factory()
+    tree.drop({"job_id": "sync", "run_id": "r1", "state": "FAILED", "error": "boom"})
+    wait_until(lambda: len(tree.notifications()) == 2, what="two audit rows")
+    assert d.stop() == 0
+    assert slack_channels(http) == ["#data-team", "#nomaflow-alerts"]
+
+
+def test_success_cancel_toggle_are_opt_in_and_on_failure_false_silences(tree, http, inproc):
+    tree.write_config(tree.webhook("hook", http.url()))
+    tree.write_jobs("[jobs.loud.alerts]\non_success = true\non_cancel = true\non_toggle = true\n"
+                    "[jobs.quiet.alerts]\non_failure = false\n")
+    d = inproc()
+    for job in ("loud", "quiet", "plain"):
+        tree.drop({"job_id": job, "run_id": f"{job}-1", "state": "SUCCEEDED"})
+        tree.drop({"job_id": job, "run_id": f"{job}-2", "state": "CANCELLED", "by": "bob"})
+        tree.drop({"job_id": job, "state": "DISABLED", "by": "bob"})
+        tree.drop({"job_id": job, "state": "ENABLED", "by": "bob"})
+        tree.drop({"job_id": job, "run_id": f"{job}-3", "state": "FAILED"})
+    d.pump()
+    got = sorted((r.json()["job_id"], r.json()["alert"], r.json()["level"]) for r in http.requests)
+    assert got == sorted([
+        ("loud", "succeeded", "low"), ("loud", "cancelled", "low"), ("loud", "disabled", "low"),
+        ("loud", "enabled", "low"), ("loud", "failed", "high"), ("plain", "failed", "high")])
+    rows = tree.notifications()
+    assert sorted((r["job_id"], r["alert"], r["level"]) for r in rows) == got
+
+
+def test_editing_jobs_toml_changes_recipients_without_restart(tree, http, daemon_factory):
+    tree.write_config(tree.slack("slack", http.url("/slack")))
+    tree.write_jobs('[jobs.j.alerts]\nrecipients = ["#first"]\n')
+    daemon_factory()
+    tree.drop({"job_id": "j", "run_id": "r1", "state": "FAILED"})
+    http.wait_for(1)
+    tree.write_jobs('[jobs.j.alerts]\nrecipients = ["#second"]\n')
+    tree.drop({"job_id": "j", "run_id": "r2", "state": "FAILED"})
+    http.wait_for(2)
+    assert slack_channels(http) == ["#first", "#second"]
+
+
+def test_unmatched_recipient_is_a_failed_row_and_others_still_get_it(tree, http, inproc):
+    tree.write_config(tree.webhook("hook", http.url()))
+    tree.write_jobs('[jobs.j.alerts]\nrecipients = ["hook", "#nobody-has-slack"]\n')
+    d = inproc()
+    tree.drop({"job_id": "j", "run_id": "r1", "state": "FAILED"})
+    d.pump()
+    rows = {r["recipient"]: r for r in tree.notifications()}
+    assert rows["hook"]["outcome"] == "SENT"
+    assert rows["#nobody-has-slack"]["outcome"] == "FAILED_TRANSPORT"
+    assert "no slack transport" in rows["#nobody-has-slack"]["detail"]
+
+
+def ago(minutes: float) -> str:
+    return (datetime.utcnow() - timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_long_run_warning_fires_from_the_running_daemon(tree, http, daemon_factory):
+    tree.write_config(tree.webhook("hook", http.url()))
+    tree.write_jobs("[jobs.etl.alerts]\non_long_run_minutes = 30\n")
+    d = daemon_factory()
+    tree.drop({"job_id": "etl", "run_id": "late", "state": "RUNNING", "started_at": ago(31)})
+    body = http.wait_for(1)[0].json()
+    assert (body["alert"], body["level"], body["run_id"]) == ("long_run", "medium", "late")
+    assert body["state"] == "RUNNING"
+    wait_until(lambda: len(tree.notifications()) == 1, what="audit row")
+    assert d.stop() == 0
+    assert tree.sql("SELECT state, long_run_alerted_at IS NOT NULL FROM runs") == [("RUNNING", 1)]
+
+
+def test_long_run_warns_once_across_polls_and_restart(tree, http, inproc):
+    tree.write_config(tree.webhook("hook", http.url()))
+    tree.write_jobs("[jobs.etl.alerts]\non_long_run_minutes = 30\n")
+    d = inproc()
+    tree.drop({"job_id": "etl", "run_id": "late", "state": "RUNNING", "started_at": ago(31)})
+    tree.drop({"job_id": "etl", "run_id": "early", "state": "RUNNING", "started_at": ago(5)})
+    tree.drop({"job_id": "etl", "run_id": "done", "state": "RUNNING", "started_at": ago(40)})
+    tree.drop({"job_id": "etl", "run_id": "done", "state": "SUCCEEDED"})
+    d.pump()
+    now = datetime.utcnow()
+    polls = [d.daemon.poll_long_runs(now) for _ in range(3)]
+    d.pump()
+    assert polls in ([1, 0, 0], [0, 0, 0])  # the scheduler's own first poll may have won
+    d.close()
+    again = inproc()
+    assert again.daemon.poll_long_runs(datetime.utcnow()) == 0
+    assert again.daemon.poll_long_runs(datetime.utcnow() + timedelta(minutes=26)) == 1  # early
+    again.pump()
+    assert sorted(r.json()["run_id"] for r in http.requests) == ["early", "late"]
+    assert sorted(r["run_id"] for r in tree.notifications()) == ["early", "late"]
+
+
+def test_late_running_event_for_finished_run_changes_nothing(tree, http, inproc):
+    tree.write_config(tree.webhook("hook", http.url()))
+    tree.write_jobs("[jobs.etl.alerts]\non_long_run_minutes = 1\n")
+    d = inproc()
+    tree.drop({"job_id": "etl", "run_id": "r", "state": "SUCCEEDED"})
+    d.pump()
+    tree.drop({"job_id": "etl", "run_id": "r", "state": "RUNNING", "started_at": ago(90)})
+    d.pump()
+    assert d.daemon.poll_long_runs(datetime.utcnow()) == 0
+    assert tree.sql("SELECT state FROM runs") == [("SUCCEEDED",)]
+    assert http.requests == []
+
+
+def test_explain_shows_block_origin_rules_dedup_and_payload(tree, http, capsys, tmp_path):
+    tree.write_config(tree.slack("slack", http.url("/slack"))
+                      + '[[routing]]\ntag = "team-data"\nrecipients = ["#data-team"]\n')
+    tree.write_jobs('[jobs.sync]\ntags = ["team-data"]\n[jobs.sync.alerts]\n'
+                    'recipients = ["#Data-Team"]\n')
+    event = tmp_path / "e.json"
+    event.write_text(json.dumps({"job_id": "sync", "run_id": "r1", "state": "FAILED",
+                                 "error": "x < y"}))
+    assert main(["explain", "--config", str(tree.config_path), str(event)]) == 0
+    out = capsys.readouterr().out
+    assert "alerts block (from job)" in out
+    assert "tags (from job): team-data" in out
+    assert "alert failed (level high)" in out
+    assert "matched rule tag=team-data" in out
+    assert "-> slack: #data-team (alerts)" in out
+    assert "dropped duplicate #data-team (rule tag=team-data)" in out
+    assert '"channel": "#data-team"' in out
+    assert "x &lt; y" in out
+    assert http.requests == []
