@@ -1,0 +1,126 @@
+"""Config refusals name the dotted key and the fix; secrets never print themselves."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from nomaflowd import config, crypto
+from nomaflowd.cli import main
+from nomaflowd.errors import ConfigError
+
+
+def load(tree, body="", daemon=""):
+    tree.write_config(body, daemon=daemon)
+    return config.load(tree.config_path)
+
+
+def test_relative_paths_resolve_against_the_config_directory(tree):
+    cfg = load(tree)
+    assert cfg.spool_dir == tree.spool.resolve()
+    assert cfg.database == f"sqlite:///{tree.db_path.resolve()}"
+    assert cfg.jobs_file == tree.jobs_path.resolve()
+
+
+@pytest.mark.parametrize(("body", "daemon", "message"), [
+    ("", "spool_dirr = 'x'", "daemon.spool_dirr is not a known setting"),
+    ("", "retention_days = 'long'", "daemon.retention_days must be an integer"),
+    ("", "rescan_seconds = true", "daemon.rescan_seconds must be a number"),
+    ("", "retention_days = 0", "daemon.retention_days must be greater than 0"),
+    ("[transports.x]\ntype = 'pager'\n", "", "transports.x.type must be one of"),
+    ("[transports.x]\ntype = 'webhook'\n", "", "transports.x.url is required"),
+    ("[transports.x]\ntype = 'webhook'\nurl = 'https://hooks.example/abc'\n", "",
+     "transports.x.url is plaintext; encrypt it with `nomaflowd secret encrypt`"),
+    ("[transports.x]\ntype = 'email'\nhost = 'h'\nport = 25\ndefault_from = 'a@b.c'\n"
+     "pasword = 'x'\n", "", "transports.x.pasword is not a known setting"),
+    ("[transports.x]\ntype = 'email'\nhost = 'h'\nport = 25\ndefault_from = 'a@b.c'\n"
+     "tls = 'maybe'\n", "", "transports.x.tls must be one of starttls, tls, none"),
+    ("[[routing]]\ntag = 'x'\n", "", "routing[0].recipients is required"),
+    ("[extra]\n", "", "extra is not a known setting"),
+])
+def test_bad_config_is_refused_naming_the_key(tree, body, daemon, message):
+    with pytest.raises(ConfigError, match=None) as info:
+        load(tree, body, daemon)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_required_spool_dir(tree):
+    tree.config_path.write_text("[daemon]\n")
+    with pytest.raises(ConfigError, match="daemon.spool_dir is required"):
+        config.load(tree.config_path)
+
+
+def test_run_with_bad_config_exits_2_with_one_line(tree, capsys):
+    tree.write_config(daemon="spool_dirr = 'x'")
+    assert main(["run", "--config", str(tree.config_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "daemon.spool_dirr" in err and "Traceback" not in err
+
+
+def test_config_search_order(tree, monkeypatch, tmp_path):
+    tree.write_config()
+    monkeypatch.setenv("NOMAFLOWD_CONFIG", str(tree.config_path))
+    assert config.find(None) == tree.config_path
+    assert config.find("x.toml") == config.Path("x.toml")
+    monkeypatch.delenv("NOMAFLOWD_CONFIG")
+    monkeypatch.chdir(tree.root)
+    assert config.find(None) == config.Path("etc/nomaflowd.toml")
+
+
+def test_keygen_makes_0600_and_never_overwrites(tree, capsys):
+    tree.write_config(daemon="")
+    tree.key.unlink()
+    assert main(["secret", "keygen", "--config", str(tree.config_path)]) == 0
+    assert stat.S_IMODE(os.stat(tree.key).st_mode) == 0o600
+    before = tree.key.read_bytes()
+    assert main(["secret", "keygen", "--config", str(tree.config_path)]) == 1
+    assert "never overwritten" in capsys.readouterr().err
+    assert tree.key.read_bytes() == before
+
+
+def test_encrypt_then_rotate_keeps_every_secret_readable(tree, capsys, monkeypatch):
+    import io
+
+    tree.write_config()
+    monkeypatch.setattr("sys.stdin", io.StringIO("https://hooks.example/T0/CANARY\n"))
+    assert main(["secret", "encrypt", "--config", str(tree.config_path)]) == 0
+    token = capsys.readouterr().out.strip()
+    assert token.startswith("enc:") and "CANARY" not in token
+    tree.write_config(f'[transports.h]\ntype = "webhook"\nurl = "{token}"\n'
+                      f'headers = {{ Authorization = "{tree.enc("Bearer B")}" }}\n')
+    old_key = tree.key.read_bytes()
+    assert main(["secret", "rotate", "--config", str(tree.config_path)]) == 0
+    assert "re-encrypted 2 token(s)" in capsys.readouterr().out
+    assert tree.key.read_bytes() != old_key
+    assert not tree.key.with_name("nomaflowd.key.new").exists()
+    assert token not in tree.config_path.read_text()
+    cfg = config.load(tree.config_path)
+    assert cfg.transports["h"].settings["url"].reveal() == "https://hooks.example/T0/CANARY"
+    assert cfg.transports["h"].settings["headers"]["Authorization"].reveal() == "Bearer B"
+
+
+def test_token_from_another_key_is_refused_naming_the_field(tree, tmp_path):
+    other = tmp_path / "other.key"
+    crypto.write_key(other)
+    token = crypto.encrypt(crypto.load_keys(other), "https://x")
+    with pytest.raises(ConfigError, match="transports.h.url cannot be decrypted"):
+        load(tree, f'[transports.h]\ntype = "webhook"\nurl = "{token}"\n')
+
+
+def test_credentials_directory_key_wins(tree, tmp_path, monkeypatch):
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    crypto.write_key(creds / "nomaflowd.key")
+    token = crypto.encrypt(crypto.load_keys(creds / "nomaflowd.key"), "https://x")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    cfg = load(tree, f'[transports.h]\ntype = "webhook"\nurl = "{token}"\n')
+    assert cfg.transports["h"].settings["url"].reveal() == "https://x"
+
+
+def test_secret_never_prints_itself():
+    s = crypto.Secret("CANARY-123")
+    assert "CANARY" not in str(s) and "CANARY" not in repr(s) and "CANARY" not in f"{s}"
+    assert "CANARY" not in repr({"k": s})
