@@ -296,7 +296,7 @@ class Daemon:
                 self.spool.reject(name, f"internal error: {type(exc).__name__}", now)
         if not accepted:
             return
-        with self.database.atomic():
+        with db.proxy.atomic():
             attempts = self.commit_events([e for _, e in accepted], now)
         self.spool.remove([name for name, _ in accepted])
         for attempt in attempts:
@@ -337,11 +337,11 @@ class Daemon:
                     finishes.append((e.state, e.finished_at or e.at, now, started,
                                      e.job_id, e.run_id))
             routed.extend(self.policy.for_event(e, cat))
-        param = self.database.param
+        param = db.proxy.param
         if inserts:
-            self.database.cursor().executemany(state.INSERT_RUN.format(p=param), inserts)
+            db.proxy.cursor().executemany(state.INSERT_RUN.format(p=param), inserts)
         if finishes:
-            self.database.cursor().executemany(state.FINISH_RUN.format(p=param), finishes)
+            db.proxy.cursor().executemany(state.FINISH_RUN.format(p=param), finishes)
         return claim(routed, self.config.replica_id, now)
 
     # --- scheduled work --------------------------------------------------------------
@@ -367,7 +367,7 @@ class Daemon:
             & db.RunRow.long_run_alerted_at.is_null()).limit(BATCH))
         attempts: list[Attempt] = []
         for run in due:
-            with self.database.atomic():
+            with db.proxy.atomic():
                 won = db.RunRow.update(long_run_alerted_at=now, long_run_deadline=None).where(
                     (db.RunRow.id == run.id) & db.RunRow.long_run_alerted_at.is_null()
                     & (db.RunRow.state == "RUNNING")).execute()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -131,7 +132,7 @@ def open_database(url: str) -> pw.Database:
         else:
             if url.startswith("postgres://"):
                 url = "postgresql://" + url[len("postgres://"):]
-            db = url_connect(url, autorollback=True)
+            db = url_connect(url)
     except ImportError:
         raise ConfigError(
             "daemon.database is PostgreSQL but no driver is installed; pip install 'nomaflowd[postgres]'"
@@ -143,20 +144,29 @@ def open_database(url: str) -> pw.Database:
 
 
 def create_or_migrate(db: pw.Database) -> None:
-    """Create missing tables; add columns that a newer version introduced."""
+    """Create missing tables; add the columns and indexes that a newer version introduced."""
+    schema = None
+    if isinstance(db, pw.PostgresqlDatabase):  # introspection defaults to "public"
+        schema = db.execute_sql("SELECT current_schema()").fetchone()[0]
     with db.atomic():
-        db.create_tables(MODELS, safe=True)
+        existing = set(db.get_tables(schema=schema))
         migrator = SchemaMigrator.from_database(db)
-        operations = []
         for model in MODELS:
             table = model._meta.table_name
-            have = {c.name for c in db.get_columns(table)}
+            if table not in existing:
+                model.create_table(safe=True)
+                continue
+            have = {c.name for c in db.get_columns(table, schema=schema)}
+            operations = []
             for f in model._meta.sorted_fields:
                 if f.column_name not in have:
-                    f.null = True
-                    operations.append(migrator.add_column(table, f.column_name, f))
-        if operations:
-            migrate(*operations)
+                    column = copy.copy(f)
+                    column.null = True  # existing rows have no value for it
+                    operations.append(migrator.add_column(table, f.column_name, column))
+            if operations:
+                logger.info("adding %d column(s) to %s", len(operations), table)
+                migrate(*operations)
+            model._schema.create_indexes(safe=True)
 
 
 def is_sqlite(db: pw.Database) -> bool:

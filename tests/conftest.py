@@ -26,7 +26,7 @@ class Tree:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.etc = root / "etc"
-        self.etc.mkdir()
+        self.etc.mkdir(parents=True)
         self.spool = root / "var" / "spool"
         self.db_path = root / "var" / "lib" / "nomaflowd.db"
         self.key = self.etc / "nomaflowd.key"

@@ -1,0 +1,141 @@
+"""Storage behaviour, run once per backend: SQLite files and the real PostgreSQL server."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+import peewee as pw
+import pytest
+
+from nomaflowd import db
+from tests.conftest import PG_DSN, InProcess, Tree
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request, tree: Tree):
+    """Point `tree` at a fresh database of each backend (a private schema on PostgreSQL)."""
+    if request.param == "sqlite":
+        yield tree
+        return
+    if not PG_DSN:
+        pytest.skip("NOMAFLOWD_TEST_PG_DSN is not set (CI sets it)")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = pw.PostgresqlDatabase(None)
+    admin.init(**_pg_params(PG_DSN))
+    admin.execute_sql(f'CREATE SCHEMA "{schema}"')
+    tree.database = f"{PG_DSN}?options=-csearch_path%3D{schema}"
+    yield tree
+    db.proxy.close()
+    admin.execute_sql(f'DROP SCHEMA "{schema}" CASCADE')
+    admin.close()
+
+
+def _pg_params(dsn: str) -> dict:
+    from playhouse.db_url import parse
+
+    return parse(dsn)
+
+
+def count(model) -> int:
+    return model.select().count()
+
+
+def test_ingest_is_idempotent_and_runs_never_go_back(backend, http):
+    backend.write_config(backend.webhook("hook", http.url()))
+    d = InProcess(backend)
+    try:
+        backend.drop({"job_id": "j", "run_id": "r", "state": "FAILED", "error": "x"})
+        backend.drop({"job_id": "j", "run_id": "r", "state": "FAILED", "error": "x"})
+        backend.drop({"job_id": "j", "run_id": "r", "state": "RUNNING"})
+        d.pump()
+        assert count(db.EventRow) == 2
+        assert [r.state for r in db.RunRow.select()] == ["FAILED"]
+        assert count(db.NotificationRow) == 1
+        assert len(http.requests) == 1
+        assert [r.state for r in db.DeliveryRow.select()] == ["done"]
+    finally:
+        d.close()
+
+
+def test_two_replicas_ingest_the_same_event_once(backend, http, tmp_path):
+    backend.write_config(backend.webhook("hook", http.url()), daemon='replica_id = "a"')
+    a = InProcess(backend)
+    other = Tree(tmp_path / "other")
+    other.database = backend.database.replace("../var/lib", str(backend.db_path.parent))
+    other.key.write_bytes(backend.key.read_bytes())
+    other.keys = backend.keys
+    other.write_config(other.webhook("hook", http.url()), daemon='replica_id = "b"')
+    b = InProcess(other)
+    try:
+        for i in range(20):
+            event = {"job_id": "j", "run_id": f"r{i}", "state": "FAILED"}
+            backend.drop(event)
+            other.drop(event)
+        a.pump()
+        b.pump()
+        a.pump()
+        assert len(http.requests) == 20
+        assert count(db.NotificationRow) == 20
+        assert count(db.EventRow) == 20
+    finally:
+        a.close()
+        b.close()
+
+
+def test_long_run_claim_is_won_once(backend, http):
+    backend.write_config(backend.webhook("hook", http.url()))
+    backend.write_jobs("[jobs.etl.alerts]\non_long_run_minutes = 10\n")
+    d = InProcess(backend)
+    try:
+        started = (datetime.utcnow() - timedelta(minutes=11)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        backend.drop({"job_id": "etl", "run_id": "r", "state": "RUNNING", "started_at": started})
+        d.pump()
+        later = datetime.utcnow() + timedelta(seconds=1)
+        total = sum(d.daemon.poll_long_runs(later) for _ in range(3))
+        d.pump()
+        assert total <= 1
+        assert [r.json()["alert"] for r in http.requests] == ["long_run"]
+    finally:
+        d.close()
+
+
+def test_prune_removes_only_rows_past_retention(backend, http):
+    backend.write_config(backend.webhook("hook", http.url()))
+    d = InProcess(backend)
+    try:
+        backend.drop({"job_id": "j", "run_id": "new", "state": "FAILED"})
+        d.pump()
+        old = datetime.utcnow() - timedelta(days=200)
+        db.NotificationRow.insert(created_at=old, job_id="j", run_id="old", alert="failed",
+                                  level="high", transport="hook", transport_type="webhook",
+                                  recipient="hook", outcome="SENT", detail="",
+                                  replica="x").execute()
+        db.EventRow.insert(event_id="old", received_at=old, job_id="j", run_id="old",
+                           state="FAILED", payload="{}").execute()
+        removed = db.prune(datetime.utcnow(), 183)
+        assert removed["notifications"] == 1 and removed["events"] == 1
+        assert [r.run_id for r in db.NotificationRow.select()] == ["new"]
+    finally:
+        d.close()
+
+
+def test_missing_columns_are_added_at_start(backend):
+    backend.write_config()
+    database = db.open_database(_url(backend))
+    database.execute_sql("DROP TABLE notifications")
+    database.execute_sql("CREATE TABLE notifications (id INTEGER PRIMARY KEY, created_at"
+                         " TIMESTAMP, outcome VARCHAR(32))")
+    db.create_or_migrate(database)
+    schema = None
+    if isinstance(database, pw.PostgresqlDatabase):
+        schema = database.execute_sql("SELECT current_schema()").fetchone()[0]
+    columns = {c.name for c in database.get_columns("notifications", schema=schema)}
+    assert {"replica", "duration_ms", "transport_type", "detail"} <= columns
+    database.close()
+
+
+def _url(tree: Tree) -> str:
+    from nomaflowd import config
+
+    return config.load(tree.config_path).database
