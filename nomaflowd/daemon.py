@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -28,6 +29,10 @@ from nomaflowd.spool import Spool, watch
 logger = logging.getLogger(__name__)
 
 BATCH = 1000
+MAX_TRIES = 3
+# Fault injection for the test suite: exit abruptly while handling a file whose name
+# contains this string, as a crash in a parser or driver would.
+CRASH_ON = os.environ.get("NOMAFLOWD_FAULT_CRASH_ON", "")
 DB_ERRORS = (pw.PeeweeException, OSError)
 RESENT = "sent again after a restart (the earlier attempt got no verdict)"
 
@@ -117,7 +122,8 @@ def claim(routed: list[Routed], replica: str, now: datetime) -> list[Attempt]:
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.config = cfg
-        self.spool = Spool(cfg.spool_dir)
+        self.spool = Spool(cfg.spool_dir, cfg.replica_id)
+        self.suspects: set[str] = set()
         self.wakeup = threading.Event()
         self.stopping = threading.Event()
         self.hinted = True
@@ -144,6 +150,7 @@ class Daemon:
             self.database.returning_clause = True
         self.observer = watch(self.config.spool_dir, self.hint)  # watch first...
         self.hinted = True                                      # ...then scan the backlog
+        self.count_tries(utcnow())
         self.resume_claimed()
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={
             "max_instances": 1, "coalesce": True, "misfire_grace_time": None})
@@ -204,6 +211,7 @@ class Daemon:
         self.dispatcher.wait_idle(self.config.send_timeout_seconds + 5)
         self.record(self.dispatcher.drain())
         self.dispatcher.close(wait=True)
+        self.spool.close()
         self.database.close()
         logger.info("stopped")
 
@@ -249,10 +257,17 @@ class Daemon:
                     return False
                 self.hinted = False
                 self.last_scan = time.monotonic()
-                self.pending.extend(self.spool.scan())
+                names = self.spool.scan()
+                if self.suspects:  # files in hand at a crash go first, one at a time
+                    names.sort(key=lambda n: n not in self.suspects)
+                self.pending.extend(names)
                 if not self.pending:
                     return False
-            batch = [self.pending.popleft() for _ in range(min(BATCH, len(self.pending)))]
+            if self.pending[0] in self.suspects:
+                batch = [self.pending.popleft()]
+            else:
+                size = min(BATCH, len(self.pending))
+                batch = [self.pending.popleft() for _ in range(size)]
             try:
                 self.ingest(batch, now or utcnow())
             except DB_ERRORS:
@@ -284,7 +299,10 @@ class Daemon:
     def ingest(self, names: list[str], now: datetime) -> None:
         """Read a batch of files, commit their events and claims in one transaction, then send."""
         accepted: list[tuple[str, events.Event]] = []
+        self.spool.mark_handling(names)
         for name in names:
+            if CRASH_ON and CRASH_ON in name:
+                os._exit(70)
             try:
                 raw = self.spool.read(name)
                 if raw is not None:
@@ -294,13 +312,41 @@ class Daemon:
             except Exception as exc:  # a parser bug must quarantine the file, not stop the loop
                 logger.exception("spool file %r could not be handled", name)
                 self.spool.reject(name, f"internal error: {type(exc).__name__}", now)
-        if not accepted:
-            return
-        with db.proxy.atomic():
-            attempts = self.commit_events([e for _, e in accepted], now)
-        self.spool.remove([name for name, _ in accepted])
+        attempts: list[Attempt] = []
+        if accepted:
+            with db.proxy.atomic():
+                attempts = self.commit_events([e for _, e in accepted], now)
+            self.spool.remove([name for name, _ in accepted])
+        self.spool.clear_handling()
+        if self.suspects.intersection(names):
+            self.suspects.difference_update(names)
+            db.SpoolTryRow.delete().where(db.SpoolTryRow.name.in_(names)).execute()
         for attempt in attempts:
             self.dispatcher.submit(attempt)
+
+    def count_tries(self, now: datetime) -> None:
+        """Count a try for each file in hand when the last run died; quarantine at MAX_TRIES.
+
+        Without this, a file that crashes the daemon would crash it again at every
+        restart, and every alert behind it would wait forever.
+        """
+        for name in self.spool.handled_when_stopped():
+            if not os.path.lexists(self.spool.path / name):
+                continue
+            with db.proxy.atomic():
+                row, _ = db.SpoolTryRow.get_or_create(name=name, defaults={"updated_at": now})
+                tries = row.tries + 1
+                db.SpoolTryRow.update(tries=tries, updated_at=now).where(
+                    db.SpoolTryRow.id == row.id).execute()
+            if tries >= MAX_TRIES:
+                self.spool.reject(name, f"the daemon stopped {tries} times while handling this"
+                                  " file; quarantined to break the crash loop", now)
+                db.SpoolTryRow.delete().where(db.SpoolTryRow.id == row.id).execute()
+            else:
+                logger.warning("spool file %r was in hand when the daemon stopped (try %d of %d)",
+                               name, tries, MAX_TRIES)
+                self.suspects.add(name)
+        self.spool.clear_handling()
 
     def commit_events(self, batch: list[events.Event], now: datetime) -> list[Attempt]:
         rows = [{"event_id": e.event_id, "received_at": now, "job_id": e.job_id,

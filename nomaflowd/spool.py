@@ -25,10 +25,15 @@ TMP = "tmp"
 
 
 class Spool:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, replica: str = "") -> None:
         self.path = path
         self.rejected = path / REJECTED
         self.tmp = path / TMP
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in replica)
+        # The names in hand right now. A plain write, no fsync: it only has to outlive a
+        # crashed process, and the kernel keeps it. The next start counts a try for each.
+        self.handling = path / f".handling-{safe or 'local'}"
+        self._handling_fd: int | None = None
 
     def prepare(self) -> None:
         for d in (self.path, self.rejected, self.tmp):
@@ -96,6 +101,31 @@ class Spool:
                 os.unlink(os.path.join(self.path, name))
             except FileNotFoundError:
                 pass  # another replica or an operator got there first
+
+    def mark_handling(self, names: list[str]) -> None:
+        if self._handling_fd is None:
+            self._handling_fd = os.open(self.handling, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                        0o600)
+        data = b"\0".join(os.fsencode(n) for n in names)
+        os.ftruncate(self._handling_fd, 0)
+        os.pwrite(self._handling_fd, data, 0)
+
+    def clear_handling(self) -> None:
+        if self._handling_fd is not None:
+            os.ftruncate(self._handling_fd, 0)
+
+    def handled_when_stopped(self) -> list[str]:
+        """Names that were in hand when the last run stopped without finishing them."""
+        try:
+            data = self.handling.read_bytes()
+        except FileNotFoundError:
+            return []
+        return [os.fsdecode(n) for n in data.split(b"\0") if n]
+
+    def close(self) -> None:
+        if self._handling_fd is not None:
+            os.close(self._handling_fd)
+            self._handling_fd = None
 
     def rejected_files(self) -> list[tuple[str, str]]:
         out = []

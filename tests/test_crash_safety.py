@@ -1,0 +1,71 @@
+"""Crash loops, a full disk under the database: the daemon keeps going and loses nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.servers import wait_until
+
+FAILED = {"job_id": "j", "state": "FAILED"}
+
+
+def test_a_file_that_crashes_the_daemon_is_quarantined_after_three_tries(
+        tree, http, daemon_factory):
+    tree.write_config(tree.webhook("hook", http.url()))
+    tree.drop({**FAILED, "run_id": "good"})
+    (tree.spool / "zz-poison.json").write_text('{"job_id": "j", "run_id": "p", "state": "FAILED"}')
+    env = {"NOMAFLOWD_FAULT_CRASH_ON": "poison"}
+    for attempt in (1, 2, 3):
+        d = daemon_factory(env, wait=False)
+        assert d.proc.wait(20) == 70, f"start {attempt} should crash on the poison file"
+    d = daemon_factory(env)
+    assert http.wait_for(1)[0].json()["run_id"] == "good"
+    note = (tree.spool / "rejected" / "zz-poison.json.error").read_text()
+    assert "stopped 3 times" in note
+    assert not tree.spool_files()
+    assert d.stop() == 0
+    assert {r.json()["run_id"] for r in http.requests} == {"good"}
+    rows = tree.notifications()
+    assert len(rows) == 1 or all("sent again" in r["detail"] for r in rows[1:])
+
+
+@pytest.fixture
+def small_disk(tree):
+    mount = tree.root / "dbfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_under_the_database_holds_files_until_space_returns(
+        tree, http, daemon_factory, small_disk):
+    tree.database = f"sqlite:///{small_disk}/nomaflowd.db"
+    tree.db_path = small_disk / "nomaflowd.db"
+    tree.write_config(tree.webhook("hook", http.url()), daemon="rescan_seconds = 0.2")
+    d = daemon_factory()
+    ballast = small_disk / "ballast"
+    with ballast.open("wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    for i in range(5):
+        tree.drop({**FAILED, "run_id": f"r{i}"})
+    wait_until(lambda: "database unavailable" in d.output(), what="the outage logged")
+    assert len(tree.spool_files()) == 5
+    assert http.requests == []
+    os.unlink(ballast)
+    http.wait_for(5, timeout=20)
+    wait_until(lambda: not tree.spool_files(), what="spool drained")
+    wait_until(lambda: len(tree.notifications()) == 5, what="five audit rows")
+    assert d.output().count("database unavailable") == 1
+    assert d.stop() == 0
