@@ -135,6 +135,8 @@ class Daemon:
         self.ready = False
         self.last_ping = 0.0
         self.watchdog_every = systemd.watchdog_interval()
+        # A peer silent for this long is taken for dead and its unfinished sends are redone.
+        self.lease_seconds = max(3 * cfg.poll_seconds, 2 * cfg.send_timeout_seconds + 5)
         self.policy = Policy(cfg)
         self.dispatcher = Dispatcher(transports.build(cfg.transports, cfg.send_timeout_seconds),
                                      cfg.replica_id, wake=self.wakeup.set)
@@ -151,6 +153,7 @@ class Daemon:
         self.observer = watch(self.config.spool_dir, self.hint)  # watch first...
         self.hinted = True                                      # ...then scan the backlog
         self.count_tries(utcnow())
+        db.heartbeat(self.config.replica_id)
         self.resume_claimed()
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={
             "max_instances": 1, "coalesce": True, "misfire_grace_time": None})
@@ -394,17 +397,49 @@ class Daemon:
 
     def resume_claimed(self) -> None:
         """Claims this replica made but never finished (a crash mid-send) are sent again."""
-        rows = list(db.DeliveryRow.select().where(
-            (db.DeliveryRow.state == "claimed") & (db.DeliveryRow.claimed_by == self.config.replica_id)))
-        for row in rows:
-            context = json.loads(row.context)
-            db.DeliveryRow.update(attempts=db.DeliveryRow.attempts + 1).where(
-                db.DeliveryRow.id == row.id).execute()
-            self.dispatcher.submit(Attempt(Alert(**context["alert"]), row.transport, row.recipient,
-                                           delivery_id=row.id, error=context["error"], note=RESENT))
-        if rows:
+        d = db.DeliveryRow
+        rows = list(d.select().where((d.state == "claimed")
+                                     & (d.claimed_by == self.config.replica_id)))
+        resent = self.reclaim(rows, self.config.replica_id, RESENT)
+        if resent:
             logger.warning("%d notification(s) interrupted by the last stop are being sent again",
-                           len(rows))
+                           resent)
+
+    def take_over(self) -> int:
+        """Claims of replicas whose heartbeat is older than the lease: a peer died mid-send."""
+        now = db.heartbeat(self.config.replica_id)
+        cutoff = now - timedelta(seconds=self.lease_seconds)
+        dead = [r.replica_id for r in db.ReplicaRow.select().where(
+            (db.ReplicaRow.seen_at < cutoff) & (db.ReplicaRow.replica_id != self.config.replica_id))]
+        if not dead:
+            return 0
+        d = db.DeliveryRow
+        taken = 0
+        for replica in dead:
+            rows = list(d.select().where((d.state == "claimed") & (d.claimed_by == replica))
+                        .limit(BATCH))
+            taken += self.reclaim(rows, replica,
+                                  f"taken over from replica {replica}, silent past its lease")
+        if taken:
+            logger.warning("took over %d notification(s) from silent replica(s) %s", taken,
+                           ", ".join(dead))
+        return taken
+
+    def reclaim(self, rows: list[db.DeliveryRow], owner: str, note: str) -> int:
+        """Move claims from `owner` to this replica (conditionally: one winner) and send them."""
+        d = db.DeliveryRow
+        count = 0
+        for row in rows:
+            won = d.update(claimed_by=self.config.replica_id, attempts=d.attempts + 1).where(
+                (d.id == row.id) & (d.state == "claimed") & (d.claimed_by == owner)).execute()
+            if not won:
+                continue
+            context = json.loads(row.context)
+            self.dispatcher.submit(Attempt(Alert(**context["alert"]), row.transport,
+                                           row.recipient, delivery_id=row.id,
+                                           error=context["error"], note=note))
+            count += 1
+        return count
 
     def poll_long_runs(self, now: datetime) -> int:
         """Warn once per run still RUNNING past its deadline; one indexed query per poll."""
@@ -425,7 +460,9 @@ class Daemon:
         return len(attempts)
 
     def poll_long_runs_job(self) -> None:
+        """Every poll_seconds: heartbeat, take over a dead peer's claims, long-run warnings."""
         try:
+            self.take_over()
             self.poll_long_runs(utcnow())
         except DB_ERRORS as exc:
             logger.error("long-run poll skipped, database unavailable: %s", exc)

@@ -113,7 +113,39 @@ class SpoolTryRow(Model):
         table_name = "spool_tries"
 
 
-MODELS: tuple[type[Model], ...] = (EventRow, RunRow, NotificationRow, DeliveryRow, SpoolTryRow)
+class ReplicaRow(Model):
+    """Each replica's heartbeat, stamped with the database's clock (never a replica's)."""
+
+    replica_id = pw.CharField(max_length=200, unique=True)
+    seen_at = pw.DateTimeField()
+    started_at = pw.DateTimeField()
+
+    class Meta:
+        table_name = "replicas"
+
+
+MODELS: tuple[type[Model], ...] = (EventRow, RunRow, NotificationRow, DeliveryRow, SpoolTryRow,
+                                   ReplicaRow)
+
+
+def db_now() -> datetime:
+    """The database server's clock, UTC: leases must not depend on any replica's clock."""
+    database = proxy.obj
+    if isinstance(database, pw.PostgresqlDatabase):
+        value = database.execute_sql("SELECT now() AT TIME ZONE 'UTC'").fetchone()[0]
+        return value  # type: ignore[no-any-return]
+    text = database.execute_sql("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')").fetchone()[0]
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S.%f")
+
+
+def heartbeat(replica: str) -> datetime:
+    """Record that `replica` is alive; returns the database's now."""
+    now = db_now()
+    updated = ReplicaRow.update(seen_at=now).where(ReplicaRow.replica_id == replica).execute()
+    if not updated:
+        ReplicaRow.insert(replica_id=replica, seen_at=now, started_at=now).on_conflict(
+            conflict_target=[ReplicaRow.replica_id], update={ReplicaRow.seen_at: now}).execute()
+    return now
 
 
 def open_database(url: str) -> pw.Database:

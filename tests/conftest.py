@@ -43,7 +43,7 @@ class Tree:
         """[daemon] with test-friendly settings plus `body` (transports, routing)."""
         self.config_path.write_text(
             "[daemon]\n"
-            'spool_dir = "../var/spool"\n'
+            f'spool_dir = "{self.spool}"\n'
             f'database = "{self.database}"\n'
             'jobs_file = "jobs.toml"\n'
             'key_file = "nomaflowd.key"\n'
@@ -235,3 +235,31 @@ def inproc(tree: Tree) -> Iterator[Any]:
     yield make
     for d in made:
         d.close()
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh schema on the shared PostgreSQL server; yields a database URL that uses it."""
+    import uuid
+
+    import peewee as pw
+    from playhouse.db_url import parse
+
+    if not PG_DSN:
+        pytest.skip("NOMAFLOWD_TEST_PG_DSN is not set (CI sets it)")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = pw.PostgresqlDatabase(None)
+    admin.init(**parse(PG_DSN))
+    admin.execute_sql(f'CREATE SCHEMA "{schema}"')
+    yield f"{PG_DSN}?options=-csearch_path%3D{schema}"
+    admin.execute_sql(f'DROP SCHEMA "{schema}" CASCADE')
+    admin.close()
+
+
+def replica_tree(root: Path, first: Tree, database: str) -> Tree:
+    """A second install sharing `first`'s key and database (another host, in effect)."""
+    other = Tree(root)
+    other.key.write_bytes(first.key.read_bytes())
+    other.keys = first.keys
+    other.database = database
+    return other

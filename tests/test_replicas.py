@@ -1,0 +1,209 @@
+"""Several replicas on one PostgreSQL act as one notifier (real processes, real server)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DaemonProcess, replica_tree
+from tests.servers import Reply, wait_until
+
+pytestmark = pytest.mark.postgres
+
+
+def pg_rows(url: str, sql: str, *params: object) -> list[tuple]:
+    from playhouse.db_url import connect
+
+    database = connect(url)
+    try:
+        return list(database.execute_sql(sql, params).fetchall())
+    finally:
+        database.close()
+
+
+def start(tree, replica: str, extra: str = "", env: dict | None = None) -> DaemonProcess:
+    return DaemonProcess(tree, env).start()
+
+
+def configure(tree, http, replica: str, daemon: str = "") -> None:
+    tree.write_config(tree.webhook("hook", http.url()),
+                      daemon=f'replica_id = "{replica}"\n{daemon}')
+
+
+def test_same_events_in_both_spools_are_delivered_once(tree, http, pg_schema, tmp_path):
+    tree.database = pg_schema
+    b_tree = replica_tree(tmp_path / "b", tree, pg_schema)
+    configure(tree, http, "a")
+    configure(b_tree, http, "b")
+    a, b = start(tree, "a"), start(b_tree, "b")
+    try:
+        for i in range(20):
+            event = {"job_id": "j", "run_id": f"r{i}", "state": "FAILED"}
+            tree.drop(event)
+            b_tree.drop(event)
+        http.wait_for(20)
+        wait_until(lambda: not tree.spool_files() and not b_tree.spool_files(), what="spools")
+        wait_until(lambda: pg_rows(pg_schema, "SELECT count(*) FROM notifications")[0][0] == 20,
+                   what="20 audit rows")
+        assert a.stop() == 0 and b.stop() == 0
+    finally:
+        a.close()
+        b.close()
+    assert sorted(r.json()["run_id"] for r in http.requests) == sorted(f"r{i}" for i in range(20))
+    assert pg_rows(pg_schema, "SELECT count(*) FROM events") == [(20,)]
+    replicas = {r[0] for r in pg_rows(pg_schema, "SELECT DISTINCT replica FROM notifications")}
+    assert replicas <= {"a", "b"}
+
+
+def test_long_run_warning_is_raised_by_one_replica(tree, http, pg_schema, tmp_path):
+    from datetime import datetime, timedelta
+
+    tree.database = pg_schema
+    b_tree = replica_tree(tmp_path / "b", tree, pg_schema)
+    for t, name in ((tree, "a"), (b_tree, "b")):
+        configure(t, http, name)
+        t.write_jobs("[jobs.etl.alerts]\non_long_run_minutes = 5\n")
+    a, b = start(tree, "a"), start(b_tree, "b")
+    try:
+        started = (datetime.utcnow() - timedelta(minutes=6)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {"job_id": "etl", "run_id": "slow", "state": "RUNNING", "started_at": started}
+        tree.drop(event)
+        b_tree.drop(event)
+        http.wait_for(1)
+        after = pg_rows(pg_schema, "SELECT now() AT TIME ZONE 'UTC'")[0][0]
+        # Both replicas have polled since the warning went out (their heartbeats say so).
+        wait_until(lambda: pg_rows(pg_schema, "SELECT count(*) FROM replicas WHERE seen_at > "
+                                   f"'{after}'")[0][0] == 2, what="both replicas polled")
+        assert a.stop() == 0 and b.stop() == 0
+    finally:
+        a.close()
+        b.close()
+    assert [r.json()["alert"] for r in http.requests] == ["long_run"]
+
+
+def test_killed_replica_work_is_finished_by_its_peer(tree, http, pg_schema, tmp_path):
+    http.default = Reply(delay=0.05)
+    tree.database = pg_schema
+    b_tree = replica_tree(tmp_path / "b", tree, pg_schema)
+    shared = tree.spool
+    shared.mkdir(parents=True, exist_ok=True)
+    b_tree.spool = shared  # one spool directory, as on a network mount
+    configure(tree, http, "a")
+    configure(b_tree, http, "b")
+    a, b = start(tree, "a"), start(b_tree, "b")
+    try:
+        for i in range(50):
+            tree.drop({"job_id": "j", "run_id": f"k{i}", "state": "FAILED"})
+        http.wait_for(5)
+        a.proc.kill()
+        a.proc.wait(10)
+        wanted = {f"k{i}" for i in range(50)}
+        wait_until(lambda: {r.json()["run_id"] for r in http.requests} >= wanted, timeout=40,
+                   what="all 50 delivered")
+        wait_until(lambda: pg_rows(pg_schema, "SELECT count(*) FROM deliveries WHERE state ="
+                                   " 'claimed'")[0][0] == 0, timeout=20, what="no open claim")
+        assert b.stop() == 0
+    finally:
+        a.close()
+        b.close()
+    runs = [r.json()["run_id"] for r in http.requests]
+    duplicates = {r for r in runs if runs.count(r) > 1}
+    taken = {r[0] for r in pg_rows(pg_schema, "SELECT run_id FROM notifications WHERE detail"
+                                   " LIKE %s", "taken over%")}
+    assert duplicates <= taken
+    assert not shared.joinpath("rejected").exists() or not any(
+        p.suffix == ".json" for p in shared.joinpath("rejected").iterdir())
+
+
+# --- PostgreSQL stopped and started under load: a private server --------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivatePostgres:
+    def __init__(self, root: Path) -> None:
+        bindir = Path("/usr/lib/postgresql")
+        versions = sorted(bindir.glob("*/bin/initdb")) if bindir.exists() else []
+        if not versions or shutil.which("runuser") is None:
+            pytest.skip("PostgreSQL server binaries not installed (Debian package postgresql)")
+        self.bin = versions[-1].parent
+        self.root = root
+        root.mkdir(parents=True)
+        shutil.chown(root, "postgres")
+        self.data = root / "data"
+        self.port = free_port()
+        self.run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        self.start()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def run(self, tool: str, *args: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin / tool), *args],
+                       check=True, capture_output=True, cwd=self.root)
+
+    def start(self) -> None:
+        self.run("pg_ctl", "-D", str(self.data), "-w", "-l", str(self.root / "log"), "-o",
+                 f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1", "start")
+
+    def stop(self) -> None:
+        self.run("pg_ctl", "-D", str(self.data), "-w", "-m", "fast", "stop")
+
+
+@pytest.fixture
+def private_pg():
+    # Not under tmp_path: pytest's directories are 0700 and the server runs as `postgres`.
+    root = Path(tempfile.mkdtemp(prefix="nomaflowd-pg-"))
+    root.chmod(0o755)
+    try:
+        server = PrivatePostgres(root / "pg")
+        yield server
+        try:
+            server.stop()
+        except subprocess.CalledProcessError:
+            pass
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_postgres_outage_under_load_loses_nothing_and_duplicates_nothing(
+        tree, http, private_pg, tmp_path):
+    url = private_pg.url
+    tree.database = url
+    b_tree = replica_tree(tmp_path / "b", tree, url)
+    configure(tree, http, "a", "rescan_seconds = 0.2")
+    configure(b_tree, http, "b", "rescan_seconds = 0.2")
+    a, b = start(tree, "a"), start(b_tree, "b")
+    try:
+        for i in range(20):
+            (tree if i % 2 else b_tree).drop({"job_id": "j", "run_id": f"p{i}", "state": "FAILED"})
+        http.wait_for(20)
+        private_pg.stop()
+        outage_started = time.monotonic()
+        for i in range(20, 40):
+            (tree if i % 2 else b_tree).drop({"job_id": "j", "run_id": f"p{i}", "state": "FAILED"})
+        wait_until(lambda: "database unavailable" in a.output()
+                   and "database unavailable" in b.output(), what="both replicas notice")
+        assert a.proc.poll() is None and b.proc.poll() is None
+        assert len(tree.spool_files()) + len(b_tree.spool_files()) == 20
+        while time.monotonic() - outage_started < 3:
+            assert a.proc.poll() is None and b.proc.poll() is None
+            time.sleep(0.1)
+        private_pg.start()
+        http.wait_for(40, timeout=30)
+        wait_until(lambda: not tree.spool_files() and not b_tree.spool_files(), what="spools")
+        wait_until(lambda: pg_rows(url, "SELECT count(*) FROM notifications")[0][0] == 40,
+                   timeout=20, what="40 audit rows")
+        assert a.stop() == 0 and b.stop() == 0
+    finally:
+        a.close()
+        b.close()
+    runs = sorted(r.json()["run_id"] for r in http.requests)
+    assert runs == sorted(f"p{i}" for i in range(40))
