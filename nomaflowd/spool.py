@@ -32,17 +32,20 @@ class Spool:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in replica)
         # The names in hand right now. A plain write, no fsync: it only has to outlive a
         # crashed process, and the kernel keeps it. The next start counts a try for each.
-        self.handling = path / f".handling-{safe or 'local'}"
+        # It lives in rejected/, which runners cannot write to, so none can plant a symlink.
+        self.handling = self.rejected / f".handling-{safe or 'local'}"
         self._handling_fd: int | None = None
 
     def prepare(self) -> None:
-        for d in (self.path, self.rejected, self.tmp):
+        for d in (self.path, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
+        self.rejected.mkdir(mode=0o700, exist_ok=True)
 
     def scan(self) -> list[str]:
         """Names of `*.json` entries directly in the spool, oldest name first."""
         with os.scandir(self.path) as it:
-            names = [e.name for e in it if e.name.endswith(".json") and not e.is_dir()]
+            names = [e.name for e in it if e.name.endswith(".json")
+                     and not e.is_dir(follow_symlinks=False)]
         names.sort()
         return names
 
@@ -104,8 +107,13 @@ class Spool:
 
     def mark_handling(self, names: list[str]) -> None:
         if self._handling_fd is None:
-            self._handling_fd = os.open(self.handling, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                                        0o600)
+            fd = os.open(self.handling, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         0o600)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                os.close(fd)
+                raise PermissionError(f"{self.handling} is not a file of this daemon's own")
+            self._handling_fd = fd
         data = b"\0".join(os.fsencode(n) for n in names)
         os.ftruncate(self._handling_fd, 0)
         os.pwrite(self._handling_fd, data, 0)
@@ -117,9 +125,11 @@ class Spool:
     def handled_when_stopped(self) -> list[str]:
         """Names that were in hand when the last run stopped without finishing them."""
         try:
-            data = self.handling.read_bytes()
-        except FileNotFoundError:
+            fd = os.open(self.handling, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, OSError):
             return []
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read(1 << 24)
         return [os.fsdecode(n) for n in data.split(b"\0") if n]
 
     def close(self) -> None:

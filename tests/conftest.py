@@ -40,19 +40,26 @@ class Tree:
         return crypto.encrypt(self.keys, value)
 
     def write_config(self, body: str = "", *, daemon: str = "") -> Path:
-        """[daemon] with test-friendly settings plus `body` (transports, routing)."""
-        self.config_path.write_text(
-            "[daemon]\n"
-            f'spool_dir = "{self.spool}"\n'
-            f'database = "{self.database}"\n'
-            'jobs_file = "jobs.toml"\n'
-            'key_file = "nomaflowd.key"\n'
-            'base_url = "https://nomaflow.test"\n'
-            "send_timeout_seconds = 2\n"
-            "poll_seconds = 0.2\n"
-            f"{daemon}\n{body}\n",
-            encoding="utf-8",
-        )
+        """[daemon] with test-friendly settings (`daemon` lines override them) plus `body`."""
+        settings = {
+            "spool_dir": f'"{self.spool}"',
+            "database": f'"{self.database}"',
+            "jobs_file": '"jobs.toml"',
+            "key_file": '"nomaflowd.key"',
+            "base_url": '"https://nomaflow.test"',
+            "send_timeout_seconds": "2",
+            "poll_seconds": "0.2",
+        }
+        extra = []
+        for line in daemon.splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip() in settings:
+                settings[key.strip()] = value.strip()
+            elif line.strip():
+                extra.append(line)
+        lines = [f"{k} = {v}" for k, v in settings.items()] + extra
+        self.config_path.write_text("[daemon]\n" + "\n".join(lines) + f"\n\n{body}\n",
+                                    encoding="utf-8")
         return self.config_path
 
     def webhook(self, name: str, url: str, extra: str = "") -> str:

@@ -138,6 +138,13 @@ def describe_exception(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def retry_after(status: int, headers: Any) -> str:
+    """A 429's Retry-After, for the audit row (the next alert may learn from it)."""
+    if status != 429 or headers is None:
+        return ""
+    return f" (Retry-After {str(headers.get('Retry-After', '?'))[:40]}s)"
+
+
 class HttpTransport(Transport):
     """POSTs over http.client with one keep-alive connection per worker thread.
 
@@ -213,7 +220,8 @@ class HttpTransport(Transport):
 
     def describe_refusal(self, status: int, data: bytes, headers: Any) -> str:
         snippet = data[:200].decode("utf-8", "replace").replace("\n", " ").strip()
-        return f"HTTP {status}" + (f": {snippet}" if snippet else "")
+        detail = f"HTTP {status}" + (f": {snippet}" if snippet else "")
+        return detail + retry_after(status, headers)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

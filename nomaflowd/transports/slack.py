@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import quote
 
 from nomaflowd.alerts import Alert
 from nomaflowd.routing import SLACK_DEFAULT
-from nomaflowd.transports.base import DeliveryError, HttpTransport, host_of
+from nomaflowd.transports.base import DeliveryError, HttpTransport, host_of, retry_after
 
 COLOURS = {"failed": "#d00000", "long_run": "#f2c744", "succeeded": "#2eb67d"}
 
@@ -15,6 +16,27 @@ COLOURS = {"failed": "#d00000", "long_run": "#f2c744", "succeeded": "#2eb67d"}
 def escape(text: str) -> str:
     """Slack's three control characters (https://api.slack.com/reference/surfaces/formatting)."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# Kept as is by quote(): everything a URL needs, minus `|`, `<`, `>` and spaces.
+_URL_SAFE = "/:?#[]@!$&'()*+,;=%~"
+# Slack truncates or refuses very long messages; an alert must still get through.
+MAX_PIECE = 1000
+
+
+def link(url: str, label: str) -> str:
+    """`<url|label>` that an event's run_id cannot break out of.
+
+    Slack has no escape for `|` inside a link, so the URL is percent-encoded (which also
+    covers `<`, `>`, spaces and quotes) before its `&` is escaped.
+    """
+    return f"<{escape(quote(url, safe=_URL_SAFE))}|{escape(label)}>"
+
+
+def one_line(text: str) -> str:
+    """Line breaks of any kind become spaces; over-long text is clipped (before escaping)."""
+    text = " ".join(text.splitlines())
+    return text if len(text) <= MAX_PIECE else text[:MAX_PIECE - 1] + "\u2026"
 
 
 class Slack(HttpTransport):
@@ -28,9 +50,8 @@ class Slack(HttpTransport):
 
     def text(self, alert: Alert) -> str:
         icon, pieces = alert.summary_parts()
-        line = " \u00b7 ".join(escape(p.replace("\n", " ").replace("\r", " ")) for p in pieces)
-        link = f" <{alert.url}|View run>" if alert.url else ""
-        return f"{icon} {line}{link}"
+        line = " \u00b7 ".join(escape(one_line(p)) for p in pieces)
+        return f"{icon} {line}" + (f" {link(alert.url, alert.link_text)}" if alert.url else "")
 
     def render(self, alert: Alert, recipient: str) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -38,8 +59,11 @@ class Slack(HttpTransport):
             "username": self.settings.get("username") or "Nomaflow",
             "icon_emoji": self.settings.get("icon_emoji") or ":gear:",
         }
-        if recipient and recipient != SLACK_DEFAULT:
-            payload["channel"] = recipient
+        # No channel key at all means "the webhook's own channel" to Slack.
+        channel = recipient if recipient and recipient != SLACK_DEFAULT else None
+        channel = channel or self.settings.get("default_channel")
+        if channel:
+            payload["channel"] = channel
         colour = COLOURS.get(alert.kind)
         if colour:
             facts = [f"job {alert.job_id}"]
@@ -48,15 +72,13 @@ class Slack(HttpTransport):
             if alert.get("triggered_by"):
                 facts.append(f"triggered by {alert.get('triggered_by')}")
             payload["attachments"] = [{"color": colour, "fallback": payload["text"],
-                                       "text": escape(" \u00b7 ".join(facts))}]
+                                       "text": " \u00b7 ".join(escape(one_line(f))
+                                                               for f in facts)}]
         return payload
 
     def describe_refusal(self, status: int, data: bytes, headers: Any) -> str:
         token = data[:100].decode("utf-8", "replace").strip().splitlines()
-        detail = f"HTTP {status}" + (f" {token[0]}" if token else "")
-        if status == 429:
-            detail += f" (Retry-After {headers.get('Retry-After', '?')}s)"
-        return detail
+        return f"HTTP {status}" + (f" {token[0]}" if token else "") + retry_after(status, headers)
 
     def send(self, alert: Alert, recipient: str) -> str:
         body = json.dumps(self.render(alert, recipient), ensure_ascii=False).encode("utf-8")
