@@ -67,6 +67,11 @@ class Alert:
     def subject_word(self) -> str:
         return SUBJECT_WORDS[self.kind]
 
+    @property
+    def link_text(self) -> str:
+        """The label of the link to `url` (a test has no run: it links to Nomaflow itself)."""
+        return "Open Nomaflow" if self.kind == "test" else "View run"
+
     def get(self, name: str) -> str:
         return self.details.get(name) or ""
 
@@ -74,7 +79,8 @@ class Alert:
         """(icon, pieces): the one-line summary before any transport-specific escaping."""
         job, by = self.job_id, self.get("by")
         if self.kind == "failed":
-            head = f"{job} run failed" + (f" at step {self.get('step')}" if self.get("step") else "")
+            step = self.get("step")
+            head = f"{job} run failed" + (f" at step {step}" if step else "")
             pieces = [head] + ([self.get("error")] if self.get("error") else [])
         elif self.kind == "long_run":
             pieces = [f"{job} run still running after {round(self.minutes or 0)} min"]

@@ -193,15 +193,27 @@ def cmd_test(args: argparse.Namespace) -> int:
     tc = cfg.transports[args.transport]
     recipient = default_recipient(tc)
     if args.to:
-        normal = Router._normalise(tc.type, args.to.strip())
+        written = args.to.strip()
+        if written.startswith(f"{tc.name}:"):  # the routing form NAME:recipient
+            written = written[len(tc.name) + 1:].strip()
+        normal = Router._normalise(tc.type, written)
         if normal is None:
             raise UsageError(f"--to {args.to!r} is not a {tc.type} recipient")
         recipient = normal
-    open_db(cfg)
-    transports = build({tc.name: tc}, cfg.send_timeout_seconds)
-    dispatcher = Dispatcher(transports, cfg.replica_id)
-    result = dispatcher.attempt(Attempt(test_alert(cfg.base_url), tc.name, recipient))
-    dispatcher.record([result])
+    database = open_db(cfg)
+    # The same path as a real alert: Dispatcher.attempt() for the verdict, record() for
+    # the audit row and the `notification` log line. Without a handler that log line would
+    # reach the terminal through logging's last resort, repeating the line printed below.
+    quiet = logging.getLogger("nomaflowd")
+    if not quiet.handlers:
+        quiet.addHandler(logging.NullHandler())
+    dispatcher = Dispatcher(build({tc.name: tc}, cfg.send_timeout_seconds), cfg.replica_id)
+    try:
+        result = dispatcher.attempt(Attempt(test_alert(cfg.base_url), tc.name, recipient))
+        dispatcher.record([result])
+    finally:
+        dispatcher.close()
+        database.close()
     print(f"{result.outcome} {tc.name} -> {recipient}: {result.detail}")
     return 0 if result.outcome == SENT else 1
 
@@ -214,16 +226,20 @@ def cmd_transports(args: argparse.Namespace) -> int:
     if not cfg.transports:
         print("no transports configured")
         return 0
-    open_db(cfg)
     built = build(cfg.transports, cfg.send_timeout_seconds)
+    database = open_db(cfg)
     n = db.NotificationRow
     rows = []
-    for name, tc in cfg.transports.items():
-        last = n.select(n.outcome, n.created_at).where(n.transport == name).order_by(
-            n.created_at.desc(), n.id.desc()).first()
-        rows.append((name, tc.type, default_recipient(tc), built[name].destination(),
-                     f"{last.outcome} at {last.created_at:%Y-%m-%d %H:%M:%S}Z" if last else
-                     "never used"))
+    try:
+        for name, tc in cfg.transports.items():
+            last = n.select(n.outcome, n.created_at).where(n.transport == name).order_by(
+                n.created_at.desc(), n.id.desc()).first()
+            when = f"{last.outcome} at {last.created_at:%Y-%m-%d %H:%M:%S}Z" if last else None
+            # destination() is scheme and host only: never a webhook path or a password.
+            rows.append((name, tc.type, default_recipient(tc), built[name].destination(),
+                         when or "never used"))
+    finally:
+        database.close()
     header = ("NAME", "TYPE", "DEFAULT RECIPIENT", "SENDS TO", "LAST ATTEMPT")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     for line in (header, *rows):

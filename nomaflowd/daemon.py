@@ -372,7 +372,10 @@ class Daemon:
                 started = e.started_at or (e.at if e.state == "RUNNING" else None)
                 deadline = None
                 if e.state == "RUNNING" and eff.alerts.on_long_run_minutes and started:
-                    deadline = started + timedelta(minutes=eff.alerts.on_long_run_minutes)
+                    try:
+                        deadline = started + timedelta(minutes=eff.alerts.on_long_run_minutes)
+                    except OverflowError:
+                        deadline = None  # past year 9999: a warning that can never be due
                 overrides = {}
                 if e.alerts is not None:
                     overrides["alerts"] = e.fields["alerts"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +24,10 @@ TIME_FIELDS = ("at", "started_at", "finished_at")
 LIST_FIELDS = ("recipients", "tags")
 KNOWN = frozenset((*STRING_FIELDS, *TIME_FIELDS, *LIST_FIELDS, "alerts"))
 ID_MAX = 256
+# RFC 3339 section 5.6 with upper-case T and Z. fromisoformat alone also takes ISO 8601 forms that
+# other writers' parsers refuse: 2026-05-26T02Z, +0000, +01:60, week dates, " +00:00".
+RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+                     r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])")
 
 
 @dataclass(frozen=True)
@@ -54,9 +60,12 @@ def parse_time(value: Any, key: str) -> datetime:
         dt = datetime.fromisoformat(value)
     except ValueError:
         raise Rejected(f"{key} is not an RFC 3339 time: {value[:40]!r}") from None
-    if dt.tzinfo is None or "T" not in value.upper():
+    if dt.tzinfo is None or not RFC3339.fullmatch(value):
         raise Rejected(f"{key} needs a date, a time and a UTC offset (e.g. 2026-05-26T02:00:00Z)")
-    return utc(dt)
+    try:
+        return utc(dt)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise Rejected(f"{key} is out of range once converted to UTC: {value[:40]!r}") from None
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -72,6 +81,13 @@ def _no_constants(name: str) -> Any:
     raise Rejected(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 would otherwise arrive as inf
+        raise Rejected(f"number {text[:40]} is out of range")
+    return value
+
+
 def decode(raw: bytes) -> tuple[dict[str, Any], str]:
     """Bytes -> (object, text); every failure is Rejected."""
     if len(raw) > MAX_BYTES:
@@ -83,7 +99,8 @@ def decode(raw: bytes) -> tuple[dict[str, Any], str]:
     except UnicodeDecodeError as exc:
         raise Rejected(f"not UTF-8 (byte {exc.start})") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants,
+                         parse_float=_finite)
     except json.JSONDecodeError as exc:
         raise Rejected(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
@@ -136,12 +153,16 @@ def parse(raw: bytes, name: str, received_at: datetime) -> Event:
             parse_alerts({"recipients": obj["recipients"]}, "notice")
     except ValueError as exc:
         raise Rejected(str(exc)) from None
+    except OverflowError:  # an integer too large for a float
+        raise Rejected("alerts.on_long_run_minutes is too large") from None
     event_id = obj.get("event_id")
     if not event_id:
         if state in RUN_STATES:
             event_id = f"{obj['job_id']}/{run_id}/{state}"
         else:
-            digest = hashlib.sha256(name.encode("utf-8", "replace") + b"\0" + raw).hexdigest()
+            # surrogatepass: undecodable names (b"\xff.json" -> "\udcff.json") stay distinct
+            named = name.encode("utf-8", "surrogatepass")
+            digest = hashlib.sha256(named + b"\0" + raw).hexdigest()
             event_id = f"{obj['job_id']}/{state.lower()}/{digest[:32]}"
     return Event(
         event_id=event_id,

@@ -80,7 +80,9 @@ class Deadlines:
                 try:
                     live = sock()
                     if live is not None:
-                        live.shutdown(socket.SHUT_RDWR)
+                        # The plain socket's shutdown, also for TLS: SSLSocket.shutdown()
+                        # would tear down the SSL object under a reading thread.
+                        socket.socket.shutdown(live, socket.SHUT_RDWR)
                 except OSError:
                     pass  # already closed by its owner: nothing left to interrupt
 

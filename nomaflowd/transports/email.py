@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import smtplib
 import ssl
@@ -32,9 +33,13 @@ class Email(Transport):
         return f"smtp://{s['host']}:{s['port']} ({s['tls']})"
 
     def render(self, alert: Alert, recipient: str) -> EmailMessage:
+        return self._message(alert, recipient)
+
+    def _message(self, alert: Alert, recipient: str, cte: str | None = None) -> EmailMessage:
+        """The message; cte="quoted-printable" for a server that takes no 8-bit bodies."""
         msg = EmailMessage()
-        subject_job = alert.job_id or "transport check"
-        msg["Subject"] = f"[Nomaflow] {alert.subject_word} {subject_job}".replace("\n", " ")
+        subject_job = _header(alert.job_id) or "transport check"
+        msg["Subject"] = f"[Nomaflow] {alert.subject_word} {subject_job}"
         msg["From"] = self.settings["default_from"]
         msg["To"] = recipient
         msg["Date"] = formatdate(usegmt=True)
@@ -45,81 +50,124 @@ class Email(Transport):
         if traceback:
             lines += ["", traceback]
         if alert.url:
-            lines += ["", f"View run: {alert.url}"]
-        msg.set_content("\n".join(lines) + "\n")
+            lines += ["", f"{alert.link_text}: {alert.url}"]
+        msg.set_content("\n".join(lines) + "\n", cte=cte)
         parts = [f"<p>{html.escape(summary)}</p>"]
         if traceback:
             parts.append(f"<pre><code>{html.escape(traceback)}</code></pre>")
         if alert.url:
-            parts.append(f'<p><a href="{html.escape(alert.url, quote=True)}">View run</a></p>')
+            parts.append(f'<p><a href="{html.escape(alert.url, quote=True)}">'
+                         f"{html.escape(alert.link_text)}</a></p>")
         msg.add_alternative(
-            "<!doctype html><html><body>" + "\n".join(parts) + "</body></html>\n", subtype="html"
+            "<!doctype html><html><body>" + "\n".join(parts) + "</body></html>\n",
+            subtype="html", cte=cte,
         )
         return msg
 
     def _context(self) -> ssl.SSLContext:
+        """Verifying context: the system's CAs, or only `ca_file` for a private CA."""
         ca_file = self.settings.get("ca_file")
         return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
 
     def send(self, alert: Alert, recipient: str) -> str:
         s = self.settings
-        msg = self.render(alert, recipient)
         deadline = time.monotonic() + self.timeout
-        smtp: smtplib.SMTP | None = None
+        box: list[smtplib.SMTP] = []  # the watch must see the socket STARTTLS swaps in
         try:
-            if s["tls"] == "tls":
-                smtp = smtplib.SMTP_SSL(s["host"], s["port"], timeout=self.timeout,
-                                        context=self._context())
-            else:
-                smtp = smtplib.SMTP(s["host"], s["port"], timeout=self.timeout)
-            assert smtp.sock is not None
-            with DEADLINES.watch(lambda: smtp.sock, deadline):
-                return self._converse(smtp, msg, recipient)
+            # Connect inside the watch so the timeout bounds the whole conversation, from the
+            # TCP connect to the end of DATA, not each read on its own.
+            with DEADLINES.watch(lambda: box[0].sock if box else None, deadline):
+                if s["tls"] == "tls":
+                    box.append(smtplib.SMTP_SSL(s["host"], s["port"], timeout=self.timeout,
+                                                context=self._context()))
+                else:
+                    box.append(smtplib.SMTP(s["host"], s["port"], timeout=self.timeout))
+                return self._converse(box[0], alert, recipient)
         except smtplib.SMTPRecipientsRefused as exc:
             code, text = next(iter(exc.recipients.values()))
             raise DeliveryError(f"SMTP {code} {_text(text)} (recipient refused)") from None
-        except (smtplib.SMTPDataError, smtplib.SMTPSenderRefused) as exc:
-            raise DeliveryError(f"SMTP {exc.smtp_code} {_text(exc.smtp_error)}") from None
+        except smtplib.SMTPSenderRefused as exc:
+            if exc.smtp_code in AUTH_CODES:
+                raise TransportError(f"authentication required: SMTP {exc.smtp_code} "
+                                     f"{_text(exc.smtp_error)}") from None
+            raise DeliveryError(f"SMTP {exc.smtp_code} {_text(exc.smtp_error)} "
+                                "(sender refused)") from None
+        except smtplib.SMTPDataError as exc:
+            raise DeliveryError(f"SMTP {exc.smtp_code} {_text(exc.smtp_error)} "
+                                "(message rejected)") from None
         except smtplib.SMTPAuthenticationError as exc:
-            raise TransportError(f"authentication failed: SMTP {exc.smtp_code}") from None
-        except smtplib.SMTPNotSupportedError as exc:
-            raise TransportError(f"server does not support it: {exc}") from None
+            raise TransportError(f"authentication failed: SMTP {exc.smtp_code} "
+                                 f"{_text(exc.smtp_error)}") from None
         except smtplib.SMTPResponseException as exc:
+            if time.monotonic() >= deadline:
+                raise TransportError(f"timed out after {self.timeout:g}s") from None
             raise TransportError(f"SMTP {exc.smtp_code} {_text(exc.smtp_error)}") from None
         except (OSError, smtplib.SMTPException) as exc:
             if time.monotonic() >= deadline:
                 raise TransportError(f"timed out after {self.timeout:g}s") from None
-            raise TransportError(describe_exception(exc)) from None
+            raise TransportError(_describe(exc)) from None
         finally:
-            if smtp is not None:
-                try:
+            for smtp in box:
+                with contextlib.suppress(OSError):  # the connection is gone either way
                     smtp.close()
-                except OSError:
-                    pass  # the connection is gone either way
 
-    def _converse(self, smtp: smtplib.SMTP, msg: EmailMessage, recipient: str) -> str:
+    def _converse(self, smtp: smtplib.SMTP, alert: Alert, recipient: str) -> str:
         s = self.settings
-        smtp.ehlo()
+        smtp.ehlo_or_helo_if_needed()
         if s["tls"] == "starttls":
-            smtp.starttls(context=self._context())
+            # Never fall back to plain text: a server that offers no STARTTLS gets no mail.
+            if not smtp.has_extn("starttls"):
+                raise TransportError("TLS: the server does not offer STARTTLS (set tls = "
+                                     '"tls" for port 465, or "none" to send unencrypted)')
+            try:
+                smtp.starttls(context=self._context())
+            except smtplib.SMTPResponseException as exc:
+                raise TransportError(f"TLS: STARTTLS refused: SMTP {exc.smtp_code} "
+                                     f"{_text(exc.smtp_error)}") from None
             smtp.ehlo()
         if s.get("username"):
+            if not smtp.has_extn("auth"):
+                raise TransportError("authentication: the server offers no AUTH"
+                                     + (" before TLS" if s["tls"] == "none" else ""))
             password = s.get("password")
             smtp.login(s["username"], password.reveal() if password else "")
-        refused = smtp.send_message(msg, from_addr=parseaddr(s["default_from"])[1],
-                                    to_addrs=[recipient])
+        sender = parseaddr(s["default_from"])[1]
+        # smtplib sends 8-bit bodies without declaring them (it only does for SMTPUTF8
+        # addresses): declare it, or fall back to 7-bit for a server without 8BITMIME.
+        options: list[str] = []
+        if not smtp.has_extn("8bitmime"):
+            msg = self._message(alert, recipient, "quoted-printable")
+        else:
+            msg = self.render(alert, recipient)
+            if (sender + recipient).isascii():
+                options = ["BODY=8BITMIME"]
+        refused = smtp.send_message(msg, from_addr=sender, to_addrs=[recipient],
+                                    mail_options=options)
         if refused:
             code, text = next(iter(refused.values()))
             raise DeliveryError(f"SMTP {code} {_text(text)} (recipient refused)")
-        try:
+        # The message was accepted; a rude goodbye changes nothing.
+        with contextlib.suppress(OSError, smtplib.SMTPException):
             smtp.quit()
-        except (OSError, smtplib.SMTPException):
-            pass  # the message was accepted; a rude goodbye changes nothing
         return "SMTP 250 accepted"
+
+
+# "Authentication required" / "encryption required for this mechanism" (RFC 4954 §6).
+AUTH_CODES = frozenset({530, 538})
+
+
+def _header(value: str) -> str:
+    """One line for a header: a CR or LF from an event must not start a new header."""
+    return " ".join(value.splitlines()).strip()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return describe_exception(exc)
+    return f"{type(exc).__name__}: {_text(exc)}" if str(exc) else type(exc).__name__
 
 
 def _text(value: Any) -> str:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
-    return str(value).replace("\n", " ")[:200]
-
+    return str(value).replace("\r", " ").replace("\n", " ")[:200]

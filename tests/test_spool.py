@@ -1,0 +1,235 @@
+"""Hostile spool input through the daemon's own loop, in-process, on a real SQLite file."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from datetime import datetime
+
+import pytest
+
+from nomaflowd import config
+from nomaflowd.daemon import Daemon
+from tests.conftest import Tree
+
+NOW = datetime(2026, 5, 26, 2, 30, 0)
+FAILED = {"job_id": "reporting-nightly-sync", "run_id": "run_a8c4d", "state": "FAILED"}
+GOOD = {"job_id": "etl", "run_id": "after-the-hostile-ones", "state": "SUCCEEDED"}
+
+
+@pytest.fixture
+def daemon(tree: Tree) -> Iterator[Daemon]:
+    tree.write_config("")
+    tree.spool.mkdir(parents=True)
+    (tree.spool / "tmp").mkdir()
+    d = Daemon(config.load(tree.config_path))
+    d.initialize()
+    yield d
+    d.shutdown()  # stops the watchdog observer and the scheduler's thread
+
+
+def settle(d: Daemon) -> None:
+    """Steps until the spool is drained, as the watchdog hint for a fresh file would cause."""
+    d.hint()
+    for _ in range(100):
+        if not d.step(NOW):
+            return
+    raise AssertionError("the daemon still had work after 100 steps")
+
+
+def event_ids(tree: Tree) -> list[str]:
+    return [row[0] for row in tree.sql("SELECT event_id FROM events ORDER BY event_id")]
+
+
+def rejected(d: Daemon) -> set[str]:
+    """What rejected/ holds, less the daemon's own marker of the files in hand."""
+    return set(os.listdir(d.spool.rejected)) - {d.spool.handling.name}
+
+
+def error_note(tree: Tree, name: str) -> str:
+    return (tree.spool / "rejected" / f"{name}.error").read_text(encoding="utf-8")
+
+
+def hard_link(tree: Tree) -> str:
+    other = tree.root / "writer-keeps-this.json"
+    other.write_text(json.dumps(FAILED))
+    os.link(other, tree.spool / "0-hard-link.json")
+    return "0-hard-link.json"
+
+
+def deep_nesting(tree: Tree) -> str:
+    depth = 100_000
+    (tree.spool / "0-deep.json").write_bytes(
+        b'{"job_id": "j", "state": "NOTICE", "message": "m", "x": ' + b"[" * depth
+        + b"]" * depth + b"}")
+    return "0-deep.json"
+
+
+def huge_number(tree: Tree) -> str:
+    (tree.spool / "0-huge-number.json").write_bytes(
+        b'{"job_id": "j", "state": "FAILED", "run_id": "r", "alerts": {"on_long_run_minutes": 9'
+        + b"9" * 4999 + b"}}")
+    return "0-huge-number.json"
+
+
+def duplicate_keys(tree: Tree) -> str:
+    (tree.spool / "0-duplicate.json").write_bytes(
+        b'{"job_id": "j", "state": "FAILED", "run_id": "r", "run_id": "s"}')
+    return "0-duplicate.json"
+
+
+def undecodable_name(tree: Tree) -> str:
+    path = os.path.join(os.fsencode(tree.spool), b"\xff\xfe.json")
+    with open(path, "wb") as fh:
+        fh.write(b"not json")
+    return os.fsdecode(b"\xff\xfe.json")  # what os.scandir hands the daemon: "\udcff\udcfe.json"
+
+
+HOSTILE: dict[str, tuple[Callable[[Tree], str], str]] = {
+    "hard link": (hard_link, "has other hard links"),
+    "deep nesting": (deep_nesting, "nested too deeply"),
+    "huge number": (huge_number, "not acceptable JSON"),
+    "duplicate keys": (duplicate_keys, "key 'run_id' appears twice"),
+    "undecodable name": (undecodable_name, "not JSON"),
+}
+
+
+def test_hostile_files_are_rejected_with_a_reason_and_a_good_file_is_still_recorded(
+        tree: Tree, daemon: Daemon):
+    # One daemon for all of them: each rename out of the watched directory costs the
+    # observer's shutdown half a second (watchdog pairs moves for that long).
+    names = {kind: make(tree) for kind, (make, _) in HOSTILE.items()}
+    tree.drop(GOOD)
+    settle(daemon)
+    assert rejected(daemon) == {*names.values(), *(f"{n}.error" for n in names.values())}
+    for kind, (_, reason) in HOSTILE.items():
+        assert reason in error_note(tree, names[kind]), kind
+    assert event_ids(tree) == ["etl/after-the-hostile-ones/SUCCEEDED"]
+    assert tree.spool_files() == []
+    assert sorted(n for n, _ in daemon.spool.rejected_files()) == sorted(names.values())
+    # the writer's own link of the hard-linked file is untouched
+    assert json.loads((tree.root / "writer-keeps-this.json").read_text()) == FAILED
+    # the undecodable name keeps its bytes; its note names it as best UTF-8 can
+    raw_names = os.listdir(os.fsencode(tree.spool / "rejected"))
+    assert {b"\xff\xfe.json", b"\xff\xfe.json.error"} <= set(raw_names)
+    note = error_note(tree, names["undecodable name"])
+    assert note.startswith("2026-05-26T02:30:00Z ??.json: not JSON")
+
+
+def test_undecodable_names_with_good_events_are_recorded_and_removed(tree: Tree, daemon: Daemon):
+    notice = json.dumps({"job_id": "etl", "state": "NOTICE", "message": "hi"}).encode()
+    for raw_name in (b"\xff.json", b"\xfe.json"):
+        with open(os.path.join(os.fsencode(tree.spool), raw_name), "wb") as fh:
+            fh.write(notice)
+    settle(daemon)
+    assert [n for n in os.listdir(os.fsencode(tree.spool)) if n.endswith(b".json")] == []
+    assert len(event_ids(tree)) == 2  # two files, two notices: the names differ
+    assert rejected(daemon) == set()
+
+
+def test_directory_named_like_an_event_is_ignored(tree: Tree, daemon: Daemon):
+    (tree.spool / "x.json").mkdir()
+    tree.drop(GOOD)
+    settle(daemon)
+    settle(daemon)
+    assert (tree.spool / "x.json").is_dir()
+    assert rejected(daemon) == set()
+    assert event_ids(tree) == ["etl/after-the-hostile-ones/SUCCEEDED"]
+
+
+def test_symlink_to_a_directory_is_rejected_not_left_behind(tree: Tree, daemon: Daemon):
+    (tree.root / "a-dir").mkdir()
+    os.symlink(tree.root / "a-dir", tree.spool / "y.json")
+    settle(daemon)
+    assert rejected(daemon) == {"y.json", "y.json.error"}
+    assert "symbolic link" in error_note(tree, "y.json")
+    assert (tree.root / "a-dir").is_dir()
+
+
+def test_temp_name_is_ignored_until_renamed(tree: Tree, daemon: Daemon):
+    temp = tree.spool / ".evt-123.tmp"
+    temp.write_text(json.dumps(FAILED))
+    settle(daemon)
+    assert temp.exists()
+    assert event_ids(tree) == []
+    os.rename(temp, tree.spool / "evt-123.json")
+    settle(daemon)
+    assert event_ids(tree) == ["reporting-nightly-sync/run_a8c4d/FAILED"]
+    assert os.listdir(tree.spool / "tmp") == []
+    assert tree.spool_files() == []
+
+
+def test_file_in_spool_tmp_is_ignored(tree: Tree, daemon: Daemon):
+    half_written = tree.spool / "tmp" / "half.json"
+    half_written.write_text('{"job_id": "j", "sta')
+    tree.drop(GOOD)
+    settle(daemon)
+    assert half_written.read_text() == '{"job_id": "j", "sta'
+    assert rejected(daemon) == set()
+    assert event_ids(tree) == ["etl/after-the-hostile-ones/SUCCEEDED"]
+
+
+def test_file_is_deleted_once_its_event_is_committed(tree: Tree, daemon: Daemon):
+    path = tree.drop(FAILED)
+    daemon.hint()
+    daemon.step(NOW)
+    assert not path.exists()
+    assert tree.sql("SELECT event_id, received_at, state FROM events") == [
+        ("reporting-nightly-sync/run_a8c4d/FAILED", "2026-05-26 02:30:00", "FAILED")]
+
+
+def test_file_stays_in_the_spool_while_the_database_refuses_the_event(tree: Tree,
+                                                                      daemon: Daemon):
+    tree.sql("CREATE TRIGGER refuse BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'no'); END")
+    path = tree.drop(FAILED)
+    daemon.stopping.set()  # a stop is pending: the database back-off must not wait its second
+    daemon.hint()
+    assert daemon.step(NOW) is False
+    assert path.exists()
+    assert tree.sql("SELECT count(*) FROM events") == [(0,)]
+    tree.sql("DROP TRIGGER refuse")
+    daemon.stopping.clear()
+    settle(daemon)
+    assert not path.exists()
+    assert event_ids(tree) == ["reporting-nightly-sync/run_a8c4d/FAILED"]
+
+
+def test_same_event_in_two_files_is_one_row(tree: Tree, daemon: Daemon):
+    first, second = tree.drop(FAILED), tree.drop({**FAILED, "error": "retried upload"})
+    settle(daemon)
+    assert event_ids(tree) == ["reporting-nightly-sync/run_a8c4d/FAILED"]
+    assert not first.exists() and not second.exists()
+    assert rejected(daemon) == set()
+
+
+def test_same_event_in_two_batches_is_one_row(tree: Tree, daemon: Daemon):
+    tree.drop(FAILED)
+    settle(daemon)
+    tree.drop(FAILED)
+    settle(daemon)
+    assert tree.sql("SELECT count(*) FROM events") == [(1,)]
+    assert tree.spool_files() == []
+
+
+@pytest.mark.parametrize("running", [
+    {"started_at": "9999-12-31T23:30:00Z", "alerts": {"on_long_run_minutes": 60}},
+    {"started_at": "2026-05-26T02:00:00Z", "alerts": {"on_long_run_minutes": 1e300}},
+], ids=["start-near-year-9999", "minutes-1e300"])
+def test_long_run_deadline_beyond_year_9999_does_not_stop_the_loop(
+        tree: Tree, daemon: Daemon, running: dict[str, object]):
+    tree.drop({"job_id": "etl", "run_id": "r", "state": "RUNNING", **running})
+    tree.drop(GOOD)
+    settle(daemon)
+    assert "etl/after-the-hostile-ones/SUCCEEDED" in event_ids(tree)
+    assert tree.spool_files() == []
+
+
+def test_spool_root_entries_are_scanned_as_the_daemon_sees_them(tree: Tree, daemon: Daemon):
+    (tree.spool / "x.json").mkdir()
+    (tree.spool / ".evt.tmp").write_text("{}")
+    (tree.spool / "tmp" / "t.json").write_text("{}")
+    with open(os.path.join(os.fsencode(tree.spool), b"\xff.json"), "wb") as fh:
+        fh.write(b"{}")
+    good = tree.drop(GOOD)
+    assert daemon.spool.scan() == sorted([good.name, "\udcff.json"])

@@ -1,0 +1,255 @@
+"""Email transport against a real local SMTP server (aiosmtpd): TLS modes, AUTH, refusals."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nomaflowd import config
+from nomaflowd.dispatch import FAILED_DELIVERY, FAILED_TRANSPORT, SENT, Attempt, Dispatcher
+from nomaflowd.transports import build
+from nomaflowd.transports.email import Email
+from tests.servers import closed_port
+from tests.smtp_server import Certs, SmtpRecorder, make_certs
+from tests.test_transport_slack import RUN_URL, make_alert
+
+PASSWORD = "s3cret-CANARY-pw"
+TRACEBACK = ('Traceback (most recent call last):\n  File "sync.py", line 3, in <module>\n'
+             "    copy(a & b)\nOperationalError: connection refused")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def smtp_factory() -> Iterator[Any]:
+    made: list[SmtpRecorder] = []
+
+    def make(**kwargs: Any) -> SmtpRecorder:
+        server = SmtpRecorder(**kwargs)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.close()
+
+
+class EmailRig:
+    """An email transport built from a real config file, and a dispatcher around it."""
+
+    def __init__(self, tree: Any, port: int, settings: str, timeout: float) -> None:
+        body = ('[transports.mail]\ntype = "email"\nhost = "127.0.0.1"\n'
+                f'port = {port}\ndefault_from = "Nomaflow <nomaflow@corp.test>"\n{settings}\n')
+        self.cfg = config.load(tree.write_config(body))
+        self.transports = build(self.cfg.transports, timeout)
+        self.transport = self.transports["mail"]
+        self.dispatcher = Dispatcher(self.transports, "test-replica")
+
+    def attempt(self, kind: str = "failed", recipient: str = "data-team@corp.test",
+                **fields: Any) -> Any:
+        fields.setdefault("traceback", TRACEBACK)
+        alert = make_alert(kind, minutes=45, **fields)
+        return self.dispatcher.attempt(Attempt(alert, "mail", recipient))
+
+
+@pytest.fixture
+def rig_factory(tree: Any) -> Iterator[Any]:
+    made: list[EmailRig] = []
+
+    def make(port: int, settings: str = "", timeout: float = 3) -> EmailRig:
+        rig = EmailRig(tree, port, settings, timeout)
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        rig.dispatcher.close()
+
+
+def trusted(certs: Certs, tls: str = "starttls") -> str:
+    return f'tls = "{tls}"\nca_file = "{certs.ca_file}"\n'
+
+
+def with_login(tree: Any, password: str = PASSWORD) -> str:
+    return f'username = "nomaflow"\npassword = "{tree.enc(password)}"\n'
+
+
+# --- delivered -----------------------------------------------------------------------------
+
+def test_email_starttls_with_private_ca_is_sent_as_specified(smtp_factory, rig_factory, certs):
+    smtp = smtp_factory(starttls=certs)
+    result = rig_factory(smtp.port, trusted(certs)).attempt()
+    assert (result.outcome, result.transport_type) == (SENT, "email"), result.detail
+    [got] = smtp.wait_for(1)
+    assert got.tls
+    assert got.mail_from == "nomaflow@corp.test"
+    assert got.rcpt_tos == ["data-team@corp.test"]
+    msg = got.message
+    assert msg["Subject"] == "[Nomaflow] FAILED reporting-nightly-sync"
+    assert msg["From"] == "Nomaflow <nomaflow@corp.test>"
+    assert msg["To"] == "data-team@corp.test"
+    assert msg.get_content_type() == "multipart/alternative"
+    assert [p.get_content_type() for p in msg.iter_parts()] == ["text/plain", "text/html"]
+    summary = ("\u274c reporting-nightly-sync run failed at step copy-orders \u00b7 "
+               "OperationalError: connection refused")
+    text = got.part("text/plain")
+    assert text.startswith(summary + "\n")
+    assert TRACEBACK in text
+    assert f"View run: {RUN_URL}" in text
+    page = got.part("text/html")
+    assert f"<p>{summary}</p>" in page
+    assert ("<pre><code>Traceback (most recent call last):\n  File &quot;sync.py&quot;, line 3,"
+            " in &lt;module&gt;\n    copy(a &amp; b)\nOperationalError: connection refused"
+            "</code></pre>") in page
+    assert "<module>" not in page
+    assert f'<a href="{RUN_URL}">View run</a>' in page
+    assert "BODY=8BITMIME" in got.mail_options  # the icon is 8-bit: declared, not smuggled
+
+
+def test_email_implicit_tls_is_sent(smtp_factory, rig_factory, certs):
+    smtp = smtp_factory(implicit_tls=certs)
+    result = rig_factory(smtp.port, trusted(certs, "tls")).attempt()
+    assert result.outcome == SENT, result.detail
+    assert smtp.wait_for(1)[0].tls
+
+
+def test_email_tls_none_is_sent_in_plain_text(smtp_factory, rig_factory):
+    smtp = smtp_factory()
+    result = rig_factory(smtp.port, 'tls = "none"\n').attempt()
+    assert result.outcome == SENT, result.detail
+    assert not smtp.wait_for(1)[0].tls
+
+
+def test_email_auth_with_right_password_is_sent(smtp_factory, rig_factory, certs, tree):
+    smtp = smtp_factory(starttls=certs, users={"nomaflow": PASSWORD})
+    result = rig_factory(smtp.port, trusted(certs) + with_login(tree)).attempt()
+    assert result.outcome == SENT, result.detail
+    assert smtp.wait_for(1)[0].login == "nomaflow"
+
+
+def test_email_auth_with_wrong_password_is_failed_transport(smtp_factory, rig_factory, certs,
+                                                            tree):
+    smtp = smtp_factory(starttls=certs, users={"nomaflow": PASSWORD})
+    result = rig_factory(smtp.port, trusted(certs) + with_login(tree, "wrong-CANARY")).attempt()
+    assert result.outcome == FAILED_TRANSPORT
+    assert "authentication" in result.detail and "535" in result.detail
+    assert "CANARY" not in result.detail
+    assert smtp.auth_attempts and not any(ok for _, ok in smtp.auth_attempts)
+    assert smtp.messages == []
+
+
+def test_email_auth_required_without_username_is_failed_transport(smtp_factory, rig_factory,
+                                                                  certs):
+    smtp = smtp_factory(starttls=certs, users={"nomaflow": PASSWORD})
+    result = rig_factory(smtp.port, trusted(certs)).attempt()
+    assert result.outcome == FAILED_TRANSPORT
+    assert "authentication" in result.detail and "530" in result.detail
+
+
+def test_email_recipient_refused_is_failed_delivery(smtp_factory, rig_factory, certs):
+    smtp = smtp_factory(starttls=certs, refuse={"gone@corp.test"})
+    result = rig_factory(smtp.port, trusted(certs)).attempt(recipient="gone@corp.test")
+    assert result.outcome == FAILED_DELIVERY
+    assert "550" in result.detail and "recipient" in result.detail
+    assert smtp.messages == []
+
+
+def test_email_rejected_message_is_failed_delivery(smtp_factory, rig_factory, certs):
+    smtp = smtp_factory(starttls=certs, reject_data="554 5.7.1 Message rejected as spam")
+    result = rig_factory(smtp.port, trusted(certs)).attempt()
+    assert result.outcome == FAILED_DELIVERY
+    assert "554" in result.detail and "rejected as spam" in result.detail
+
+
+# --- no verdict ------------------------------------------------------------------------------
+
+def test_email_untrusted_certificate_is_failed_transport(smtp_factory, rig_factory, certs):
+    smtp = smtp_factory(starttls=certs)
+    result = rig_factory(smtp.port, 'tls = "starttls"\n').attempt()
+    assert result.outcome == FAILED_TRANSPORT
+    assert "TLS" in result.detail and "CERTIFICATE_VERIFY_FAILED" in result.detail
+    assert smtp.messages == []
+
+
+def test_email_untrusted_certificate_with_implicit_tls_is_failed_transport(smtp_factory,
+                                                                           rig_factory, certs):
+    smtp = smtp_factory(implicit_tls=certs)
+    result = rig_factory(smtp.port, 'tls = "tls"\n').attempt()
+    assert result.outcome == FAILED_TRANSPORT
+    assert "TLS" in result.detail
+
+
+def test_email_starttls_not_offered_is_failed_transport_never_plain(smtp_factory, rig_factory,
+                                                                    certs):
+    smtp = smtp_factory()  # no STARTTLS on offer
+    result = rig_factory(smtp.port, trusted(certs)).attempt()
+    assert result.outcome == FAILED_TRANSPORT
+    assert "STARTTLS" in result.detail
+    assert smtp.messages == []
+
+
+def test_email_refused_port_is_failed_transport(rig_factory):
+    result = rig_factory(closed_port(), 'tls = "none"\n').attempt()
+    assert result.outcome == FAILED_TRANSPORT
+    assert "refused" in result.detail
+
+
+@pytest.mark.parametrize("mode", ["none", "tls"])
+def test_email_timeout_bounds_the_whole_conversation(smtp_factory, rig_factory, certs, mode):
+    # Each reply alone comes within the timeout; together they do not.
+    tls = {"implicit_tls": certs} if mode == "tls" else {}
+    smtp = smtp_factory(delays={"RCPT": 0.3, "DATA": 0.3}, **tls)
+    rig = rig_factory(smtp.port, trusted(certs, mode), timeout=0.45)
+    result = rig.attempt()
+    assert result.outcome == FAILED_TRANSPORT
+    assert "timed out" in result.detail
+    assert result.duration_ms < 1000
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("kind", "word"), [
+    ("failed", "FAILED"), ("long_run", "LONG-RUNNING"), ("succeeded", "SUCCEEDED"),
+    ("cancelled", "CANCELLED"), ("enabled", "ENABLED"), ("disabled", "DISABLED"),
+])
+def test_email_subject_word_per_kind(kind, word):
+    transport = Email("mail", {"default_from": "nomaflow@corp.test"}, timeout=1)
+    msg = transport.render(make_alert(kind, minutes=45, by="alice"), "a@corp.test")
+    assert msg["Subject"] == f"[Nomaflow] {word} reporting-nightly-sync"
+
+
+def test_email_job_id_cannot_inject_headers():
+    transport = Email("mail", {"default_from": "nomaflow@corp.test"}, timeout=1)
+    alert = make_alert("failed")
+    alert = type(alert)(**{**alert.__dict__, "job_id": "x\r\nBcc: evil@x.test"})
+    msg = transport.render(alert, "a@corp.test")
+    assert msg["Bcc"] is None
+    assert "\n" not in msg["Subject"] and "\r" not in msg["Subject"]
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"default_from": "Nomaflow <Nomaflow@Corp.test>"}, "nomaflow@corp.test"),
+    ({"default_from": "nomaflow@corp.test", "default_recipient": "Data <data@corp.test>"},
+     "data@corp.test"),
+])
+def test_email_default_recipient(settings, expected):
+    assert Email("mail", settings, timeout=1).default_recipient() == expected
+
+
+def test_email_destination_masks_the_password(rig_factory, tree, certs):
+    rig = rig_factory(2525, trusted(certs) + with_login(tree))
+    assert rig.transport.destination() == "smtp://127.0.0.1:2525 (starttls)"
+    assert PASSWORD not in str(rig.transport)
+
+
+def test_email_ca_file_resolves_against_the_config(rig_factory, certs, tree):
+    local = Path(tree.etc) / "private-ca.pem"
+    local.write_bytes(certs.ca_file.read_bytes())
+    rig = rig_factory(2525, 'ca_file = "private-ca.pem"\n')
+    assert rig.transport.settings["ca_file"] == local

@@ -1,0 +1,231 @@
+"""Slack transport against a real local HTTP server answering as Slack's incoming webhooks do."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from nomaflowd import alerts, config, events
+from nomaflowd.alerts import Alert
+from nomaflowd.dispatch import FAILED_DELIVERY, FAILED_TRANSPORT, SENT, Attempt, Dispatcher
+from nomaflowd.routing import SLACK_DEFAULT
+from nomaflowd.transports import build
+from nomaflowd.transports.slack import Slack
+from tests.servers import Reply, closed_port
+
+HOOK_PATH = "/services/T000/B000/CANARYSECRET"
+RUN_URL = "https://nomaflow.test/runs/run_a8c4d/"
+FAILED = {"job_id": "reporting-nightly-sync", "run_id": "run_a8c4d", "state": "FAILED",
+          "triggered_by": "cron", "step": "copy-orders",
+          "error": "OperationalError: connection refused",
+          "traceback": "Traceback (most recent call last):\n  ...\nOperationalError"}
+STATE_OF = {"failed": "FAILED", "long_run": "RUNNING", "succeeded": "SUCCEEDED",
+            "cancelled": "CANCELLED", "enabled": "ENABLED", "disabled": "DISABLED",
+            "notice": "NOTICE"}
+
+
+def make_alert(kind: str, minutes: float | None = None, **fields: Any) -> Alert:
+    """An alert built the way the daemon builds it: a parsed event through from_event()."""
+    if kind == "test":
+        return alerts.test_alert("https://nomaflow.test")
+    obj = {**FAILED, "state": STATE_OF[kind], **fields}
+    obj = {k: v for k, v in obj.items() if v is not None}
+    event = events.parse(json.dumps(obj).encode(), "t.json", datetime(2026, 5, 26, 2, 15))
+    url = f"https://nomaflow.test/runs/{event.run_id}/" if event.run_id else ""
+    return alerts.from_event(kind, event, url, minutes=minutes)
+
+
+class SlackRig:
+    """A Slack transport built from a real config file, and a dispatcher around it."""
+
+    def __init__(self, tree: Any, url: str, extra: str = "", timeout: float = 2) -> None:
+        self.cfg = config.load(tree.write_config(tree.slack("slack", url, extra)))
+        self.transports = build(self.cfg.transports, timeout)
+        self.transport = self.transports["slack"]
+        self.dispatcher = Dispatcher(self.transports, "test-replica")
+
+    def attempt(self, alert: Alert, recipient: str = "#data-oncall") -> Any:
+        return self.dispatcher.attempt(Attempt(alert, "slack", recipient))
+
+    def close(self) -> None:
+        self.dispatcher.close()
+
+
+@pytest.fixture
+def rig_factory(tree: Any) -> Iterator[Any]:
+    made: list[SlackRig] = []
+
+    def make(url: str, extra: str = "", timeout: float = 2) -> SlackRig:
+        rig = SlackRig(tree, url, extra, timeout)
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        rig.close()
+
+
+@pytest.fixture
+def rig(rig_factory: Any, http: Any) -> SlackRig:
+    return rig_factory(http.url(HOOK_PATH))
+
+
+# --- outcomes: what Slack answers -> what the audit row says --------------------------
+
+@pytest.mark.parametrize(("reply", "outcome", "words"), [
+    (Reply(200, b"ok"), SENT, ["HTTP 200 ok"]),
+    (Reply(400, b"invalid_payload"), FAILED_DELIVERY, ["400", "invalid_payload"]),
+    (Reply(404, b"channel_not_found"), FAILED_DELIVERY, ["404", "channel_not_found"]),
+    (Reply(410, b"channel_is_archived"), FAILED_DELIVERY, ["410", "channel_is_archived"]),
+    (Reply(403, b"action_prohibited"), FAILED_DELIVERY, ["403", "action_prohibited"]),
+    (Reply(404, b"no_service"), FAILED_DELIVERY, ["404", "no_service"]),
+    (Reply(500, b"rollup_error"), FAILED_DELIVERY, ["500", "rollup_error"]),
+    (Reply(429, b"rate_limited", {"Retry-After": "30"}), FAILED_DELIVERY,
+     ["429", "Retry-After 30"]),
+    (Reply(200, b"no_text"), FAILED_DELIVERY, ["200", "no_text"]),
+], ids=["ok", "invalid_payload", "channel_not_found", "channel_is_archived",
+        "action_prohibited", "no_service", "rollup_error", "rate_limited", "200_not_ok"])
+def test_slack_answer_gives_outcome(rig, http, reply, outcome, words):
+    http.default = reply
+    result = rig.attempt(make_alert("failed"))
+    assert (result.outcome, result.transport_type) == (outcome, "slack")
+    for word in words:
+        assert word in result.detail
+    assert len(http.wait_for(1)) == 1  # one attempt, never a retry
+
+
+def test_slack_refused_port_is_failed_transport(rig_factory):
+    rig = rig_factory(f"http://127.0.0.1:{closed_port()}{HOOK_PATH}")
+    result = rig.attempt(make_alert("failed"))
+    assert result.outcome == FAILED_TRANSPORT
+    assert "refused" in result.detail
+
+
+def test_slack_plain_http_behind_https_url_is_failed_transport(rig_factory, http):
+    rig = rig_factory(f"https://127.0.0.1:{http.port}{HOOK_PATH}")
+    result = rig.attempt(make_alert("failed"))
+    assert result.outcome == FAILED_TRANSPORT
+    assert "TLS" in result.detail
+    assert http.requests == []  # nothing readable reached the server
+
+
+def test_slack_slow_answer_is_failed_transport(rig_factory, http):
+    http.default = Reply(200, b"ok", delay=0.6)
+    rig = rig_factory(http.url(HOOK_PATH), timeout=0.2)
+    result = rig.attempt(make_alert("failed"))
+    assert result.outcome == FAILED_TRANSPORT
+    assert "timed out" in result.detail
+
+
+def test_slack_detail_never_carries_the_webhook_path(rig, http):
+    http.default = Reply(404, b"no_service")
+    result = rig.attempt(make_alert("failed"))
+    assert "CANARYSECRET" not in result.detail
+    assert "CANARYSECRET" not in str(rig.transport)
+    assert rig.transport.destination() == f"http://127.0.0.1:{http.port}"
+
+
+# --- the payload ------------------------------------------------------------------------
+
+def test_slack_failed_payload(rig, http):
+    assert rig.attempt(make_alert("failed"), "#data-oncall").outcome == SENT
+    req = http.wait_for(1)[0]
+    assert req.path == HOOK_PATH
+    assert req.headers["Content-Type"] == "application/json"
+    body = req.json()
+    assert body["text"] == (
+        "\u274c reporting-nightly-sync run failed at step copy-orders \u00b7 "
+        f"OperationalError: connection refused <{RUN_URL}|View run>")
+    assert body["channel"] == "#data-oncall"
+    assert body["username"] == "Nomaflow"
+    assert body["icon_emoji"] == ":gear:"
+    [attachment] = body["attachments"]
+    assert attachment["color"] == "#d00000"
+    assert "run_a8c4d" in attachment["text"] and "cron" in attachment["text"]
+
+
+def test_slack_user_recipient_and_custom_username_icon(rig_factory, http):
+    rig = rig_factory(http.url(HOOK_PATH), 'username = "Liberty"\nicon_emoji = ":robot_face:"\n')
+    assert rig.attempt(make_alert("succeeded"), "@alice").outcome == SENT
+    body = http.wait_for(1)[0].json()
+    assert (body["channel"], body["username"], body["icon_emoji"]) == (
+        "@alice", "Liberty", ":robot_face:")
+
+
+def test_slack_default_recipient_uses_default_channel(rig_factory, http):
+    rig = rig_factory(http.url(HOOK_PATH), 'default_channel = "#nomaflow-alerts"\n')
+    recipient = rig.transport.default_recipient()
+    assert recipient == "#nomaflow-alerts"
+    assert rig.attempt(make_alert("failed"), recipient).outcome == SENT
+    assert http.wait_for(1)[0].json()["channel"] == "#nomaflow-alerts"
+
+
+def test_slack_default_recipient_without_default_channel_sends_no_channel(rig, http):
+    assert rig.transport.default_recipient() == SLACK_DEFAULT
+    assert rig.attempt(make_alert("failed"), SLACK_DEFAULT).outcome == SENT
+    assert "channel" not in http.wait_for(1)[0].json()
+
+
+@pytest.mark.parametrize(("kind", "colour"), [
+    ("failed", "#d00000"), ("long_run", "#f2c744"), ("succeeded", "#2eb67d"),
+    ("cancelled", None), ("enabled", None), ("notice", None), ("test", None),
+])
+def test_slack_colour_per_kind(kind, colour):
+    payload = Slack("s", {"username": "Nomaflow"}, timeout=1).render(
+        make_alert(kind, minutes=45, message="hi", by="alice"), "#x")
+    if colour is None:
+        assert "attachments" not in payload
+    else:
+        assert payload["attachments"][0]["color"] == colour
+
+
+@pytest.mark.parametrize(("kind", "fields", "text"), [
+    ("failed", {"step": None, "error": None},
+     f"\u274c reporting-nightly-sync run failed <{RUN_URL}|View run>"),
+    ("long_run", {"minutes": 45},
+     f"\u23f3 reporting-nightly-sync run still running after 45 min <{RUN_URL}|View run>"),
+    ("succeeded", {}, f"\u2705 reporting-nightly-sync run succeeded <{RUN_URL}|View run>"),
+    ("cancelled", {"by": "alice"},
+     f"\U0001f6ab reporting-nightly-sync run cancelled by alice <{RUN_URL}|View run>"),
+    ("enabled", {"by": "bob", "run_id": None},
+     "\u25b6\ufe0f reporting-nightly-sync enabled by bob"),
+    ("disabled", {"by": "bob", "run_id": None},
+     "\u23f8\ufe0f reporting-nightly-sync disabled by bob"),
+    ("notice", {"message": "rows loaded: 1200", "run_id": None},
+     "\U0001f4e3 reporting-nightly-sync: rows loaded: 1200"),
+    ("test", {}, "\U0001f514 test from Nomaflow <https://nomaflow.test|Open Nomaflow>"),
+])
+def test_slack_wording_per_kind(kind, fields, text):
+    minutes = fields.pop("minutes", None)
+    payload = Slack("s", {}, timeout=1).render(make_alert(kind, minutes, **fields), "#x")
+    assert payload["text"] == text
+
+
+def test_slack_escapes_event_text(rig, http):
+    error = "boom <!channel> rows & columns <http://evil.test|click here>"
+    rig.attempt(make_alert("failed", error=error, step="load <b>"))
+    text = http.wait_for(1)[0].json()["text"]
+    assert "&lt;!channel&gt; rows &amp; columns &lt;http://evil.test|click here&gt;" in text
+    assert "at step load &lt;b&gt;" in text
+    assert "<!channel>" not in text and "<http://evil" not in text
+    # The only markup left is our own link.
+    assert text.count("<") == 1 and text.endswith(f"<{RUN_URL}|View run>")
+
+
+def test_slack_run_id_cannot_forge_the_link(rig, http):
+    rig.attempt(make_alert("failed", run_id="r1|<!here>&x"))
+    text = http.wait_for(1)[0].json()["text"]
+    assert text.endswith("<https://nomaflow.test/runs/r1%7C%3C!here%3E&amp;x/|View run>")
+    assert "<!here>" not in text
+    assert text.count("<") == 1 and text.count("|") == 1
+
+
+def test_slack_multiline_error_stays_one_line(rig, http):
+    rig.attempt(make_alert("failed", error="first line\nsecond line\r\nthird"))
+    text = http.wait_for(1)[0].json()["text"]
+    assert "\n" not in text and "\r" not in text
+    assert "first line second line third" in text
