@@ -14,16 +14,17 @@ from nomaflowd.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 ALERT_KEYS = ("on_failure", "on_long_run_minutes", "on_success", "on_cancel", "on_toggle",
-              "recipients")
+              "on_recovery", "recipients")
 
 
 @dataclass(frozen=True)
 class AlertsBlock:
     on_failure: bool = True
-    on_long_run_minutes: float | None = None
+    on_long_run_minutes: float | str | None = None  # minutes, or "auto" (learned)
     on_success: bool = False
     on_cancel: bool = False
     on_toggle: bool = False
+    on_recovery: bool = False
     recipients: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
@@ -41,13 +42,15 @@ def parse_alerts(raw: Any, where: str) -> AlertsBlock:
     if unknown:
         raise ValueError(f"{where}.{unknown[0]} is not a known alerts setting")
     values: dict[str, Any] = {}
-    for key in ("on_failure", "on_success", "on_cancel", "on_toggle"):
+    for key in ("on_failure", "on_success", "on_cancel", "on_toggle", "on_recovery"):
         if key in raw:
             if not isinstance(raw[key], bool):
                 raise ValueError(f"{where}.{key} must be true or false")
             values[key] = raw[key]
     minutes = raw.get("on_long_run_minutes")
-    if minutes is not None:
+    if minutes == "auto":
+        values["on_long_run_minutes"] = "auto"
+    elif minutes is not None:
         if isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes <= 0:
             raise ValueError(f"{where}.on_long_run_minutes must be a number of minutes above 0")
         values["on_long_run_minutes"] = float(minutes)

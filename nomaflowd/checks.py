@@ -41,7 +41,7 @@ def run_checks(cfg: Config) -> list[tuple[str, str]]:
         recipients("defaults.alerts.recipients", cat.default_alerts.recipients)
     for job, block in cat.jobs_alerts.items():
         recipients(f"jobs.{job}.alerts.recipients", block.recipients)
-        if block.on_long_run_minutes is not None and block.on_long_run_minutes < 2:
+        if isinstance(block.on_long_run_minutes, float) and block.on_long_run_minutes < 2:
             problems.append(("warning", f"jobs.{job}.alerts.on_long_run_minutes is"
                              f" {block.on_long_run_minutes:g}: tune it to the job's normal"
                              " runtime plus headroom"))

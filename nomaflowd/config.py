@@ -46,6 +46,9 @@ class Config:
     send_timeout_seconds: float
     replica_id: str
     rescan_seconds: float
+    web_listen: tuple[str, int] | None = None
+    web_password: Secret | None = None
+    metrics_listen: tuple[str, int] | None = None
     transports: Mapping[str, TransportConfig] = field(default_factory=dict)
     routing: tuple[Rule, ...] = ()
 
@@ -179,6 +182,29 @@ def _email(t: Table, secret: SecretReader, base: Path) -> dict[str, Any]:
     }
 
 
+PRESET_URLS = {
+    "pagerduty": "https://events.pagerduty.com/v2/enqueue",
+    "opsgenie": "https://api.opsgenie.com",
+}
+# Provider pacing defaults (Slack: ~1 message/s with short bursts; SMTP relays: modest).
+PACING = {"slack": (60.0, 20), "email": (120.0, 20), "webhook": (None, None)}
+
+
+def _pacing(t: Table, kind: str) -> dict[str, Any]:
+    rate, burst = PACING[kind]
+    rate = t.get("rate_per_minute", float, rate)
+    if rate is not None and rate <= 0:
+        raise ConfigError(f"{t.key('rate_per_minute')} must be greater than 0")
+    burst = t.get("burst", int, burst if burst is not None else (max(1, int(rate)) if rate else None))
+    if burst is not None and burst < 1:
+        raise ConfigError(f"{t.key('burst')} must be at least 1")
+    return {
+        "rate_per_minute": rate,
+        "burst": burst,
+        "digest_after_seconds": t.positive("digest_after_seconds", float, 10.0),
+    }
+
+
 def _webhook(t: Table, secret: SecretReader) -> dict[str, Any]:
     headers: dict[str, Secret | str] = {}
     raw = Table(t.get("headers", dict, {}), t.key("headers"))
@@ -189,8 +215,18 @@ def _webhook(t: Table, secret: SecretReader) -> dict[str, Any]:
         else:
             headers[name] = value
     raw.finish()
+    preset = t.get("preset", str)
+    if preset is not None and preset not in PRESET_URLS:
+        raise ConfigError(f"{t.key('preset')} must be pagerduty or opsgenie, not {preset!r}")
+    extra: dict[str, Any] = {"preset": preset}
+    if preset == "pagerduty":
+        extra["routing_key"] = secret(t, "routing_key", True)
+    elif preset == "opsgenie":
+        extra["api_key"] = secret(t, "api_key", True)
+    url = secret(t, "url", preset is None)
     return {
-        "url": secret(t, "url", True),
+        **extra,
+        "url": url if url is not None else Secret(PRESET_URLS[str(preset)]),
         "headers": headers,
         "body_template": t.get("body_template", str),
         "signing_secret": secret(t, "signing_secret", False),
@@ -198,6 +234,28 @@ def _webhook(t: Table, secret: SecretReader) -> dict[str, Any]:
 
 
 TRANSPORT_TYPES = ("slack", "email", "webhook")
+
+
+def _listen(d: Table, name: str) -> tuple[str, int] | None:
+    value = d.get(name, str)
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"daemon.{name} must be HOST:PORT, e.g. \"127.0.0.1:8787\"")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load(path: Path, *, decrypt: bool = True) -> Config:
@@ -210,6 +268,20 @@ def load(path: Path, *, decrypt: bool = True) -> Config:
     data = read_toml(path)
     base = path.parent
     top = Table(data, "")
+    keys: list[Any] = []  # loaded lazily: a config without secrets needs no key
+
+    def secret(t: Table, name: str, required: bool) -> Secret | None:
+        value = t.get(name, str, required=required)
+        if value is None:
+            return None
+        if not value.startswith(crypto.PREFIX):
+            crypto.decrypt(None, value, t.key(name))  # type: ignore[arg-type]
+        if not decrypt:
+            return Secret("")
+        if not keys:
+            keys.append(crypto.load_keys(crypto.key_path(key_file)))
+        return crypto.decrypt(keys[0], value, t.key(name))
+
     d = Table(top.get("daemon", dict, required=True), "daemon")
     spool = _resolve(base, d.get("spool_dir", str, required=True))
     database = d.get("database", str)
@@ -231,22 +303,15 @@ def load(path: Path, *, decrypt: bool = True) -> Config:
         "send_timeout_seconds": d.positive("send_timeout_seconds", float, 10.0),
         "replica_id": d.get("replica_id", str) or socket.gethostname(),
         "rescan_seconds": d.positive("rescan_seconds", float, 2.0),
+        "web_listen": _listen(d, "web_listen"),
+        "web_password": secret(d, "web_password", False),
+        "metrics_listen": _listen(d, "metrics_listen"),
     }
     d.finish()
-
-    keys: list[Any] = []  # loaded lazily: a config without secrets needs no key
-
-    def secret(t: Table, name: str, required: bool) -> Secret | None:
-        value = t.get(name, str, required=required)
-        if value is None:
-            return None
-        if not value.startswith(crypto.PREFIX):
-            crypto.decrypt(None, value, t.key(name))  # type: ignore[arg-type]
-        if not decrypt:
-            return Secret("")
-        if not keys:
-            keys.append(crypto.load_keys(crypto.key_path(key_file)))
-        return crypto.decrypt(keys[0], value, t.key(name))
+    web = config_kwargs["web_listen"]
+    if web and not is_loopback(web[0]) and config_kwargs["web_password"] is None:
+        raise ConfigError("daemon.web_listen binds a non-loopback address; set"
+                          " daemon.web_password (an enc: token) or listen on 127.0.0.1")
 
     transports: dict[str, TransportConfig] = {}
     for name, raw in top.get("transports", dict, {}).items():
@@ -260,6 +325,7 @@ def load(path: Path, *, decrypt: bool = True) -> Config:
             settings = _webhook(t, secret)
         else:
             raise ConfigError(f"{t.key('type')} must be one of slack, email, webhook; not {kind!r}")
+        settings.update(_pacing(t, kind))
         t.finish()
         transports[name] = TransportConfig(name, kind, settings)
 

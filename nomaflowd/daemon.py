@@ -371,9 +371,10 @@ class Daemon:
                 eff = cat.effective(e.job_id, e.alerts, e.tags)
                 started = e.started_at or (e.at if e.state == "RUNNING" else None)
                 deadline = None
-                if e.state == "RUNNING" and eff.alerts.on_long_run_minutes and started:
+                minutes = eff.alerts.on_long_run_minutes
+                if e.state == "RUNNING" and isinstance(minutes, float) and started:
                     try:
-                        deadline = started + timedelta(minutes=eff.alerts.on_long_run_minutes)
+                        deadline = started + timedelta(minutes=minutes)
                     except OverflowError:
                         deadline = None  # past year 9999: a warning that can never be due
                 overrides = {}

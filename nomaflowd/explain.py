@@ -18,9 +18,9 @@ def explain(cfg: Config, event: Event) -> str:
            + (f", run {event.run_id}" if event.run_id else "")]
     out.append(f"alerts block (from {eff.alerts_origin}): {json.dumps(eff.alerts.as_dict())}")
     out.append(f"tags (from {eff.tags_origin}): {', '.join(eff.tags) or '(none)'}")
-    if event.state == "RUNNING" and eff.alerts.on_long_run_minutes:
-        out.append(f"long-run warning after {eff.alerts.on_long_run_minutes:g} min if still"
-                   " RUNNING")
+    minutes = eff.alerts.on_long_run_minutes
+    if event.state == "RUNNING" and isinstance(minutes, float):
+        out.append(f"long-run warning after {minutes:g} min if still RUNNING")
     routed = policy.for_event(event, cat)
     if not routed:
         out.append(f"no alert: a {event.state} event alerts only when its alerts block asks"
