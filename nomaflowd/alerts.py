@@ -15,6 +15,7 @@ LEVELS = {
     "enabled": "low",
     "disabled": "low",
     "notice": "low",
+    "recovered": "low",
     "test": "low",
 }
 SUBJECT_WORDS = {
@@ -25,6 +26,7 @@ SUBJECT_WORDS = {
     "enabled": "ENABLED",
     "disabled": "DISABLED",
     "notice": "NOTICE",
+    "recovered": "RECOVERED",
     "test": "TEST",
 }
 ICONS = {
@@ -35,10 +37,23 @@ ICONS = {
     "enabled": "\u25b6\ufe0f",
     "disabled": "\u23f8\ufe0f",
     "notice": "\U0001f4e3",
+    "recovered": "\U0001f7e2",
     "test": "\U0001f514",
 }
 # Event fields an alert carries to its transports (all optional strings).
 DETAIL_FIELDS = ("triggered_by", "step", "error", "traceback", "by", "message")
+
+
+def span(minutes: float) -> str:
+    """A duration as people say it: `40 s`, `47 min`, `3 h 10 min`, `4 days`."""
+    if minutes < 1:
+        return f"{max(0, round(minutes * 60))} s"
+    if minutes < 120:
+        return f"{round(minutes)} min"
+    if minutes < 48 * 60:
+        hours, rest = divmod(round(minutes), 60)
+        return f"{hours} h" + (f" {rest} min" if rest else "")
+    return f"{round(minutes / 1440)} days"
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -57,7 +72,9 @@ class Alert:
     started_at: str | None = None
     finished_at: str | None = None
     details: dict[str, str] = field(default_factory=dict)
-    minutes: float | None = None  # long_run: how long it has been running
+    minutes: float | None = None  # long_run: running for; recovered: since the first failure
+    failures: int | None = None   # recovered: failed runs in the episode that ended
+    usual_minutes: float | None = None  # long_run with "auto": the job's usual duration
 
     @property
     def level(self) -> str:
@@ -82,8 +99,17 @@ class Alert:
             step = self.get("step")
             head = f"{job} run failed" + (f" at step {step}" if step else "")
             pieces = [head] + ([self.get("error")] if self.get("error") else [])
+        elif self.kind == "long_run" and self.usual_minutes is not None:
+            pieces = [f"{job} run still running: usually {span(self.usual_minutes)},"
+                      f" now {span(self.minutes or 0)}"]
         elif self.kind == "long_run":
             pieces = [f"{job} run still running after {round(self.minutes or 0)} min"]
+        elif self.kind == "recovered" and self.failures:
+            runs = "run" if self.failures == 1 else "runs"
+            pieces = [f"{job} recovered after {self.failures} failed {runs}"
+                      f" (first failure {span(self.minutes or 0)} ago)"]
+        elif self.kind == "recovered":
+            pieces = [f"{job} run succeeded after its long-run warning"]
         elif self.kind == "succeeded":
             pieces = [f"{job} run succeeded"]
         elif self.kind == "cancelled":
@@ -150,3 +176,48 @@ def from_event(kind: str, event: Any, url: str, *, minutes: float | None = None)
 def test_alert(url: str = "") -> Alert:
     return Alert(kind="test", key="test", job_id="", run_id=None, event_id=None, state="TEST",
                  url=url)
+
+
+# Worst first, for digests.
+SEVERITY = ("failed", "long_run", "cancelled", "disabled", "enabled", "recovered",
+            "succeeded", "notice", "test")
+KIND_WORDS = {"failed": "failed", "long_run": "long-running", "succeeded": "succeeded",
+              "cancelled": "cancelled", "enabled": "enabled", "disabled": "disabled",
+              "notice": "notice", "recovered": "recovered", "test": "test"}
+
+
+def _rank(kind: str) -> int:
+    return SEVERITY.index(kind) if kind in SEVERITY else len(SEVERITY)
+
+
+def digest_headline(alerts: list[Alert]) -> str:
+    """`212 alerts held back by the rate limit: 200 failed, 12 long-running`."""
+    counts: dict[str, int] = {}
+    for a in alerts:
+        counts[a.kind] = counts.get(a.kind, 0) + 1
+    parts = ", ".join(f"{n} {KIND_WORDS.get(k, k)}"
+                      for k, n in sorted(counts.items(), key=lambda kv: _rank(kv[0])))
+    return f"{len(alerts)} alerts held back by the rate limit: {parts}"
+
+
+def digest_by_job(alerts: list[Alert]) -> list[tuple[str, list[Alert]]]:
+    """Alerts grouped by job, the job with the worst alert first."""
+    jobs: dict[str, list[Alert]] = {}
+    for a in alerts:
+        jobs.setdefault(a.job_id, []).append(a)
+    return sorted(jobs.items(), key=lambda kv: (min(_rank(a.kind) for a in kv[1]), kv[0]))
+
+
+def digest_line(job: str, alerts: list[Alert]) -> tuple[str, list[str]]:
+    """(icon, pieces) of one job's line: `job: 3 failed (latest run r9) · error`."""
+    worst = min(alerts, key=lambda a: _rank(a.kind))
+    kinds: dict[str, int] = {}
+    for a in alerts:
+        kinds[a.kind] = kinds.get(a.kind, 0) + 1
+    what = ", ".join(f"{n} {KIND_WORDS.get(k, k)}" if n > 1 else KIND_WORDS.get(k, k)
+                     for k, n in sorted(kinds.items(), key=lambda kv: _rank(kv[0])))
+    latest = alerts[-1]
+    pieces = [f"{job}: {what}" + (f" (latest run {latest.run_id})" if latest.run_id else "")]
+    if worst.get("error"):
+        pieces.append(worst.get("error"))
+    return ICONS.get(worst.kind, ""), pieces

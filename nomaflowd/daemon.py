@@ -17,7 +17,8 @@ from typing import Any
 import peewee as pw
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from nomaflowd import alerts, catalogue, config, db, events, state, systemd, transports
+from nomaflowd import (alerts, catalogue, config, db, events, incidents, metrics, state, systemd,
+                       transports)
 from nomaflowd.alerts import Alert
 from nomaflowd.catalogue import Catalogue, Effective, WatchedCatalogue
 from nomaflowd.config import Config
@@ -62,7 +63,7 @@ class Policy:
             plan = self.router.plan(notice_to, (), use_rules=False)
         else:
             plan = self.router.plan(eff.alerts.recipients, eff.tags)
-        return Routed(alert, eff, plan)
+        return Routed(alert, eff, incidents.fit(plan, alert.kind, self.config.transports))
 
     def for_event(self, event: events.Event, cat: Catalogue | None = None) -> list[Routed]:
         cat = cat or self.current()
@@ -83,7 +84,7 @@ class Policy:
                       job_id=run.job_id, run_id=run.run_id, event_id=None, state="RUNNING",
                       url=self.config.run_url(run.run_id),
                       started_at=started.strftime("%Y-%m-%dT%H:%M:%SZ") if started else None,
-                      minutes=minutes)
+                      minutes=minutes, usual_minutes=run.usual_minutes)
         return Routed(alert, eff, self.router.plan(eff.alerts.recipients, eff.tags))
 
 
@@ -142,6 +143,11 @@ class Daemon:
                                      cfg.replica_id, wake=self.wakeup.set)
         self.observer: Any = None
         self.scheduler: BackgroundScheduler | None = None
+        self.web: Any = None  # nomaflowd.web.WebServer when daemon.web_listen is set
+        self.metrics_server: metrics.MetricsServer | None = None
+        self.pace_wait: float | None = None
+        self.last_progress = time.monotonic()
+        self.last_event_at: float | None = None
 
     # --- start and stop ------------------------------------------------------------
 
@@ -150,6 +156,9 @@ class Daemon:
         self.database = db.open_database(self.config.database)
         if db.is_sqlite(self.database):
             self.database.returning_clause = True
+        if self.config.web_listen:  # bound before anything starts: a busy port fails fast
+            from nomaflowd.web import WebServer
+            self.web = WebServer(self.config.web_listen, lambda: self.config, self.spool)
         self.observer = watch(self.config.spool_dir, self.hint)  # watch first...
         self.hinted = True                                      # ...then scan the backlog
         self.count_tries(utcnow())
@@ -164,6 +173,11 @@ class Daemon:
                                next_run_time=datetime.now().astimezone() + timedelta(minutes=1),
                                id="prune")
         self.scheduler.start()
+        if self.config.metrics_listen:
+            self.metrics_server = metrics.MetricsServer(
+                self.config.metrics_listen, self.gauges,
+                lambda: time.monotonic() - self.last_progress
+                < max(10.0, 3 * self.config.rescan_seconds))
 
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -187,7 +201,12 @@ class Daemon:
         logger.info("nomaflowd started: spool %s, replica %s, %d transport(s)",
                     self.config.spool_dir, self.config.replica_id, len(self.config.transports))
         while not self.stopping.is_set():
-            more = self.step()
+            try:
+                more = self.step()
+            except Exception:  # the loop must outlive a bug in one iteration
+                logger.exception("main loop iteration failed; going on")
+                self.stopping.wait(1.0)
+                more = False
             if self.reload_requested:
                 self.reload()
             self.maybe_ping()
@@ -197,11 +216,31 @@ class Daemon:
         self.shutdown()
         return 0
 
+    def gauges(self) -> dict[str, float]:
+        """Live values for /metrics (called on the metrics thread)."""
+        values = {"spool_backlog": float(len(self.pending)),
+                  "alerts_waiting": float(self.dispatcher.waiting)}
+        if self.last_event_at is not None:
+            values["newest_event_age_seconds"] = time.monotonic() - self.last_event_at
+        try:
+            values["running_runs"] = float(
+                db.RunRow.select().where(db.RunRow.state == "RUNNING").count())
+        except DB_ERRORS:
+            pass  # the gauge is left out while the database is away
+        finally:
+            db.proxy.close()
+        return values
+
     def idle_timeout(self) -> float:
-        timeout = self.config.rescan_seconds
+        """How long the loop may block: until the next rescan, ping or paced send is due."""
+        if self.pending:
+            return 0.0
+        timeout = self.config.rescan_seconds - (time.monotonic() - self.last_scan)
         if self.watchdog_every:
             timeout = min(timeout, self.watchdog_every)
-        return max(0.05, timeout - (time.monotonic() - self.last_scan)) if not self.pending else 0
+        if self.pace_wait is not None:
+            timeout = min(timeout, self.pace_wait)
+        return max(0.01, timeout)
 
     def shutdown(self) -> None:
         systemd.notify("STOPPING=1")
@@ -211,6 +250,10 @@ class Daemon:
             self.observer.join()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        if self.web is not None:
+            self.web.close()
         self.dispatcher.wait_idle(self.config.send_timeout_seconds + 5)
         self.record(self.dispatcher.drain())
         self.dispatcher.close(wait=True)
@@ -252,8 +295,10 @@ class Daemon:
 
     def step(self, now: datetime | None = None) -> bool:
         """Record finished sends, then ingest at most one batch. Returns "more work right away?"."""
+        self.last_progress = time.monotonic()
         try:
             self.record(self.dispatcher.drain())
+            self.pace_wait = self.dispatcher.pace()
             if not self.pending:
                 due = time.monotonic() - self.last_scan >= self.config.rescan_seconds
                 if not (self.hinted or due):
@@ -362,12 +407,15 @@ class Daemon:
             fresh_ids.update(r.event_id for r in query.execute())
         cat = self.policy.current()
         routed: list[Routed] = []
-        inserts, finishes = [], []
+        inserts, finishes, recorded = [], [], []
         for e in batch:
             if e.event_id not in fresh_ids:
                 continue  # a duplicate: recorded once already, alerts once already
             fresh_ids.discard(e.event_id)
+            metrics.EVENTS.labels(e.state).inc()
+            self.last_event_at = time.monotonic()
             if e.run_id and e.state in events.RUN_STATES:
+                recorded.append(e)
                 eff = cat.effective(e.job_id, e.alerts, e.tags)
                 started = e.started_at or (e.at if e.state == "RUNNING" else None)
                 deadline = None
@@ -395,6 +443,9 @@ class Daemon:
             db.proxy.cursor().executemany(state.INSERT_RUN.format(p=param), inserts)
         if finishes:
             db.proxy.cursor().executemany(state.FINISH_RUN.format(p=param), finishes)
+        # Learned deadlines and recoveries read the runs rows just written (same transaction).
+        routed.extend(Routed(*due) for due in incidents.after_runs_recorded(
+            self.config, recorded, cat, routed, now))
         return claim(routed, self.config.replica_id, now)
 
     # --- scheduled work --------------------------------------------------------------

@@ -50,10 +50,16 @@ class RunRow(Model):
     long_run_deadline = pw.DateTimeField(null=True, index=True)
     # The RUNNING event's own alerts/tags overrides, needed when its warning is due.
     overrides = pw.TextField(null=True)
+    # on_long_run_minutes = "auto": the job's usual duration when the run started (the
+    # warning says what is normal).
+    usual_minutes = pw.FloatField(null=True)
 
     class Meta:
         table_name = "runs"
-        indexes = ((("job_id", "run_id"), True), (("state", "updated_at"), False))
+        # (job_id, state, finished_at): a job's recent successes (learned thresholds) and the
+        # runs since its last success (incidents), both read while an event is committed.
+        indexes = ((("job_id", "run_id"), True), (("state", "updated_at"), False),
+                   (("job_id", "state", "finished_at"), False))
 
 
 class NotificationRow(Model):
@@ -78,6 +84,10 @@ class NotificationRow(Model):
             (("level", "created_at"), False),
             (("transport", "created_at"), False),
             (("outcome", "created_at"), False),
+            # The notifications page: newest first by id, filtered (keyset pages, no sort).
+            (("job_id", "id"), False),
+            (("transport", "id"), False),
+            (("outcome", "id"), False),
         )
 
 
@@ -113,6 +123,18 @@ class SpoolTryRow(Model):
         table_name = "spool_tries"
 
 
+class BucketRow(Model):
+    """A transport's token bucket, shared by every replica (see pacing.take_tokens)."""
+
+    transport = pw.CharField(max_length=200, unique=True)
+    tokens = pw.FloatField()
+    updated_at = pw.DateTimeField()
+    paused_until = pw.DateTimeField(null=True)
+
+    class Meta:
+        table_name = "buckets"
+
+
 class ReplicaRow(Model):
     """Each replica's heartbeat, stamped with the database's clock (never a replica's)."""
 
@@ -125,7 +147,7 @@ class ReplicaRow(Model):
 
 
 MODELS: tuple[type[Model], ...] = (EventRow, RunRow, NotificationRow, DeliveryRow, SpoolTryRow,
-                                   ReplicaRow)
+                                   ReplicaRow, BucketRow)
 
 
 def db_now() -> datetime:

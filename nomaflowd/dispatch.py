@@ -6,19 +6,27 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
-from nomaflowd import db
-from nomaflowd.alerts import Alert
-from nomaflowd.transports import DeliveryError, Transport, TransportError
+from nomaflowd import db, metrics
+from nomaflowd.alerts import Alert, test_alert
+from nomaflowd.config import Config
+from nomaflowd.pacing import Lane, Waiting, take_tokens
+from nomaflowd.routing import default_recipient
+from nomaflowd.transports import DeliveryError, Transport, TransportError, build
+from nomaflowd.transports.base import RateLimited
 
 logger = logging.getLogger(__name__)
 
 SENT, FAILED_TRANSPORT, FAILED_DELIVERY = "SENT", "FAILED_TRANSPORT", "FAILED_DELIVERY"
 WORKERS_PER_TRANSPORT = 4
+# An upstream that answers 429 this many times in a row to the same alert is refusing it,
+# not pacing us: the alert is recorded as FAILED_DELIVERY instead of waiting forever.
+MAX_REFUSALS = 5
 
 
 def utcnow() -> datetime:
@@ -35,6 +43,12 @@ class Attempt:
     delivery_id: int | None = None
     error: str = ""      # set when routing found no transport: recorded without sending
     note: str = ""       # prefixed to the detail (e.g. "sent again after a restart")
+    members: tuple[Attempt, ...] = ()   # a digest: these attempts, sent as one message
+    digest_id: str = ""
+    refusals: int = 0                   # 429s met so far
+
+    def with_note(self, note: str) -> Attempt:
+        return replace(self, note=f"{self.note}; {note}" if self.note else note)
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,8 @@ class Dispatcher:
         self._idle = threading.Condition(self._lock)
         self.transports: dict[str, Transport] = {}
         self.executors: dict[str, ThreadPoolExecutor] = {}
+        self.lanes: dict[str, Lane] = {}
+        self._lanes_lock = threading.Lock()
         self.configure(transports)
 
     def configure(self, transports: Mapping[str, Transport]) -> None:
@@ -70,33 +86,177 @@ class Dispatcher:
         }
         for executor in old.values():
             executor.shutdown(wait=False)
+        with self._lanes_lock:
+            lanes = {}
+            for name, t in self.transports.items():
+                lane = Lane.from_settings(name, t.settings)
+                if name in self.lanes:  # alerts already in line keep their place
+                    lane.waiting = self.lanes[name].waiting
+                lanes[name] = lane
+            orphans = [w for name, lane in self.lanes.items() if name not in lanes
+                       for w in lane.waiting]
+            self.lanes = lanes
+        for w in orphans:  # their transport is gone: recorded as such
+            self._finish([self.attempt(w.attempt)])
 
     @property
     def inflight(self) -> int:
         return self._inflight
 
+    @property
+    def waiting(self) -> int:
+        """Alerts in line for pacing (a metric)."""
+        return sum(len(lane.waiting) for lane in self.lanes.values())
+
     def submit(self, attempt: Attempt) -> None:
-        """Queue one attempt on its transport's executor (or record it at once if it has none)."""
+        """Queue one attempt on its transport's executor, or in its lane when it is paced."""
         with self._lock:
             self._inflight += 1
         executor = self.executors.get(attempt.transport)
         if executor is None or attempt.error:
-            self._finish(self.attempt(attempt))
+            self._finish([self.attempt(attempt)])
+            return
+        lane = self.lanes.get(attempt.transport)
+        now = time.monotonic()
+        with self._lanes_lock:
+            if lane is not None and lane.holds(now):
+                lane.waiting.append(Waiting(attempt, now))
+                held = True
+            else:
+                held = False
+        if held:
+            self.wake()
         else:
             executor.submit(self._run, attempt)
 
     def _run(self, attempt: Attempt) -> None:
-        self._finish(self.attempt(attempt))
+        try:
+            results = self.execute(attempt)
+        except RateLimited as exc:
+            self._requeue(attempt, exc)
+            return
+        self._finish(results)
 
-    def _finish(self, result: Result) -> None:
-        self.results.put(result)
+    def _requeue(self, attempt: Attempt, exc: RateLimited) -> None:
+        """A 429: pause the lane for Retry-After; the alert(s) wait for the next digest."""
+        lane = self.lanes.get(attempt.transport)
+        members = attempt.members or (attempt,)
+        if lane is None:  # reconfigured away meanwhile
+            self._finish([self._result(m, FAILED_DELIVERY, str(exc), 0) for m in members])
+            return
+        if max(m.refusals for m in members) + 1 >= MAX_REFUSALS:
+            self._finish([self._result(m, FAILED_DELIVERY,
+                                       f"refused {MAX_REFUSALS} times: {exc}", 0)
+                          for m in members])
+            return
+        now = time.monotonic()
+        note = f"refused with {exc}, then held for a digest"
+        with self._lanes_lock:
+            lane.pause(exc.retry_after, now)
+            for m in reversed(members):
+                again = replace(m, refusals=m.refusals + 1,
+                                note=m.note if m.refusals else m.with_note(note).note)
+                lane.waiting.appendleft(Waiting(again, now, refused=note))
+        logger.warning("transport %s answered 429: pausing it for %gs", attempt.transport,
+                       exc.retry_after)
+        self.wake()
+
+    def _finish(self, results: list[Result]) -> None:
+        for result in results:
+            self.results.put(result)
+            metrics.observe_result(result)
         with self._lock:
-            self._inflight -= 1
+            self._inflight -= len(results)
             if self._inflight == 0:
                 self._idle.notify_all()
         self.wake()
 
-    def attempt(self, attempt: Attempt) -> Result:
+    def pace(self) -> float | None:
+        """Send what the lanes allow now (main thread); returns seconds until it is worth calling
+        again, or None when nothing waits."""
+        now = time.monotonic()
+        next_call: float | None = None
+
+        def soon(seconds: float | None) -> None:
+            nonlocal next_call
+            if seconds is not None:
+                next_call = seconds if next_call is None else min(next_call, seconds)
+
+        for lane in list(self.lanes.values()):
+            if lane.paced and lane.pause_to_share:
+                take_tokens(lane.transport, lane.rate_per_minute or 1, lane.burst or 1, 0,
+                            lane.pause_to_share)
+                lane.pause_to_share = 0.0
+            with self._lanes_lock:
+                if not lane.waiting:
+                    continue
+                if now < lane.paused_until:
+                    soon(lane.paused_until - now)
+                    continue
+                digest = getattr(self.transports.get(lane.transport), "supports_digest", False)
+                groups, singles = lane.plan(now)
+                if not digest:  # each alert goes out on its own, in order, as tokens allow
+                    singles = [w for g in groups for w in g] + singles
+                    groups = []
+            sends: list[list[Waiting]] = [g for g in groups] + [[w] for w in singles]
+            if lane.paced:
+                granted, wait = take_tokens(lane.transport, lane.rate_per_minute or 1,
+                                            lane.burst or 1, len(sends))
+            else:
+                granted, wait = len(sends), 0.0
+            chosen = sends[:granted]
+            with self._lanes_lock:
+                taken = {id(w) for group in chosen for w in group}
+                lane.waiting = type(lane.waiting)(w for w in lane.waiting if id(w) not in taken)
+            executor = self.executors[lane.transport]
+            for group in chosen:
+                if len(group) == 1:
+                    executor.submit(self._run, group[0].attempt)
+                else:
+                    members = tuple(w.attempt for w in group)
+                    executor.submit(self._run, replace(
+                        members[0], members=members, delivery_id=None, note="",
+                        digest_id=f"digest-{uuid.uuid4().hex[:8]}"))
+            if len(sends) > granted:
+                soon(wait)
+            soon(lane.next_due(now))
+        return next_call
+
+    def execute(self, attempt: Attempt) -> list[Result]:
+        """attempt() for a single alert or a digest (one result per alert in it).
+
+        A 429 escapes as RateLimited when the transport has a lane to wait in.
+        """
+        if not attempt.members:
+            return [self.attempt(attempt, rate_limited=True)]
+        transport = self.transports[attempt.transport]
+        started = time.monotonic()
+        n = len(attempt.members)
+        try:
+            outcome, detail = SENT, transport.send_digest(
+                [m.alert for m in attempt.members], attempt.recipient, attempt.digest_id)
+        except RateLimited:
+            raise
+        except DeliveryError as exc:
+            outcome, detail = FAILED_DELIVERY, str(exc)
+        except TransportError as exc:
+            outcome, detail = FAILED_TRANSPORT, str(exc)
+        except Exception as exc:  # a buggy transport must not sink the others
+            logger.exception("transport %s raised unexpectedly", attempt.transport)
+            outcome, detail = FAILED_TRANSPORT, f"internal error: {type(exc).__name__}"
+        metrics.DIGESTS.labels(attempt.transport).inc()
+        elapsed = int((time.monotonic() - started) * 1000)
+        return [self._result(m, outcome, f"in {attempt.digest_id} of {n} alerts: {detail}",
+                             elapsed) for m in attempt.members]
+
+    def _result(self, attempt: Attempt, outcome: str, detail: str, duration_ms: int) -> Result:
+        transport = self.transports.get(attempt.transport)
+        if attempt.note:
+            detail = f"{attempt.note}; {detail}"
+        return Result(attempt, transport.type if transport else "", outcome, detail,
+                      duration_ms, utcnow())
+
+    def attempt(self, attempt: Attempt, *, rate_limited: bool = False) -> Result:
         """Send once, now, on this thread, and turn the verdict into an outcome."""
         transport = self.transports.get(attempt.transport)
         started = time.monotonic()
@@ -107,6 +267,10 @@ class Dispatcher:
         else:
             try:
                 outcome, detail = SENT, transport.send(attempt.alert, attempt.recipient)
+            except RateLimited as exc:
+                if rate_limited and attempt.transport in self.lanes:
+                    raise
+                outcome, detail = FAILED_DELIVERY, str(exc)
             except DeliveryError as exc:
                 outcome, detail = FAILED_DELIVERY, str(exc)
             except TransportError as exc:
@@ -166,3 +330,18 @@ class Dispatcher:
             executor.shutdown(wait=wait)
         for transport in self.transports.values():
             transport.close()
+
+
+def send_test(cfg: Config, name: str, recipient: str | None = None) -> Result:
+    """The Test button (`nomaflowd test`, the notifications page): one "test from Nomaflow"
+    through transport `name` now, recorded like any alert (audit row with alert 'test' and
+    the `notification` log line). `recipient` defaults to the transport's default."""
+    tc = cfg.transports[name]
+    dispatcher = Dispatcher(build({name: tc}, cfg.send_timeout_seconds), cfg.replica_id)
+    try:
+        result = dispatcher.attempt(Attempt(test_alert(cfg.base_url), name,
+                                            recipient or default_recipient(tc)))
+        dispatcher.record([result])
+    finally:
+        dispatcher.close()
+    return result

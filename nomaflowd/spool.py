@@ -15,6 +15,7 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from nomaflowd import metrics
 from nomaflowd.errors import Rejected
 from nomaflowd.events import MAX_BYTES
 
@@ -96,6 +97,7 @@ class Spool:
         except FileNotFoundError:
             note.unlink(missing_ok=True)
             return
+        metrics.REJECTED.inc()
         logger.warning("spool file %r rejected: %s", name, reason)
 
     def remove(self, names: list[str]) -> None:

@@ -7,14 +7,24 @@ from collections.abc import Mapping
 from nomaflowd.config import TransportConfig
 from nomaflowd.transports.base import DeliveryError, Transport, TransportError
 from nomaflowd.transports.email import Email
+from nomaflowd.transports.opsgenie import Opsgenie
+from nomaflowd.transports.pagerduty import PagerDuty
 from nomaflowd.transports.slack import Slack
 from nomaflowd.transports.webhook import Webhook
 
 TRANSPORT_TYPES: dict[str, type[Transport]] = {"slack": Slack, "email": Email, "webhook": Webhook}
+# A webhook with `preset = "..."` speaks that provider's API (config.PRESET_URLS).
+PRESETS: dict[str, type[Transport]] = {"pagerduty": PagerDuty, "opsgenie": Opsgenie}
 
-__all__ = ["TRANSPORT_TYPES", "DeliveryError", "Transport", "TransportError", "build"]
+__all__ = ["PRESETS", "TRANSPORT_TYPES", "DeliveryError", "Transport", "TransportError", "build",
+           "transport_class"]
 
 
 def build(configs: Mapping[str, TransportConfig], timeout: float) -> dict[str, Transport]:
-    return {name: TRANSPORT_TYPES[c.type](name, c.settings, timeout=timeout)
+    return {name: transport_class(c)(name, c.settings, timeout=timeout)
             for name, c in configs.items()}
+
+
+def transport_class(c: TransportConfig) -> type[Transport]:
+    preset = c.settings.get("preset") if c.type == "webhook" else None
+    return PRESETS[preset] if preset else TRANSPORT_TYPES[c.type]

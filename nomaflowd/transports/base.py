@@ -29,6 +29,24 @@ class DeliveryError(Exception):
     """The upstream answered and refused."""
 
 
+class RateLimited(DeliveryError):
+    """HTTP 429: the upstream wants us to wait `retry_after` seconds."""
+
+    def __init__(self, detail: str, retry_after: float) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+def parse_retry_after(headers: Any, default: float = 30.0) -> float:
+    """Retry-After in seconds (delta-seconds form; an HTTP date or nonsense -> default)."""
+    value = headers.get("Retry-After") if headers is not None else None
+    try:
+        seconds = float(str(value).strip())
+    except (TypeError, ValueError):
+        return default
+    return min(max(seconds, 0.0), 3600.0)
+
+
 class Deadlines:
     """One thread that shuts down sockets whose whole-request deadline has passed.
 
@@ -94,6 +112,7 @@ class Transport:
     """One configured transport. render() is pure; send() is the only I/O."""
 
     type: ClassVar[str]
+    supports_digest: ClassVar[bool] = True
 
     def __init__(self, name: str, settings: Mapping[str, Any], *, timeout: float) -> None:
         self.name = name
@@ -112,6 +131,10 @@ class Transport:
 
     def send(self, alert: Alert, recipient: str) -> str:
         """Deliver once; return a short detail, or raise TransportError / DeliveryError."""
+        raise NotImplementedError
+
+    def send_digest(self, alerts: list[Alert], recipient: str, digest_id: str) -> str:
+        """Deliver several alerts as one message (pacing); same verdicts as send()."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -218,7 +241,14 @@ class HttpTransport(Transport):
         """2xx -> detail; anything else raises DeliveryError via describe_refusal()."""
         if 200 <= status < 300:
             return f"HTTP {status}"
-        raise DeliveryError(self.describe_refusal(status, data, headers))
+        raise self.refusal(status, data, headers)
+
+    def refusal(self, status: int, data: bytes, headers: Any) -> DeliveryError:
+        """The exception for a refusal: RateLimited for a 429, DeliveryError otherwise."""
+        detail = self.describe_refusal(status, data, headers)
+        if status == 429:
+            return RateLimited(detail, parse_retry_after(headers))
+        return DeliveryError(detail)
 
     def describe_refusal(self, status: int, data: bytes, headers: Any) -> str:
         snippet = data[:200].decode("utf-8", "replace").replace("\n", " ").strip()

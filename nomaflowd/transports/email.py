@@ -9,9 +9,10 @@ import ssl
 import time
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
+from collections.abc import Callable
 from typing import Any
 
-from nomaflowd.alerts import Alert
+from nomaflowd.alerts import Alert, digest_by_job, digest_headline
 from nomaflowd.transports.base import (
     DEADLINES,
     DeliveryError,
@@ -70,6 +71,42 @@ class Email(Transport):
         return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
 
     def send(self, alert: Alert, recipient: str) -> str:
+        return self._deliver(lambda cte: self._message(alert, recipient, cte), recipient)
+
+    def send_digest(self, alerts: list[Alert], recipient: str, digest_id: str) -> str:
+        return self._deliver(lambda cte: self._digest(alerts, recipient, digest_id, cte),
+                             recipient)
+
+    def _digest(self, alerts: list[Alert], recipient: str, digest_id: str,
+                cte: str | None = None) -> EmailMessage:
+        """One mail for many alerts: the headline, then a table with a row per alert."""
+        msg = EmailMessage()
+        msg["Subject"] = f"[Nomaflow] DIGEST {len(alerts)} alerts"
+        msg["From"] = self.settings["default_from"]
+        msg["To"] = recipient
+        msg["Date"] = formatdate(usegmt=True)
+        msg["Message-ID"] = make_msgid(domain="nomaflow")
+        headline = digest_headline(alerts)
+        ordered = [a for _, group in digest_by_job(alerts) for a in group]
+        text = [f"{headline} ({digest_id})", ""]
+        rows = []
+        for a in ordered:
+            error = _header(a.get("error"))
+            text.append(f"{a.subject_word:<13} {_header(a.job_id)}  run {a.run_id or '-'}"
+                        + (f"  {error}" if error else "") + (f"  {a.url}" if a.url else ""))
+            link = (f'<a href="{html.escape(a.url, quote=True)}">{html.escape(a.run_id or "")}'
+                    "</a>" if a.url else html.escape(a.run_id or ""))
+            rows.append(f"<tr><td>{html.escape(a.subject_word)}</td>"
+                        f"<td>{html.escape(a.job_id)}</td><td>{link}</td>"
+                        f"<td>{html.escape(error)}</td></tr>")
+        msg.set_content("\n".join(text) + "\n", cte=cte)
+        msg.add_alternative(
+            f"<!doctype html><html><body><p>{html.escape(headline)}</p>"
+            "<table><tr><th>alert</th><th>job</th><th>run</th><th>error</th></tr>"
+            + "".join(rows) + "</table></body></html>\n", subtype="html", cte=cte)
+        return msg
+
+    def _deliver(self, build: Callable[[str | None], EmailMessage], recipient: str) -> str:
         s = self.settings
         deadline = time.monotonic() + self.timeout
         box: list[smtplib.SMTP] = []  # the watch must see the socket STARTTLS swaps in
@@ -82,7 +119,7 @@ class Email(Transport):
                                                 context=self._context()))
                 else:
                     box.append(smtplib.SMTP(s["host"], s["port"], timeout=self.timeout))
-                return self._converse(box[0], alert, recipient)
+                return self._converse(box[0], build, recipient)
         except smtplib.SMTPRecipientsRefused as exc:
             code, text = next(iter(exc.recipients.values()))
             raise DeliveryError(f"SMTP {code} {_text(text)} (recipient refused)") from None
@@ -111,7 +148,8 @@ class Email(Transport):
                 with contextlib.suppress(OSError):  # the connection is gone either way
                     smtp.close()
 
-    def _converse(self, smtp: smtplib.SMTP, alert: Alert, recipient: str) -> str:
+    def _converse(self, smtp: smtplib.SMTP, build: Callable[[str | None], EmailMessage],
+                  recipient: str) -> str:
         s = self.settings
         smtp.ehlo_or_helo_if_needed()
         if s["tls"] == "starttls":
@@ -136,9 +174,9 @@ class Email(Transport):
         # addresses): declare it, or fall back to 7-bit for a server without 8BITMIME.
         options: list[str] = []
         if not smtp.has_extn("8bitmime"):
-            msg = self._message(alert, recipient, "quoted-printable")
+            msg = build("quoted-printable")
         else:
-            msg = self.render(alert, recipient)
+            msg = build(None)
             if (sender + recipient).isascii():
                 options = ["BODY=8BITMIME"]
         refused = smtp.send_message(msg, from_addr=sender, to_addrs=[recipient],

@@ -6,11 +6,13 @@ import json
 from typing import Any
 from urllib.parse import quote
 
-from nomaflowd.alerts import Alert
+from nomaflowd.alerts import SEVERITY, Alert, digest_by_job, digest_headline, digest_line
 from nomaflowd.routing import SLACK_DEFAULT
 from nomaflowd.transports.base import DeliveryError, HttpTransport, host_of, retry_after
 
-COLOURS = {"failed": "#d00000", "long_run": "#f2c744", "succeeded": "#2eb67d"}
+DIGEST_LINES = 30  # a digest longer than this stops being read
+COLOURS = {"failed": "#d00000", "long_run": "#f2c744", "succeeded": "#2eb67d",
+           "recovered": "#2eb67d"}
 
 
 def escape(text: str) -> str:
@@ -76,13 +78,45 @@ class Slack(HttpTransport):
                                                                for f in facts)}]
         return payload
 
+    def render_digest(self, alerts: list[Alert], recipient: str, digest_id: str
+                      ) -> dict[str, Any]:
+        """One message: the headline, a line per job (worst first), capped for readability."""
+        groups = digest_by_job(alerts)
+        lines = [f":package: *{escape(digest_headline(alerts))}*"]
+        for job, group in groups[:DIGEST_LINES]:
+            icon, pieces = digest_line(job, group)
+            line = " \u00b7 ".join(escape(one_line(p)) for p in pieces)
+            latest = group[-1]
+            if latest.url:
+                line += f" {link(latest.url, latest.link_text)}"
+            lines.append(f"{icon} {line}")
+        if len(groups) > DIGEST_LINES:
+            rest = groups[DIGEST_LINES:]
+            lines.append(f"\u2026 and {len(rest)} more jobs"
+                         f" ({sum(len(g) for _, g in rest)} alerts)")
+        payload = self.render(alerts[0], recipient)
+        payload["text"] = "\n".join(lines)
+        worst = min(alerts, key=lambda a: SEVERITY.index(a.kind) if a.kind in SEVERITY else 99)
+        payload.pop("attachments", None)
+        if worst.kind in COLOURS:
+            payload["attachments"] = [{"color": COLOURS[worst.kind],
+                                       "fallback": digest_headline(alerts),
+                                       "text": escape(digest_id)}]
+        return payload
+
+    def send_digest(self, alerts: list[Alert], recipient: str, digest_id: str) -> str:
+        return self._post(self.render_digest(alerts, recipient, digest_id))
+
     def describe_refusal(self, status: int, data: bytes, headers: Any) -> str:
         token = data[:100].decode("utf-8", "replace").strip().splitlines()
         return f"HTTP {status}" + (f" {token[0]}" if token else "") + retry_after(status, headers)
 
     def send(self, alert: Alert, recipient: str) -> str:
-        body = json.dumps(self.render(alert, recipient), ensure_ascii=False).encode("utf-8")
+        return self._post(self.render(alert, recipient))
+
+    def _post(self, payload: dict[str, Any]) -> str:
+        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         status, data, headers = self.post(self.settings["webhook_url"].reveal(), body, {})
         if status == 200 and data.strip() == b"ok":
             return "HTTP 200 ok"
-        raise DeliveryError(self.describe_refusal(status, data, headers))
+        raise self.refusal(status, data, headers)

@@ -9,7 +9,7 @@ import re
 import time
 from typing import Any
 
-from nomaflowd.alerts import Alert
+from nomaflowd.alerts import Alert, digest_headline
 from nomaflowd.transports.base import HttpTransport, host_of
 
 VARIABLE_RE = re.compile(r"\$\{([a-z_]+)\}")
@@ -44,6 +44,10 @@ class Webhook(HttpTransport):
         template = self.settings.get("body_template")
         if template:
             return {"body": substitute(template, values)}
+        return {"body": self._default_body(alert)}
+
+    def _default_body(self, alert: Alert) -> str:
+        values = alert.variables()
         body = {k: (values[k] or None) for k in ("job_id", "run_id", "state", "triggered_by",
                                                  "started_at", "finished_at", "error", "url")}
         body.update(alert=alert.kind, level=alert.level, summary=alert.summary())
@@ -51,7 +55,7 @@ class Webhook(HttpTransport):
             body["step"] = values["step"]
         if values["message"]:
             body["message"] = values["message"]
-        return {"body": json.dumps(body, ensure_ascii=False, separators=(",", ":"))}
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
     def signed_headers(self, body: bytes, now: float | None = None) -> dict[str, str]:
         headers = {name: (v if isinstance(v, str) else v.reveal())
@@ -64,8 +68,22 @@ class Webhook(HttpTransport):
             headers["X-Nomaflow-Signature"] = "sha256=" + mac.hexdigest()
         return headers
 
+    def render_digest(self, alerts: list[Alert], recipient: str, digest_id: str) -> str:
+        """One JSON body with an `alerts` array of default bodies (body_template not applied)."""
+        return json.dumps({
+            "digest": digest_id,
+            "count": len(alerts),
+            "summary": digest_headline(alerts),
+            "alerts": [json.loads(self._default_body(a)) for a in alerts],
+        }, ensure_ascii=False, separators=(",", ":"))
+
+    def send_digest(self, alerts: list[Alert], recipient: str, digest_id: str) -> str:
+        return self._post(self.render_digest(alerts, recipient, digest_id).encode("utf-8"))
+
     def send(self, alert: Alert, recipient: str) -> str:
-        body = self.render(alert, recipient)["body"].encode("utf-8")
+        return self._post(self.render(alert, recipient)["body"].encode("utf-8"))
+
+    def _post(self, body: bytes) -> str:
         status, data, headers = self.post(self.settings["url"].reveal(), body,
                                           self.signed_headers(body))
         return self.check_response(status, data, headers)

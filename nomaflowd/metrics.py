@@ -1,0 +1,88 @@
+"""Prometheus metrics and /healthz, served when `daemon.metrics_listen` is set."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client.core import REGISTRY, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+logger = logging.getLogger(__name__)
+
+NOTIFICATIONS = Counter("nomaflowd_notifications", "Delivery attempts by outcome",
+                        ["transport", "transport_type", "alert", "outcome"])
+SEND_SECONDS = Histogram("nomaflowd_send_duration_seconds", "Time of one delivery attempt",
+                         ["transport"],
+                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+EVENTS = Counter("nomaflowd_events_ingested", "Events recorded, by state", ["state"])
+REJECTED = Counter("nomaflowd_files_rejected", "Spool files moved to rejected/")
+DIGESTS = Counter("nomaflowd_digests_sent", "Digest messages sent", ["transport"])
+
+
+def observe_result(result: Any) -> None:
+    a = result.attempt
+    NOTIFICATIONS.labels(a.transport or "-", result.transport_type or "-", a.alert.kind,
+                         result.outcome).inc()
+    SEND_SECONDS.labels(a.transport or "-").observe(result.duration_ms / 1000)
+
+
+class Live(Collector):
+    """Gauges read at scrape time from the running daemon."""
+
+    def __init__(self, source: Callable[[], dict[str, float]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        values = self.source()
+        for name, help_text in (
+            ("spool_backlog", "Spool files seen but not yet ingested"),
+            ("running_runs", "Runs in state RUNNING"),
+            ("alerts_waiting", "Alerts waiting for pacing"),
+            ("newest_event_age_seconds", "Seconds since the newest event was received"),
+        ):
+            if name in values:
+                yield GaugeMetricFamily(f"nomaflowd_{name}", help_text, value=values[name])
+
+
+class MetricsServer:
+    def __init__(self, address: tuple[str, int], gauges: Callable[[], dict[str, float]],
+                 healthy: Callable[[], bool]) -> None:
+        self.collector = Live(gauges)
+        REGISTRY.register(self.collector)
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if self.path.split("?")[0] == "/metrics":
+                    body, status, kind = generate_latest(REGISTRY), 200, CONTENT_TYPE_LATEST
+                elif self.path.split("?")[0] == "/healthz":
+                    ok = healthy()
+                    body = b"ok\n" if ok else b"main loop stalled\n"
+                    status, kind = (200 if ok else 503), "text/plain"
+                else:
+                    body, status, kind = b"not found\n", 404, "text/plain"
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # scrapes are not news
+
+        self.server = ThreadingHTTPServer(address, Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics",
+                                       daemon=True)
+        self.thread.start()
+        logger.info("metrics on http://%s:%d/metrics", *self.server.server_address[:2])
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        REGISTRY.unregister(self.collector)
+
