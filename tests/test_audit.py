@@ -1,0 +1,93 @@
+"""`nomaflowd audit`, `prune` and `check` as an operator runs them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import datetime, timedelta
+
+from nomaflowd import db
+from nomaflowd.cli import main
+
+
+def seed(tree) -> None:
+    tree.write_config()
+    db.open_database(f"sqlite:///{tree.db_path}")
+    now = datetime.utcnow()
+    rows = [
+        (now - timedelta(days=1), "sync", "r1", "failed", "high", "SENT"),
+        (now - timedelta(days=2), "sync", "r2", "failed", "high", "FAILED_DELIVERY"),
+        (now - timedelta(days=10), "etl", "e1", "long_run", "medium", "FAILED_TRANSPORT"),
+        (now - timedelta(days=200), "sync", "old", "failed", "high", "SENT"),
+    ]
+    for created, job, run, alert, level, outcome in rows:
+        db.NotificationRow.insert(created_at=created, job_id=job, run_id=run, alert=alert,
+                                  level=level, transport="hook", transport_type="webhook",
+                                  recipient="hook", outcome=outcome, detail="d",
+                                  duration_ms=3, replica="a").execute()
+    db.proxy.close()
+
+
+def run(tree, capsys, *args: str) -> tuple[int, str]:
+    code = main([*args, "--config", str(tree.config_path)])
+    return code, capsys.readouterr().out
+
+
+def test_audit_filters_and_formats(tree, capsys):
+    seed(tree)
+    code, out = run(tree, capsys, "audit", "--job", "sync", "--since", "7d", "--format", "json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["run_id"] for r in rows] == ["r2", "r1"]
+    assert set(rows[0]) >= {"id", "created_at", "event_id", "job_id", "run_id", "alert",
+                            "level", "transport", "transport_type", "recipient", "outcome",
+                            "detail", "duration_ms", "replica"}
+    code, out = run(tree, capsys, "audit", "--outcome", "FAILED_TRANSPORT", "--format", "csv")
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert [r["run_id"] for r in table] == ["e1"]
+    code, out = run(tree, capsys, "audit", "--run", "r1")
+    assert out.splitlines()[0].startswith("CREATED_AT") and "r1" in out and "r2" not in out
+    code, out = run(tree, capsys, "audit", "--job", "nobody", "--format", "json")
+    assert json.loads(out) == []
+
+
+def test_audit_bad_since_is_a_usage_error(tree, capsys):
+    seed(tree)
+    assert main(["audit", "--since", "yesterday", "--config", str(tree.config_path)]) == 2
+    assert "--since" in capsys.readouterr().err
+
+
+def test_prune_applies_retention(tree, capsys):
+    seed(tree)
+    code, out = run(tree, capsys, "prune")
+    assert code == 0 and "removed 1 notifications" in out
+    code, out = run(tree, capsys, "audit", "--format", "json")
+    assert "old" not in [r["run_id"] for r in json.loads(out)]
+
+
+def test_check_reports_pitfalls_and_exit_codes(tree, capsys, http):
+    tree.write_config(tree.webhook("hook", http.url()))
+    tree.write_jobs('[jobs.a.alerts]\nrecipients = ["#nobody"]\non_long_run_minutes = 1\n')
+    code, out = run(tree, capsys, "check")
+    assert code == 1
+    assert "jobs.a.alerts.recipients: no slack transport is configured" in out
+    assert "on_long_run_minutes is 1" in out
+    tree.write_jobs('[jobs.a.alerts]\nrecipients = ["hook"]\n')
+    code, out = run(tree, capsys, "check")
+    assert code == 0 and "0 error(s)" in out
+
+
+def test_check_refuses_url_recipients(tree, capsys, http):
+    tree.write_config(tree.webhook("hook", http.url()))
+    tree.write_jobs('[jobs.a.alerts]\nrecipients = ["https://hooks.slack.com/x"]\n')
+    code, out = run(tree, capsys, "check")
+    assert code == 1 and "URL" in out
+
+
+def test_unknown_command_and_missing_config_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NOMAFLOWD_CONFIG", raising=False)
+    assert main(["audit"]) == 2
+    assert "no config found" in capsys.readouterr().err
+    assert main(["frobnicate"]) == 2
