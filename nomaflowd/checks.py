@@ -5,15 +5,19 @@ from __future__ import annotations
 import os
 import stat
 
-from nomaflowd import catalogue
+from nomaflowd import catalogue, incidents
+from nomaflowd.alerts import span
 from nomaflowd.config import Config
 from nomaflowd.crypto import key_path
 from nomaflowd.errors import ConfigError
 from nomaflowd.routing import Router
 
 
-def run_checks(cfg: Config) -> list[tuple[str, str]]:
-    """(level, text) pairs; level is "error" or "warning"."""
+def run_checks(cfg: Config, *, history: bool = False) -> list[tuple[str, str]]:
+    """(level, text) pairs; level is "error" or "warning".
+
+    history: the database is open, so thresholds can be compared with real durations.
+    """
     problems: list[tuple[str, str]] = []
     if not cfg.transports:
         problems.append(("error", "no transports configured: no alert can reach anyone"))
@@ -45,6 +49,12 @@ def run_checks(cfg: Config) -> list[tuple[str, str]]:
             problems.append(("warning", f"jobs.{job}.alerts.on_long_run_minutes is"
                              f" {block.on_long_run_minutes:g}: tune it to the job's normal"
                              " runtime plus headroom"))
+    if history:
+        problems.extend(threshold_checks(cat))
+    for name, tc in cfg.transports.items():
+        if incidents.preset(tc) and tc.settings.get("body_template"):
+            problems.append(("warning", f"transports.{name}.body_template is ignored: the"
+                             f" {incidents.preset(tc)} preset sends that API's own body"))
     blocks = list(cat.jobs_alerts.values())
     loud = [b for b in blocks if b.on_success]
     if len(blocks) >= 4 and len(loud) * 2 > len(blocks):
@@ -55,4 +65,22 @@ def run_checks(cfg: Config) -> list[tuple[str, str]]:
         problems.append(("warning", f"{key} is readable by others; chmod 600 {key}"))
     if not cfg.spool_dir.is_dir():
         problems.append(("warning", f"spool {cfg.spool_dir} does not exist yet (run creates it)"))
+    return problems
+
+
+def threshold_checks(cat: catalogue.Catalogue) -> list[tuple[str, str]]:
+    """A fixed on_long_run_minutes below what the job usually takes warns on every run."""
+    problems: list[tuple[str, str]] = []
+    for job in sorted(set(cat.jobs_alerts) | set(cat.jobs_tags)):
+        eff = cat.effective(job)
+        minutes = eff.alerts.on_long_run_minutes
+        if not isinstance(minutes, float):
+            continue
+        learned = incidents.learn(job)
+        if learned.usual is not None and minutes < learned.usual:
+            where = f"jobs.{job}.alerts" if eff.alerts_origin == "job" else "defaults.alerts"
+            problems.append(("warning", f"{where}.on_long_run_minutes is {minutes:g} for {job},"
+                             f" which usually runs {span(learned.usual)} (median of its last"
+                             f" {learned.samples} successful runs): most runs would warn;"
+                             ' raise it or use "auto"'))
     return problems

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from nomaflowd import __version__, config, crypto, db, events
-from nomaflowd.alerts import test_alert
 from nomaflowd.config import Config
 from nomaflowd.errors import ConfigError, NomaflowError, Rejected, UsageError
 
@@ -124,6 +123,20 @@ def open_db(cfg: Config) -> Any:
     return database
 
 
+def open_history(cfg: Config) -> tuple[Any, str | None]:
+    """The database for reading run history, or (None, why not): a dry run creates none."""
+    import peewee as pw
+
+    if cfg.database.startswith("sqlite:///"):
+        path = cfg.database[len("sqlite:///"):]
+        if path != ":memory:" and not Path(path).exists():
+            return None, f"no database yet at {path}"
+    try:
+        return open_db(cfg), None
+    except (ConfigError, pw.PeeweeException, OSError) as exc:
+        return None, f"database unavailable ({type(exc).__name__})"
+
+
 # --- commands ------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -182,9 +195,8 @@ def cmd_emit(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from nomaflowd.dispatch import SENT, Attempt, Dispatcher
+    from nomaflowd.dispatch import SENT, send_test
     from nomaflowd.routing import Router, default_recipient
-    from nomaflowd.transports import build
 
     cfg = load_config(args)
     if args.transport not in cfg.transports:
@@ -201,18 +213,15 @@ def cmd_test(args: argparse.Namespace) -> int:
             raise UsageError(f"--to {args.to!r} is not a {tc.type} recipient")
         recipient = normal
     database = open_db(cfg)
-    # The same path as a real alert: Dispatcher.attempt() for the verdict, record() for
-    # the audit row and the `notification` log line. Without a handler that log line would
-    # reach the terminal through logging's last resort, repeating the line printed below.
+    # The same path as a real alert and as the web page's Test button (send_test). Without
+    # a handler its `notification` log line would reach the terminal through logging's last
+    # resort, repeating the line printed below.
     quiet = logging.getLogger("nomaflowd")
     if not quiet.handlers:
         quiet.addHandler(logging.NullHandler())
-    dispatcher = Dispatcher(build({tc.name: tc}, cfg.send_timeout_seconds), cfg.replica_id)
     try:
-        result = dispatcher.attempt(Attempt(test_alert(cfg.base_url), tc.name, recipient))
-        dispatcher.record([result])
+        result = send_test(cfg, tc.name, recipient)
     finally:
-        dispatcher.close()
         database.close()
     print(f"{result.outcome} {tc.name} -> {recipient}: {result.detail}")
     return 0 if result.outcome == SENT else 1
@@ -255,7 +264,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}")
         return 1
-    problems = run_checks(cfg)
+    database, _ = open_history(cfg)
+    try:
+        problems = run_checks(cfg, history=database is not None)
+    finally:
+        if database is not None:
+            database.close()
     for level, text in problems:
         print(f"{level}: {text}")
     errors = sum(1 for level, _ in problems if level == "error")
@@ -320,7 +334,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except Rejected as exc:
         print(f"the daemon would reject this file: {exc}")
         return 1
-    print(explain(cfg, event))
+    database, why = open_history(cfg)
+    try:
+        print(explain(cfg, event, history=why))
+    finally:
+        if database is not None:
+            database.close()
     return 0
 
 

@@ -17,8 +17,18 @@ from typing import Any
 import peewee as pw
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from nomaflowd import (alerts, catalogue, config, db, events, incidents, metrics, state, systemd,
-                       transports)
+from nomaflowd import (
+    alerts,
+    catalogue,
+    config,
+    db,
+    events,
+    incidents,
+    metrics,
+    state,
+    systemd,
+    transports,
+)
 from nomaflowd.alerts import Alert
 from nomaflowd.catalogue import Catalogue, Effective, WatchedCatalogue
 from nomaflowd.config import Config

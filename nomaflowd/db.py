@@ -81,6 +81,7 @@ class NotificationRow(Model):
         table_name = "notifications"
         indexes = (
             (("job_id", "created_at"), False),
+            (("job_id", "run_id"), False),  # who got a run's failure (recovery), audit --run
             (("level", "created_at"), False),
             (("transport", "created_at"), False),
             (("outcome", "created_at"), False),

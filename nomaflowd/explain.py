@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
+from nomaflowd import incidents
 from nomaflowd.config import Config
-from nomaflowd.daemon import Policy
+from nomaflowd.daemon import Policy, Routed
 from nomaflowd.events import Event
 from nomaflowd.transports import build
 
 
-def explain(cfg: Config, event: Event) -> str:
+def explain(cfg: Config, event: Event, *, history: str | None = None,
+            now: datetime | None = None) -> str:
+    """The dry run. `history` None: the database is open (incident state and learned
+    thresholds are read from it); otherwise the reason it is not."""
+    now = now or datetime.utcnow()  # the database stores naive UTC
     policy = Policy(cfg)
     cat = policy.current()
     eff = cat.effective(event.job_id, event.alerts, event.tags)
@@ -22,6 +28,19 @@ def explain(cfg: Config, event: Event) -> str:
     if event.state == "RUNNING" and isinstance(minutes, float):
         out.append(f"long-run warning after {minutes:g} min if still RUNNING")
     routed = policy.for_event(event, cat)
+    if history is not None:
+        out.append(f"incident state and learned threshold unknown: {history}")
+    else:
+        out.extend(incidents.describe(cfg, event.job_id, eff, now,
+                                      would_send=event.state != "SUCCEEDED"))
+        if event.state == "SUCCEEDED" and event.run_id:
+            upto = event.finished_at or event.at
+            if not incidents.newer_finish(event.job_id, upto, event.run_id):
+                ep = incidents.episode(event.job_id, upto, event.run_id)
+                rec = incidents.plan_recovery(cfg, ep, event.run_id, eff.alerts.on_recovery)
+                if rec.plan.targets:
+                    alert = incidents.recovered_alert(cfg, event, rec.episode, now)
+                    routed.append(Routed(alert, eff, rec.plan))
     if not routed:
         out.append(f"no alert: a {event.state} event alerts only when its alerts block asks"
                    " for it")
@@ -31,7 +50,9 @@ def explain(cfg: Config, event: Event) -> str:
         out.append(f"alert {r.alert.kind} (level {r.alert.level})")
         for rule in r.plan.rules:
             out.append(f"  matched {rule}")
-        if not r.plan.rules and not event.get("recipients"):
+        if r.alert.kind == "recovered":
+            out.append("  to whoever got the failure (audit and delivery rows of the episode)")
+        elif not r.plan.rules and not event.get("recipients"):
             out.append("  no routing rule matched")
         for t in r.plan.targets:
             if t.error:
@@ -41,13 +62,20 @@ def explain(cfg: Config, event: Event) -> str:
         for t in r.plan.duplicates:
             out.append(f"  dropped duplicate {t.written} ({t.origin}) = {t.transport}:"
                        f"{t.recipient}")
+        for t in r.plan.skipped:
+            out.append(f"  not sent to {t.transport}: {t.recipient} ({t.error})")
         for t in r.plan.targets:
             if t.error:
                 continue
-            transport = transports[t.transport]
+            transport = transports.get(t.transport)
+            if transport is None:
+                out.append(f"  {t.transport} is no longer configured: NOT SENT")
+                continue
             payload = transport.render(r.alert, t.recipient)
             out.append(f"  payload for {t.transport} -> {t.recipient} "
                        f"(to {transport.destination()}):")
+            if isinstance(payload, dict) and "request" in payload:
+                out.append(f"    {payload['request']}")
             if isinstance(payload, dict) and "body" in payload:
                 text = payload["body"]
             elif isinstance(payload, dict):

@@ -27,6 +27,7 @@ class Plan:
     targets: list[Target] = field(default_factory=list)
     duplicates: list[Target] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)
+    skipped: list[Target] = field(default_factory=list)  # by design, not sent (error = why)
 
 
 def email_address(value: str) -> str | None:

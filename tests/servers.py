@@ -49,8 +49,10 @@ class HttpRecorder:
 
             def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("Content-Length", 0))
-                req = Request("POST", self.path, dict(self.headers.items()),
-                              self.rfile.read(length))
+                body = self.rfile.read(length)
+                if len(body) < length:
+                    return  # the sender died mid-request: nothing was delivered
+                req = Request("POST", self.path, dict(self.headers.items()), body)
                 reply = recorder.reply_for(req)
                 if reply.delay:
                     time.sleep(reply.delay)

@@ -1,0 +1,466 @@
+"""Incident lifecycle: recovery notices, PagerDuty/Opsgenie that open and close themselves,
+long-run thresholds learned from history. End to end against local servers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+from nomaflowd import incidents
+from nomaflowd.cli import main
+from tests.servers import Reply, Request
+from tests.smtp_server import SmtpRecorder
+
+ROUTING_KEY = "R0UTINGKEY-CANARY-0123456789abcd"
+GENIE_KEY = "6f0c2b1e-CANARY-genie-key"
+PD_OK = {"status": "success", "message": "Event processed"}
+PD_INVALID = {"status": "invalid event", "message": "Event object is invalid",
+              "errors": ["Length of 'routing_key' is incorrect"]}
+OG_OK = {"result": "Request will be processed", "took": 0.01,
+         "requestId": "43a29c5c-3dbf-4fa4-9c26-f4f71023e120"}
+OG_INVALID = {"message": "Request body is not processable. Please check the errors.",
+              "took": 0.0, "requestId": "9ae63dd7-ed00-4c81-86f0-c4ffd33142c9"}
+
+
+def stamp(dt: datetime) -> str:
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def ago(minutes: float) -> str:
+    return stamp(datetime.utcnow() - timedelta(minutes=minutes))
+
+
+def pd_reply(req: Request) -> Reply:
+    """202 as PagerDuty answers it, echoing the dedup_key."""
+    body = {**PD_OK, "dedup_key": req.json()["dedup_key"]}
+    return Reply(202, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+
+def pagerduty(tree: Any, http: Any, name: str = "pd") -> str:
+    return tree.webhook(name, http.url("/v2/enqueue"),
+                        f'preset = "pagerduty"\nrouting_key = "{tree.enc(ROUTING_KEY)}"')
+
+
+def opsgenie(tree: Any, http: Any, name: str = "og") -> str:
+    return tree.webhook(name, http.url("/"),
+                        f'preset = "opsgenie"\napi_key = "{tree.enc(GENIE_KEY)}"')
+
+
+def slack_reply(req: Request) -> Reply:
+    if req.json().get("channel") == "#gone":
+        return Reply(404, b"channel_not_found")
+    return Reply(200, b"ok")
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpRecorder]:
+    server = SmtpRecorder()
+    yield server
+    server.close()
+
+
+def email(port: int) -> str:
+    return ('[transports.mail]\ntype = "email"\nhost = "127.0.0.1"\n'
+            f'port = {port}\ntls = "none"\ndefault_from = "Nomaflow <nomaflow@corp.test>"\n')
+
+
+def rows(tree: Any) -> list[tuple[str, str, str, str]]:
+    return [(r["alert"], r["transport"], r["recipient"], r["outcome"])
+            for r in tree.notifications()]
+
+
+# --- PagerDuty ---------------------------------------------------------------------------
+
+def test_pagerduty_triggers_then_resolves_with_one_dedup_key(tree, http, inproc):
+    http.replies["/v2/enqueue"] = pd_reply
+    http.replies["/slack"] = slack_reply
+    tree.write_config(pagerduty(tree, http) + tree.slack("slack", http.url("/slack")))
+    tree.write_jobs('[jobs.reporting-nightly-sync]\ntags = ["team-data"]\n'
+                    '[jobs.reporting-nightly-sync.alerts]\nrecipients = ["pd", "#data"]\n')
+    d = inproc()
+    tree.drop({"job_id": "reporting-nightly-sync", "run_id": "r1", "state": "FAILED",
+               "step": "copy-orders", "error": "OperationalError: connection refused",
+               "finished_at": ago(30)})
+    d.pump()
+    tree.drop({"job_id": "reporting-nightly-sync", "run_id": "r2", "state": "FAILED",
+               "error": "x" * 3000})
+    d.pump()
+    tree.drop({"job_id": "reporting-nightly-sync", "run_id": "r3", "state": "SUCCEEDED"})
+    d.pump()
+
+    sent = [r.json() for r in http.requests if r.path == "/v2/enqueue"]
+    assert [b["event_action"] for b in sent] == ["trigger", "trigger", "resolve"]
+    assert {b["dedup_key"] for b in sent} == {"nomaflow/reporting-nightly-sync"}
+    assert {b["routing_key"] for b in sent} == {ROUTING_KEY}
+    first = sent[0]
+    assert first["payload"]["summary"] == ("reporting-nightly-sync run failed at step"
+                                           " copy-orders \u00b7 OperationalError: connection"
+                                           " refused")
+    assert first["payload"]["source"] == "nomaflow:reporting-nightly-sync"
+    assert first["payload"]["severity"] == "error"
+    assert first["payload"]["custom_details"]["run_id"] == "r1"
+    assert first["links"] == [{"href": "https://nomaflow.test/runs/r1/", "text": "View run"}]
+    assert len(sent[1]["payload"]["summary"]) == 1024  # PagerDuty's limit
+    assert set(sent[2]) == {"routing_key", "event_action", "dedup_key"}
+
+    # on_recovery is off: Slack heard about the failures, not the recovery; PagerDuty
+    # closes what it opened whatever on_recovery says.
+    assert sorted(rows(tree)) == sorted([
+        ("failed", "pd", "pd", "SENT"), ("failed", "slack", "#data", "SENT"),
+        ("failed", "pd", "pd", "SENT"), ("failed", "slack", "#data", "SENT"),
+        ("recovered", "pd", "pd", "SENT")])
+    recovered = next(r for r in tree.notifications() if r["alert"] == "recovered")
+    assert recovered["level"] == "low"
+    assert recovered["detail"] == "HTTP 202 resolve nomaflow/reporting-nightly-sync"
+    assert ROUTING_KEY not in json.dumps(tree.notifications())
+
+
+def test_pagerduty_400_is_failed_delivery_and_nothing_to_resolve(tree, http, inproc):
+    http.replies["/v2/enqueue"] = Reply(400, json.dumps(PD_INVALID).encode())
+    tree.write_config(pagerduty(tree, http))
+    tree.write_jobs('[jobs.sync.alerts]\nrecipients = ["pd"]\n')
+    d = inproc()
+    tree.drop({"job_id": "sync", "run_id": "r1", "state": "FAILED"})
+    d.pump()
+    tree.drop({"job_id": "sync", "run_id": "r2", "state": "SUCCEEDED"})
+    d.pump()
+    [row] = tree.notifications()
+    assert (row["alert"], row["outcome"]) == ("failed", "FAILED_DELIVERY")
+    assert row["detail"] == ("HTTP 400 invalid event: Event object is invalid:"
+                             " Length of 'routing_key' is incorrect")
+    assert len(http.requests) == 1  # the failed page opened nothing, so nothing is resolved
+
+
+def test_pagerduty_long_run_warning_triggers_and_the_success_resolves(tree, http, inproc):
+    http.replies["/v2/enqueue"] = pd_reply
+    tree.write_config(pagerduty(tree, http), daemon="poll_seconds = 3600")
+    tree.write_jobs('[jobs.etl.alerts]\non_long_run_minutes = 30\nrecipients = ["pd"]\n')
+    d = inproc()
+    start = datetime.utcnow().replace(microsecond=0)
+    tree.drop({"job_id": "etl", "run_id": "r1", "state": "RUNNING", "started_at": stamp(start)})
+    d.pump()
+    assert d.daemon.poll_long_runs(start + timedelta(minutes=31)) == 1
+    d.pump()
+    tree.drop({"job_id": "etl", "run_id": "r1", "state": "SUCCEEDED"})
+    d.pump()
+    sent = [r.json() for r in http.requests]
+    assert [(b["event_action"], b.get("payload", {}).get("severity")) for b in sent] == [
+        ("trigger", "warning"), ("resolve", None)]
+    assert {b["dedup_key"] for b in sent} == {"nomaflow/etl"}
+
+
+def test_incident_transports_skip_alerts_that_are_not_incidents(tree, http, inproc):
+    http.replies["/v2/enqueue"] = pd_reply
+    tree.write_config(pagerduty(tree, http) + tree.webhook("hook", http.url("/hook")))
+    tree.write_jobs('[jobs.sync.alerts]\non_success = true\nrecipients = ["pd", "hook"]\n')
+    d = inproc()
+    tree.drop({"job_id": "sync", "run_id": "r1", "state": "SUCCEEDED"})
+    tree.drop({"job_id": "sync", "state": "NOTICE", "message": "hello"})
+    d.pump()
+    assert sorted(r.path for r in http.requests) == ["/hook", "/hook"]
+
+
+# --- Opsgenie ----------------------------------------------------------------------------
+
+def test_opsgenie_creates_then_closes_by_alias(tree, http, inproc):
+    http.replies["/v2/alerts"] = Reply(202, json.dumps(OG_OK).encode())
+    tree.write_config(opsgenie(tree, http))
+    tree.write_jobs('[jobs.reporting-nightly-sync.alerts]\nrecipients = ["og"]\n')
+    d = inproc()
+    tree.drop({"job_id": "reporting-nightly-sync", "run_id": "r1", "state": "FAILED",
+               "error": "OperationalError: connection refused " + "y" * 200,
+               "finished_at": ago(47)})
+    d.pump()
+    tree.drop({"job_id": "reporting-nightly-sync", "run_id": "r2", "state": "SUCCEEDED"})
+    d.pump()
+    create, close = http.requests
+    assert create.path == "/v2/alerts"
+    assert close.path == ("/v2/alerts/nomaflow%2Freporting-nightly-sync/close"
+                          "?identifierType=alias")
+    assert {create.headers["Authorization"], close.headers["Authorization"]} == {
+        f"GenieKey {GENIE_KEY}"}
+    body = create.json()
+    assert body["alias"] == "nomaflow/reporting-nightly-sync"
+    assert body["priority"] == "P2"
+    assert len(body["message"]) == 130 and body["message"].endswith("\u2026")
+    assert body["message"].startswith("reporting-nightly-sync run failed \u00b7 Operational")
+    assert body["details"]["run_id"] == "r1"
+    assert body["details"]["error"].startswith("OperationalError: connection refused")
+    note = close.json()["note"]
+    assert note.startswith("reporting-nightly-sync recovered after 1 failed run (first"
+                           " failure 47 min ago)")
+    assert [(r["alert"], r["outcome"]) for r in tree.notifications()] == [
+        ("failed", "SENT"), ("recovered", "SENT")]
+    assert tree.notifications()[1]["detail"].startswith(
+        "HTTP 202 close nomaflow/reporting-nightly-sync (requestId 43a29c5c")
+    assert GENIE_KEY not in json.dumps(tree.notifications())
+
+
+def test_opsgenie_422_is_failed_delivery(tree, http, inproc):
+    http.replies["/v2/alerts"] = Reply(422, json.dumps(OG_INVALID).encode())
+    tree.write_config(opsgenie(tree, http))
+    tree.write_jobs('[jobs.sync.alerts]\nrecipients = ["og"]\n')
+    d = inproc()
+    tree.drop({"job_id": "sync", "run_id": "r1", "state": "FAILED"})
+    d.pump()
+    [row] = tree.notifications()
+    assert row["outcome"] == "FAILED_DELIVERY"
+    assert row["detail"].startswith("HTTP 422 Request body is not processable.")
+
+
+# --- recovery notices in Slack and email -------------------------------------------------
+
+def test_recovery_reaches_slack_and_email_that_got_the_failure(tree, http, smtp, inproc):
+    http.replies["/slack"] = slack_reply
+    tree.write_config(tree.slack("slack", http.url("/slack")) + email(smtp.port)
+                      + '[[routing]]\ntag = "other"\nrecipients = ["#other-team"]\n')
+    tree.write_jobs('[jobs.sync.alerts]\non_recovery = true\n'
+                    'recipients = ["#data", "#gone", "Data Team <data@corp.test>"]\n')
+    d = inproc()
+    tree.drop({"job_id": "sync", "run_id": "r1", "state": "FAILED", "finished_at": ago(47)})
+    d.pump()
+    tree.drop({"job_id": "sync", "run_id": "r2", "state": "FAILED", "finished_at": ago(20)})
+    d.pump()
+    tree.drop({"job_id": "sync", "run_id": "r3", "state": "SUCCEEDED"})
+    d.pump()
+
+    recovered = [r.json() for r in http.requests if "recovered" in r.json()["text"]]
+    assert len(recovered) == 1  # #gone never got the failure (404), so not the recovery
+    [msg] = recovered
+    assert msg["channel"] == "#data"
+    assert msg["text"].startswith("\U0001f7e2 sync recovered after 2 failed runs"
+                                  " (first failure 47 min ago)")
+    assert msg["attachments"][0]["color"] == "#2eb67d"
+    mails = smtp.wait_for(3)
+    assert mails[-1].message["Subject"] == "[Nomaflow] RECOVERED sync"
+    assert "sync recovered after 2 failed runs" in mails[-1].part("text/plain")
+    assert mails[-1].rcpt_tos == ["data@corp.test"]
+    got = sorted((r["alert"], r["recipient"], r["outcome"]) for r in tree.notifications()
+                 if r["alert"] == "recovered")
+    assert got == [("recovered", "#data", "SENT"), ("recovered", "data@corp.test", "SENT")]
+
+
+def test_success_after_success_and_late_success_send_no_recovery(tree, http, inproc):
+    tree.write_config(tree.webhook("hook", http.url("/hook")))
+    tree.write_jobs('[jobs.sync.alerts]\non_recovery = true\nrecipients = ["hook"]\n')
+    d = inproc()
+    tree.drop({"job_id": "sync", "run_id": "r1", "state": "FAILED", "finished_at": ago(30)})
+    tree.drop({"job_id": "sync", "run_id": "r3", "state": "FAILED", "finished_at": ago(10)})
+    d.pump()
+    # r2 finished between the two failures but its event arrives last: the incident is
+    # still open (r3 failed after it), so nothing recovers.
+    tree.drop({"job_id": "sync", "run_id": "r2", "state": "SUCCEEDED", "finished_at": ago(20)})
+    d.pump()
+    tree.drop({"job_id": "sync", "run_id": "r4", "state": "SUCCEEDED", "finished_at": ago(5)})
+    d.pump()
+    tree.drop({"job_id": "sync", "run_id": "r5", "state": "SUCCEEDED"})
+    d.pump()
+    kinds = [(r.json()["alert"], r.json()["run_id"]) for r in http.requests]
+    assert sorted(kinds) == [("failed", "r1"), ("failed", "r3"), ("recovered", "r4")]
+    [body] = [r.json() for r in http.requests if r.json()["alert"] == "recovered"]
+    assert body["summary"].startswith("\U0001f7e2 sync recovered after 1 failed run")
+
+
+# --- learned long-run thresholds ---------------------------------------------------------
+
+def drop_history(tree: Any, job: str, minutes: list[float]) -> None:
+    """Past runs: a RUNNING and a SUCCEEDED event each, with times in the past."""
+    end = datetime.utcnow() - timedelta(days=1)
+    for i, m in enumerate(minutes):
+        finished = end - timedelta(hours=i)
+        started = finished - timedelta(minutes=m)
+        tree.drop({"job_id": job, "run_id": f"past-{i}", "state": "RUNNING",
+                   "started_at": stamp(started)})
+        tree.drop({"job_id": job, "run_id": f"past-{i}", "state": "SUCCEEDED",
+                   "started_at": stamp(started), "finished_at": stamp(finished)})
+
+
+def test_auto_threshold_fires_at_3x_usual_and_not_at_1_2x(tree, http, inproc):
+    tree.write_config(tree.webhook("hook", http.url("/hook")), daemon="poll_seconds = 3600")
+    tree.write_jobs('[jobs.etl.alerts]\non_long_run_minutes = "auto"\nrecipients = ["hook"]\n')
+    d = inproc()
+    drop_history(tree, "etl", [9, 10, 10, 11, 10, 12])
+    d.pump()
+    start = datetime.utcnow().replace(microsecond=0)
+    tree.drop({"job_id": "etl", "run_id": "now", "state": "RUNNING", "started_at": stamp(start)})
+    d.pump()
+    # p95 (nearest rank) of 9..12 is 12 min; x1.5 = 18 min after the start; usually 10 min.
+    [(usual, deadline)] = tree.sql(
+        "SELECT usual_minutes, long_run_deadline FROM runs WHERE run_id = 'now'")
+    assert usual == 10
+    assert deadline.startswith(str(start + timedelta(minutes=18)))
+    assert d.daemon.poll_long_runs(start + timedelta(minutes=12)) == 0    # 1.2x usual
+    assert d.daemon.poll_long_runs(start + timedelta(minutes=30)) == 1    # 3x usual
+    d.pump()
+    [req] = http.requests
+    body = req.json()
+    assert (body["alert"], body["run_id"]) == ("long_run", "now")
+    assert "etl run still running: usually 10 min, now 30 min" in body["summary"]
+
+
+def test_fixed_threshold_keeps_working_beside_auto(tree, http, inproc):
+    tree.write_config(tree.webhook("hook", http.url("/hook")), daemon="poll_seconds = 3600")
+    tree.write_jobs('[jobs.etl.alerts]\non_long_run_minutes = 5\nrecipients = ["hook"]\n')
+    d = inproc()
+    drop_history(tree, "etl", [9, 10, 10, 11, 10, 12])
+    d.pump()
+    start = datetime.utcnow().replace(microsecond=0)
+    tree.drop({"job_id": "etl", "run_id": "now", "state": "RUNNING", "started_at": stamp(start)})
+    d.pump()
+    assert d.daemon.poll_long_runs(start + timedelta(minutes=6)) == 1
+    d.pump()
+    assert "etl run still running after 6 min" in http.requests[0].json()["summary"]
+    d.close()
+    assert main(["check", "--config", str(tree.config_path)]) == 0
+
+
+def test_check_warns_about_a_fixed_threshold_below_the_usual_duration(tree, inproc, capsys):
+    tree.write_config()
+    tree.write_jobs('[jobs.etl.alerts]\non_long_run_minutes = 5\n')
+    d = inproc()
+    drop_history(tree, "etl", [9, 10, 10, 11, 10])
+    d.pump()
+    d.close()
+    main(["check", "--config", str(tree.config_path)])
+    out = capsys.readouterr().out
+    assert ("jobs.etl.alerts.on_long_run_minutes is 5 for etl, which usually runs 10 min"
+            " (median of its last 5 successful runs)") in out
+
+
+def test_auto_threshold_waits_for_five_samples_and_explain_says_so(tree, http, inproc,
+                                                                    capsys, tmp_path):
+    tree.write_config(tree.webhook("hook", http.url("/hook")), daemon="poll_seconds = 3600")
+    tree.write_jobs('[jobs.etl.alerts]\non_long_run_minutes = "auto"\nrecipients = ["hook"]\n')
+    d = inproc()
+    drop_history(tree, "etl", [9, 10, 11])
+    d.pump()
+    start = datetime.utcnow().replace(microsecond=0)
+    tree.drop({"job_id": "etl", "run_id": "now", "state": "RUNNING", "started_at": stamp(start)})
+    d.pump()
+    assert tree.sql("SELECT long_run_deadline FROM runs WHERE run_id = 'now'") == [(None,)]
+    assert d.daemon.poll_long_runs(start + timedelta(days=2)) == 0
+    d.close()
+    event = tmp_path / "running.json"
+    event.write_text(json.dumps({"job_id": "etl", "run_id": "next", "state": "RUNNING"}))
+    assert main(["explain", "--config", str(tree.config_path), str(event)]) == 0
+    out = capsys.readouterr().out
+    assert ('no long-run warning yet: "auto" learns from 5 successful runs with start and'
+            " finish times and this job has 3") in out
+    assert http.requests == []
+
+
+# --- explain -------------------------------------------------------------------------------
+
+def test_explain_shows_the_open_episode_and_what_recovery_would_send(tree, http, inproc,
+                                                                     capsys, tmp_path):
+    http.replies["/v2/enqueue"] = pd_reply
+    tree.write_config(pagerduty(tree, http) + tree.slack("slack", http.url("/slack")))
+    tree.write_jobs('[jobs.sync.alerts]\nrecipients = ["pd", "#data"]\n')
+    d = inproc()
+    tree.drop({"job_id": "sync", "run_id": "r1", "state": "FAILED", "finished_at": ago(47)})
+    d.pump()
+    tree.drop({"job_id": "sync", "run_id": "r2", "state": "FAILED"})
+    d.pump()
+    d.close()
+    before = len(http.requests)
+
+    running = tmp_path / "running.json"
+    running.write_text(json.dumps({"job_id": "sync", "run_id": "r3", "state": "RUNNING"}))
+    assert main(["explain", "--config", str(tree.config_path), str(running)]) == 0
+    out = capsys.readouterr().out
+    assert ("incident: open, 2 failed runs since the last success (first failure 47 min ago);"
+            " dedup key nomaflow/sync") in out
+    assert "a SUCCEEDED run would send `recovered` to:" in out
+    assert "-> pd: pd (got the failure; pagerduty closes it)" in out
+    assert "not told slack: #data (got the failure, but on_recovery is off)" in out
+
+    success = tmp_path / "success.json"
+    success.write_text(json.dumps({"job_id": "sync", "run_id": "r3", "state": "SUCCEEDED"}))
+    assert main(["explain", "--config", str(tree.config_path), str(success)]) == 0
+    out = capsys.readouterr().out
+    assert "alert recovered (level low)" in out
+    assert '"event_action": "resolve"' in out
+    assert '"dedup_key": "nomaflow/sync"' in out
+    assert '"routing_key": "****"' in out and ROUTING_KEY not in out
+    assert len(http.requests) == before  # explain sends nothing
+
+
+def test_explain_says_no_incident_is_open(tree, http, capsys, tmp_path, inproc):
+    tree.write_config(pagerduty(tree, http))
+    tree.write_jobs('[jobs.sync.alerts]\non_success = true\nrecipients = ["pd"]\n')
+    d = inproc()
+    tree.drop({"job_id": "sync", "run_id": "r1", "state": "SUCCEEDED"})
+    d.pump()
+    d.close()
+    event = tmp_path / "e.json"
+    event.write_text(json.dumps({"job_id": "sync", "run_id": "r2", "state": "SUCCEEDED"}))
+    assert main(["explain", "--config", str(tree.config_path), str(event)]) == 0
+    out = capsys.readouterr().out
+    assert "incident: none open (last success " in out
+    assert "not sent to pd: pd (a pagerduty transport takes failed, long-run and recovered" \
+           " alerts only)" in out
+
+
+# --- pure parts ----------------------------------------------------------------------------
+
+def test_learned_threshold_is_p95_times_one_and_a_half_with_a_floor():
+    assert incidents.learn_from([10, 11, 12, 9]).threshold is None
+    learned = incidents.learn_from([10] * 28 + [20, 40])
+    assert (learned.samples, learned.usual, learned.p95, learned.threshold) == (30, 10, 20, 30)
+    assert incidents.learn_from([0.1] * 5).threshold == incidents.FLOOR_MINUTES
+    assert incidents.learn_from([5, 5, 5, 5, 5, -3]).samples == 5  # clock skew dropped
+
+
+def test_dedup_key_fits_pagerduty_limit():
+    assert incidents.dedup_key("sync") == "nomaflow/sync"
+    long = incidents.dedup_key("j" * 256)
+    assert len(long) == 255 and long != incidents.dedup_key("j" * 255 + "k")
+
+
+# --- PostgreSQL: the same queries on the replicas' backend ---------------------------------
+
+@pytest.mark.postgres
+def test_episode_and_learned_threshold_on_postgresql(tree, http, inproc, pg_schema):
+    http.replies["/v2/enqueue"] = pd_reply
+    tree.database = pg_schema
+    tree.write_config(pagerduty(tree, http), daemon="poll_seconds = 3600")
+    tree.write_jobs('[jobs.etl.alerts]\non_long_run_minutes = "auto"\nrecipients = ["pd"]\n')
+    d = inproc()
+    drop_history(tree, "etl", [9, 10, 10, 11, 10, 12])
+    d.pump()
+    tree.drop({"job_id": "etl", "run_id": "f1", "state": "FAILED", "finished_at": ago(30)})
+    d.pump()
+    start = datetime.utcnow().replace(microsecond=0)
+    tree.drop({"job_id": "etl", "run_id": "now", "state": "RUNNING", "started_at": stamp(start)})
+    d.pump()
+    assert d.daemon.poll_long_runs(start + timedelta(minutes=12)) == 0
+    assert d.daemon.poll_long_runs(start + timedelta(minutes=30)) == 1
+    d.pump()
+    tree.drop({"job_id": "etl", "run_id": "now", "state": "SUCCEEDED"})
+    d.pump()
+    sent = [r.json() for r in http.requests]
+    assert [(b["event_action"], b.get("payload", {}).get("severity")) for b in sent] == [
+        ("trigger", "error"), ("trigger", "warning"), ("resolve", None)]
+    assert "usually 10 min, now 30 min" in sent[1]["payload"]["summary"]
+
+
+def test_test_button_opens_and_closes_at_once(tree, http, capsys):
+    http.replies["/v2/enqueue"] = pd_reply
+    http.replies["/v2/alerts"] = Reply(202, json.dumps(OG_OK).encode())
+    tree.write_config(pagerduty(tree, http) + opsgenie(tree, http))
+    assert main(["test", "pd", "--config", str(tree.config_path)]) == 0
+    assert main(["test", "og", "--config", str(tree.config_path)]) == 0
+    out = capsys.readouterr().out
+    assert "SENT pd -> pd: HTTP 202 trigger nomaflow/test, resolved at once" in out
+    assert "SENT og -> og: HTTP 202 create nomaflow/test" in out
+    pd = [r.json() for r in http.requests if r.path == "/v2/enqueue"]
+    assert [(b["event_action"], b["dedup_key"]) for b in pd] == [
+        ("trigger", "nomaflow/test"), ("resolve", "nomaflow/test")]
+    assert pd[0]["payload"]["severity"] == "info"
+    og = [(r.path, r.json().get("priority")) for r in http.requests if r.path.startswith("/v2/al")]
+    assert og == [("/v2/alerts", "P5"),
+                  ("/v2/alerts/nomaflow%2Ftest/close?identifierType=alias", None)]
