@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -142,13 +141,6 @@ class Alert:
             "level": self.level,
             "message": self.get("message"),
         }
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str) -> Alert:
-        return cls(**json.loads(text))
 
 
 def from_event(kind: str, event: Any, url: str, *, minutes: float | None = None) -> Alert:

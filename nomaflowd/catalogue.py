@@ -155,7 +155,7 @@ def load(path: Path) -> Catalogue:
 
 
 class WatchedCatalogue:
-    """A catalogue that reloads itself when jobs.toml changes; a broken file keeps the last good one."""
+    """jobs.toml, reloaded when it changes; a broken file keeps the last good catalogue."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

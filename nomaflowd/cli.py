@@ -25,7 +25,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="nomaflowd.toml (default: "
                         "$NOMAFLOWD_CONFIG, ./etc/nomaflowd.toml, /etc/nomaflowd/nomaflowd.toml)")
     parser = Parser(prog="nomaflowd", parents=[common],
@@ -179,11 +179,11 @@ def cmd_emit(args: argparse.Namespace) -> int:
         if args.to:
             event["recipients"] = args.to
         if state in events.RUN_STATES:
-            now = datetime.utcnow().strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # noqa: DTZ003
+            now = datetime.utcnow().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             event["at"] = now
             event.setdefault("started_at" if state == "RUNNING" else "finished_at", now)
     try:
-        events.parse(json.dumps(event).encode(), "emit", datetime.utcnow())  # noqa: DTZ003
+        events.parse(json.dumps(event).encode(), "emit", datetime.utcnow())
     except Rejected as exc:
         raise UsageError(f"the event would be rejected: {exc}") from None
     try:
@@ -330,7 +330,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"{args.event}: {exc.strerror}") from None
     try:
-        event = events.parse(raw, Path(args.event).name, datetime.utcnow())  # noqa: DTZ003
+        event = events.parse(raw, Path(args.event).name, datetime.utcnow())
     except Rejected as exc:
         print(f"the daemon would reject this file: {exc}")
         return 1

@@ -195,7 +195,9 @@ def _pacing(t: Table, kind: str) -> dict[str, Any]:
     rate = t.get("rate_per_minute", float, rate)
     if rate is not None and rate <= 0:
         raise ConfigError(f"{t.key('rate_per_minute')} must be greater than 0")
-    burst = t.get("burst", int, burst if burst is not None else (max(1, int(rate)) if rate else None))
+    if burst is None and rate:
+        burst = max(1, int(rate))
+    burst = t.get("burst", int, burst)
     if burst is not None and burst < 1:
         raise ConfigError(f"{t.key('burst')} must be at least 1")
     return {

@@ -64,7 +64,8 @@ def load_keys(path: Path) -> MultiFernet:
             keys.append(Fernet(raw))
         except ValueError:
             raise ConfigError(
-                f"key file {candidate} is not a nomaflowd key; make one with `nomaflowd secret keygen`"
+                f"key file {candidate} is not a nomaflowd key;"
+                " make one with `nomaflowd secret keygen`"
             ) from None
     if not keys:
         raise ConfigError(f"key file {path} not found; create it with `nomaflowd secret keygen`")
@@ -93,13 +94,15 @@ def decrypt(keys: MultiFernet, token: str, field: str) -> Secret:
     """Decrypt an `enc:` token; errors name the field, never the value."""
     if not token.startswith(PREFIX):
         raise ConfigError(
-            f"{field} is plaintext; encrypt it with `nomaflowd secret encrypt` and use the enc: token"
+            f"{field} is plaintext; encrypt it with `nomaflowd secret encrypt`"
+            " and use the enc: token"
         )
     try:
         return Secret(keys.decrypt(token[len(PREFIX) :].encode()).decode())
     except (InvalidToken, ValueError):
         raise ConfigError(
-            f"{field} cannot be decrypted with this key; re-encrypt it with `nomaflowd secret encrypt`"
+            f"{field} cannot be decrypted with this key;"
+            " re-encrypt it with `nomaflowd secret encrypt`"
         ) from None
 
 

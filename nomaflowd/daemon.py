@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -9,7 +10,7 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
@@ -105,18 +106,19 @@ def claim(routed: list[Routed], replica: str, now: datetime) -> list[Attempt]:
     the event (or long-run mark) that made it due.
     """
     rows, alerts_by_key = [], {}
+    errors: dict[tuple[str, str, str], str] = {}
     for r in routed:
         alerts_by_key[r.alert.key] = r.alert
-        context = r.alert.to_json()
+        alert = asdict(r.alert)
         for t in r.plan.targets:
+            errors[(r.alert.key, t.transport, t.recipient)] = t.error
             rows.append({"alert_key": r.alert.key, "transport": t.transport,
                          "recipient": t.recipient, "event_id": r.alert.event_id,
-                         "context": json.dumps({"alert": json.loads(context), "error": t.error}),
+                         "context": json.dumps({"alert": alert, "error": t.error},
+                                               separators=(",", ":")),
                          "state": "claimed", "claimed_by": replica, "claimed_at": now,
                          "attempts": 1})
     attempts = []
-    errors = {(row["alert_key"], row["transport"], row["recipient"]):
-              json.loads(row["context"])["error"] for row in rows}
     for i in range(0, len(rows), 500):
         query = (db.DeliveryRow.insert_many(rows[i:i + 500])
                  .on_conflict(conflict_target=[db.DeliveryRow.alert_key, db.DeliveryRow.transport,
@@ -177,7 +179,8 @@ class Daemon:
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={
             "max_instances": 1, "coalesce": True, "misfire_grace_time": None})
         self.scheduler.add_job(self.poll_long_runs_job, "interval",
-                               seconds=self.config.poll_seconds, next_run_time=datetime.now().astimezone(),
+                               seconds=self.config.poll_seconds,
+                               next_run_time=datetime.now().astimezone(),
                                id="long_run")
         self.scheduler.add_job(self.prune_job, "interval", days=1,
                                next_run_time=datetime.now().astimezone() + timedelta(minutes=1),
@@ -343,10 +346,8 @@ class Daemon:
             logger.error("database unavailable, files wait in the spool: %s", exc)
         self.pending.clear()
         self.stopping.wait(1.0)
-        try:
+        with contextlib.suppress(*DB_ERRORS):  # it was broken anyway; the next query reconnects
             self.database.close()
-        except DB_ERRORS:
-            pass  # it was broken anyway; the next query reconnects
 
     def record(self, results: list[Result]) -> None:
         self.unrecorded.extend(results)
@@ -475,7 +476,8 @@ class Daemon:
         now = db.heartbeat(self.config.replica_id)
         cutoff = now - timedelta(seconds=self.lease_seconds)
         dead = [r.replica_id for r in db.ReplicaRow.select().where(
-            (db.ReplicaRow.seen_at < cutoff) & (db.ReplicaRow.replica_id != self.config.replica_id))]
+            (db.ReplicaRow.seen_at < cutoff)
+            & (db.ReplicaRow.replica_id != self.config.replica_id))]
         if not dead:
             return 0
         d = db.DeliveryRow

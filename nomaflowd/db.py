@@ -190,7 +190,8 @@ def open_database(url: str) -> pw.Database:
             db = url_connect(url)
     except ImportError:
         raise ConfigError(
-            "daemon.database is PostgreSQL but no driver is installed; pip install 'nomaflowd[postgres]'"
+            "daemon.database is PostgreSQL but no driver is installed;"
+            " pip install 'nomaflowd[postgres]'"
         ) from None
     proxy.initialize(db)
     db.connect(reuse_if_open=True)

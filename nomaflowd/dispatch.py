@@ -30,7 +30,7 @@ MAX_REFUSALS = 5
 
 
 def utcnow() -> datetime:
-    return datetime.utcnow()  # noqa: DTZ003 - the database stores naive UTC
+    return datetime.utcnow()
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ class Dispatcher:
                 if not digest:  # each alert goes out on its own, in order, as tokens allow
                     singles = [w for g in groups for w in g] + singles
                     groups = []
-            sends: list[list[Waiting]] = [g for g in groups] + [[w] for w in singles]
+            sends: list[list[Waiting]] = groups + [[w] for w in singles]
             if lane.paced:
                 granted, wait = take_tokens(lane.transport, lane.rate_per_minute or 1,
                                             lane.burst or 1, len(sends))

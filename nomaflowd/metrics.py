@@ -56,7 +56,7 @@ class MetricsServer:
         REGISTRY.register(self.collector)
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 if self.path.split("?")[0] == "/metrics":
                     body, status, kind = generate_latest(REGISTRY), 200, CONTENT_TYPE_LATEST
                 elif self.path.split("?")[0] == "/healthz":

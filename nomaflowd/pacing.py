@@ -94,7 +94,8 @@ def take_tokens(transport: str, rate_per_minute: float, burst: int, wanted: int,
             query = db.BucketRow.select().where(db.BucketRow.transport == transport)
             if isinstance(database, pw.PostgresqlDatabase):
                 query = query.for_update()
-            return query.first()
+            row: db.BucketRow | None = query.first()
+            return row
 
         row = locked()
         if row is None:
@@ -111,7 +112,7 @@ def take_tokens(transport: str, rate_per_minute: float, burst: int, wanted: int,
         granted = 0
         if paused_until is None or paused_until <= now:
             paused_until = None
-            granted = min(wanted, int(math.floor(tokens)))
+            granted = min(wanted, math.floor(tokens))
             tokens -= granted
         db.BucketRow.update(tokens=tokens, updated_at=now, paused_until=paused_until).where(
             db.BucketRow.id == row.id).execute()

@@ -32,7 +32,7 @@ class Plan:
 
 def email_address(value: str) -> str | None:
     """`a@b.c` or `Name <a@b.c>` -> `a@b.c` (lowercased), else None."""
-    name, addr = parseaddr(value)
+    addr = parseaddr(value)[1]
     if not addr or "@" not in addr or " " in addr:
         return None
     local, _, domain = addr.rpartition("@")

@@ -1,7 +1,8 @@
-"""The spool directory is the queue: scan it, read files safely, reject with a reason, drop atomically."""
+"""The spool directory is the queue: scan it, read files safely, reject with a reason."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -85,7 +86,7 @@ class Spool:
             os.close(fd)
 
     def reject(self, name: str, reason: str, now: datetime) -> None:
-        """Move the file to rejected/ with `<name>.error` beside it; never overwrite an earlier one."""
+        """Move the file to rejected/ with `<name>.error` beside it; never overwrite another."""
         target = name
         if os.path.lexists(self.rejected / target):
             target = f"{name}.{uuid.uuid4().hex[:8]}"
@@ -102,10 +103,9 @@ class Spool:
 
     def remove(self, names: list[str]) -> None:
         for name in names:
-            try:
+            # FileNotFoundError: another replica or an operator got there first.
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.path, name))
-            except FileNotFoundError:
-                pass  # another replica or an operator got there first
 
     def mark_handling(self, names: list[str]) -> None:
         if self._handling_fd is None:

@@ -24,7 +24,8 @@ def notify(*states: str) -> bool:
 
 
 def reloading() -> bool:
-    return notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    return notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
 
 
 def watchdog_interval() -> float | None:

@@ -205,7 +205,7 @@ class InProcess:
         self.closed = False
 
     def pump(self, until: Any = None, timeout: float = 10.0, what: str = "condition") -> Any:
-        """Run steps until `until()` is truthy (or, without one, until idle with nothing in flight)."""
+        """Run steps until `until()` is truthy (without one: until idle, nothing in flight)."""
         deadline = time.monotonic() + timeout
         d = self.daemon
         d.hinted = True  # files the test just dropped count, whether or not inotify said so yet

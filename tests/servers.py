@@ -35,7 +35,7 @@ class Reply:
 
 
 class HttpRecorder:
-    """ThreadingHTTPServer on 127.0.0.1:0; scripted replies per path prefix; records every request."""
+    """ThreadingHTTPServer on 127.0.0.1:0; scripted replies per path prefix; records requests."""
 
     def __init__(self) -> None:
         self.requests: list[Request] = []
@@ -47,7 +47,7 @@ class HttpRecorder:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 body = self.rfile.read(length)
                 if len(body) < length:

@@ -49,7 +49,7 @@ def test_bad_config_is_refused_naming_the_key(tree, body, daemon, message):
 
 def test_missing_required_spool_dir(tree):
     tree.config_path.write_text("[daemon]\n")
-    with pytest.raises(ConfigError, match="daemon.spool_dir is required"):
+    with pytest.raises(ConfigError, match=r"daemon\.spool_dir is required"):
         config.load(tree.config_path)
 
 
@@ -106,7 +106,7 @@ def test_token_from_another_key_is_refused_naming_the_field(tree, tmp_path):
     other = tmp_path / "other.key"
     crypto.write_key(other)
     token = crypto.encrypt(crypto.load_keys(other), "https://x")
-    with pytest.raises(ConfigError, match="transports.h.url cannot be decrypted"):
+    with pytest.raises(ConfigError, match=r"transports\.h\.url cannot be decrypted"):
         load(tree, f'[transports.h]\ntype = "webhook"\nurl = "{token}"\n')
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -165,10 +166,8 @@ def private_pg():
     try:
         server = PrivatePostgres(root / "pg")
         yield server
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
             server.stop()
-        except subprocess.CalledProcessError:
-            pass
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

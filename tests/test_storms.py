@@ -65,7 +65,7 @@ def test_storm_to_slack_is_paced_into_digests_without_a_single_429(tree, http, d
     storm(tree)
     rows = wait_until(lambda: len(tree.notifications()) == STORM and tree.notifications(),
                       timeout=60, what="an audit row per alert")
-    accepted = [r for r in http.requests]
+    accepted = list(http.requests)
     assert limiter.refused == 0
     assert len(accepted) <= 40, f"{len(accepted)} messages in the channel"
     assert delivered_count(accepted) == STORM

@@ -1,4 +1,4 @@
-"""The narrow transport interface, typed verdicts, and the HTTP client every HTTP transport shares."""
+"""The narrow transport interface, typed verdicts, and the HTTP client HTTP transports share."""
 
 from __future__ import annotations
 

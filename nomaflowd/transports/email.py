@@ -7,9 +7,9 @@ import html
 import smtplib
 import ssl
 import time
+from collections.abc import Callable
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
-from collections.abc import Callable
 from typing import Any
 
 from nomaflowd.alerts import Alert, digest_by_job, digest_headline

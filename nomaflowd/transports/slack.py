@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 from nomaflowd.alerts import SEVERITY, Alert, digest_by_job, digest_headline, digest_line
 from nomaflowd.routing import SLACK_DEFAULT
-from nomaflowd.transports.base import DeliveryError, HttpTransport, host_of, retry_after
+from nomaflowd.transports.base import HttpTransport, host_of, retry_after
 
 DIGEST_LINES = 30  # a digest longer than this stops being read
 COLOURS = {"failed": "#d00000", "long_run": "#f2c744", "succeeded": "#2eb67d",
