@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
 import shutil
 import signal
@@ -24,7 +25,11 @@ from tests.servers import wait_until
 
 CANARY = "CANARY-7f3e9d-not-for-eyes"
 PASSWORD = "web-pass-CANARY-41ab"
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "notifications-page.png"
+# Every run saves its screenshot under var/ (ignored by git); with
+# NOMAFLOWD_UPDATE_SCREENSHOT=1 it also replaces the README's copy in docs/.
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "var" / "notifications-page.png"
+README_SCREENSHOT = ROOT / "docs" / "notifications-page.png"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
@@ -400,3 +405,5 @@ def test_browser_clicks_test_and_sees_sent(tree, http, daemon_factory, tmp_path)
     rows = tree.notifications()
     assert [(r["alert"], r["outcome"]) for r in rows] == [("failed", "SENT"), ("test", "SENT")]
     assert SCREENSHOT.stat().st_size > 10_000
+    if os.environ.get("NOMAFLOWD_UPDATE_SCREENSHOT"):
+        shutil.copyfile(SCREENSHOT, README_SCREENSHOT)
