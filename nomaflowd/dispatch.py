@@ -81,8 +81,9 @@ class Dispatcher:
         old = self.executors
         self.transports = dict(transports)
         self.executors = {
-            name: ThreadPoolExecutor(WORKERS_PER_TRANSPORT, thread_name_prefix=f"send-{name}")
-            for name in self.transports
+            name: ThreadPoolExecutor(1 if t.ordered else WORKERS_PER_TRANSPORT,
+                                     thread_name_prefix=f"send-{name}")
+            for name, t in self.transports.items()
         }
         for executor in old.values():
             executor.shutdown(wait=False)

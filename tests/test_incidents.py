@@ -119,6 +119,21 @@ def test_pagerduty_triggers_then_resolves_with_one_dedup_key(tree, http, inproc)
     assert ROUTING_KEY not in json.dumps(tree.notifications())
 
 
+def test_failure_and_recovery_in_one_batch_reach_pagerduty_in_order(tree, http, inproc):
+    slow_trigger = Reply(202, json.dumps(PD_OK).encode(), delay=0.3)
+    http.replies["/v2/enqueue"] = lambda req: (
+        slow_trigger if req.json()["event_action"] == "trigger" else pd_reply(req))
+    tree.write_config(pagerduty(tree, http))
+    tree.write_jobs('[jobs.sync.alerts]\nrecipients = ["pd"]\n')
+    d = inproc()
+    # A backlog after downtime: the failure and the success that ends it in one batch.
+    tree.drop({"job_id": "sync", "run_id": "r1", "state": "FAILED", "finished_at": ago(10)})
+    tree.drop({"job_id": "sync", "run_id": "r2", "state": "SUCCEEDED", "finished_at": ago(1)})
+    d.pump()
+    actions = [r.json()["event_action"] for r in http.requests]
+    assert actions == ["trigger", "resolve"]  # recorded in arrival order
+
+
 def test_pagerduty_400_is_failed_delivery_and_nothing_to_resolve(tree, http, inproc):
     http.replies["/v2/enqueue"] = Reply(400, json.dumps(PD_INVALID).encode())
     tree.write_config(pagerduty(tree, http))

@@ -113,6 +113,9 @@ class Transport:
 
     type: ClassVar[str]
     supports_digest: ClassVar[bool] = True
+    # Sends one at a time, in order: for incident APIs, where a resolve must not overtake
+    # the trigger it closes.
+    ordered: ClassVar[bool] = False
 
     def __init__(self, name: str, settings: Mapping[str, Any], *, timeout: float) -> None:
         self.name = name

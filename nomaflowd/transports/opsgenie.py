@@ -29,6 +29,7 @@ class Opsgenie(Webhook):
 
     preset: ClassVar[str] = "opsgenie"
     supports_digest = False  # an alert per job; a digest would merge several jobs' pages
+    ordered = True  # a resolve/close never overtakes the trigger/create it ends
 
     def base(self) -> str:
         """The API root: `url` may be given as https://api.eu.opsgenie.com or …/v2/alerts."""

@@ -43,6 +43,7 @@ class PagerDuty(Webhook):
 
     preset: ClassVar[str] = "pagerduty"
     supports_digest = False  # an incident per job; a digest would merge several jobs' pages
+    ordered = True  # a resolve/close never overtakes the trigger/create it ends
 
     def event(self, alert: Alert, routing_key: str) -> dict[str, Any]:
         """The Events API v2 body (pure)."""
