@@ -112,24 +112,17 @@ def claim(routed: list[Routed], replica: str, now: datetime) -> list[Attempt]:
         alert = asdict(r.alert)
         for t in r.plan.targets:
             errors[(r.alert.key, t.transport, t.recipient)] = t.error
-            rows.append({"alert_key": r.alert.key, "transport": t.transport,
-                         "recipient": t.recipient, "event_id": r.alert.event_id,
-                         "context": json.dumps({"alert": alert, "error": t.error},
-                                               separators=(",", ":")),
-                         "state": "claimed", "claimed_by": replica, "claimed_at": now,
-                         "attempts": 1})
-    attempts = []
-    for i in range(0, len(rows), 500):
-        query = (db.DeliveryRow.insert_many(rows[i:i + 500])
-                 .on_conflict(conflict_target=[db.DeliveryRow.alert_key, db.DeliveryRow.transport,
-                                               db.DeliveryRow.recipient], action="IGNORE")
-                 .returning(db.DeliveryRow.id, db.DeliveryRow.alert_key,
-                            db.DeliveryRow.transport, db.DeliveryRow.recipient))
-        for row in query.execute():
-            attempts.append(Attempt(alerts_by_key[row.alert_key], row.transport, row.recipient,
-                                    delivery_id=row.id,
-                                    error=errors[(row.alert_key, row.transport, row.recipient)]))
-    return attempts
+            rows.append((r.alert.key, t.transport, t.recipient, r.alert.event_id,
+                         json.dumps({"alert": alert, "error": t.error}, separators=(",", ":")),
+                         "claimed", replica, now, 1))
+    inserted = db.insert_new(
+        "deliveries", ("alert_key", "transport", "recipient", "event_id", "context", "state",
+                       "claimed_by", "claimed_at", "attempts"), rows,
+        conflict=("alert_key", "transport", "recipient"),
+        returning=("id", "alert_key", "transport", "recipient"))
+    return [Attempt(alerts_by_key[key], transport, recipient, delivery_id=ident,
+                    error=errors[(key, transport, recipient)])
+            for ident, key, transport, recipient in inserted]
 
 
 class Daemon:
@@ -408,14 +401,10 @@ class Daemon:
         self.spool.clear_handling()
 
     def commit_events(self, batch: list[events.Event], now: datetime) -> list[Attempt]:
-        rows = [{"event_id": e.event_id, "received_at": now, "job_id": e.job_id,
-                 "run_id": e.run_id, "state": e.state, "payload": e.payload} for e in batch]
-        fresh_ids: set[str] = set()
-        for i in range(0, len(rows), 500):
-            query = (db.EventRow.insert_many(rows[i:i + 500])
-                     .on_conflict(conflict_target=[db.EventRow.event_id], action="IGNORE")
-                     .returning(db.EventRow.event_id))
-            fresh_ids.update(r.event_id for r in query.execute())
+        fresh_ids = {row[0] for row in db.insert_new(
+            "events", ("event_id", "received_at", "job_id", "run_id", "state", "payload"),
+            [(e.event_id, now, e.job_id, e.run_id, e.state, e.payload) for e in batch],
+            conflict=("event_id",), returning=("event_id",))}
         cat = self.policy.current()
         routed: list[Routed] = []
         inserts, finishes, recorded = [], [], []

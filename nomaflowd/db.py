@@ -59,6 +59,7 @@ class RunRow(Model):
         # (job_id, state, finished_at): a job's recent successes (learned thresholds) and the
         # runs since its last success (incidents), both read while an event is committed.
         indexes = ((("job_id", "run_id"), True), (("state", "updated_at"), False),
+                   (("long_run_alerted_at", "job_id"), False),
                    (("job_id", "state", "finished_at"), False))
 
 
@@ -149,6 +150,28 @@ class ReplicaRow(Model):
 
 MODELS: tuple[type[Model], ...] = (EventRow, RunRow, NotificationRow, DeliveryRow, SpoolTryRow,
                                    ReplicaRow, BucketRow)
+
+
+def insert_new(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]],
+               conflict: tuple[str, ...], returning: tuple[str, ...]) -> list[tuple[Any, ...]]:
+    """INSERT rows, skipping those that clash on `conflict`; returns the rows that went in.
+
+    Hand-built multi-row VALUES: on the ingest hot path peewee's query builder cost more
+    than the database (about 150 µs a row against 10).
+    """
+    p = proxy.param
+    head = (f'INSERT INTO "{table}" ({", ".join(columns)}) VALUES ')
+    tail = (f' ON CONFLICT ({", ".join(conflict)}) DO NOTHING'
+            f' RETURNING {", ".join(returning)}')
+    one = "(" + ", ".join([p] * len(columns)) + ")"
+    out: list[tuple[Any, ...]] = []
+    step = max(1, 900 // len(columns))  # well under SQLite's variable limit
+    for i in range(0, len(rows), step):
+        chunk = rows[i:i + step]
+        params = [value for row in chunk for value in row]
+        out.extend(proxy.execute_sql(head + ", ".join([one] * len(chunk)) + tail,
+                                     params).fetchall())
+    return out
 
 
 def db_now() -> datetime:

@@ -286,6 +286,27 @@ def recovery_for(cfg: Config, event: Event, eff: Effective, now: datetime,
     return recovered_alert(cfg, event, rec.episode, now), rec
 
 
+def open_candidates(successes: list[Event], now: datetime) -> set[str]:
+    """Jobs among these successes' that may have an episode to close: two queries a batch.
+
+    A job qualifies when one of its runs FAILED, or had a long-run warning, after its last
+    success from before this batch (this batch's rows carry updated_at = now). Only those
+    get the exact, costlier look of recovery_for; success after success stops here.
+    """
+    jobs = sorted({e.job_id for e in successes})
+    found: set[str] = set()
+    p = db.proxy.param
+    for i in range(0, len(jobs), CHUNK):
+        chunk = jobs[i:i + CHUNK]
+        for pages in ("f.state = 'FAILED'", "f.long_run_alerted_at IS NOT NULL"):
+            sql = (f"SELECT DISTINCT f.job_id FROM runs f WHERE f.job_id IN"
+                   f" ({', '.join([p] * len(chunk))}) AND {pages} AND NOT EXISTS"
+                   " (SELECT 1 FROM runs s WHERE s.job_id = f.job_id AND s.state = 'SUCCEEDED'"
+                   f" AND s.updated_at < {p} AND s.finished_at > f.finished_at)")
+            found.update(row[0] for row in db.proxy.execute_sql(sql, [*chunk, now]))
+    return found
+
+
 def after_runs_recorded(cfg: Config, batch: Iterable[Event], cat: Catalogue,
                         in_batch: Sequence[Planned], now: datetime
                         ) -> list[tuple[Alert, Effective, Plan]]:
@@ -296,6 +317,8 @@ def after_runs_recorded(cfg: Config, batch: Iterable[Event], cat: Catalogue,
     """
     due: list[tuple[Alert, Effective, Plan]] = []
     learned: dict[str, Learned] = {}
+    batch = list(batch)
+    maybe_open = open_candidates([e for e in batch if e.state == "SUCCEEDED" and e.run_id], now)
     for e in batch:
         if e.state not in ("RUNNING", "SUCCEEDED") or not e.run_id:
             continue
@@ -306,6 +329,8 @@ def after_runs_recorded(cfg: Config, batch: Iterable[Event], cat: Catalogue,
                     learned[e.job_id] = learn(e.job_id)
                 set_learned_deadline(e, learned[e.job_id])
             continue
+        if e.job_id not in maybe_open:
+            continue  # success after success, the common case: nothing to close
         found = recovery_for(cfg, e, eff, now, in_batch)
         if found:
             alert, rec = found
