@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
@@ -109,7 +109,7 @@ def claim(routed: list[Routed], replica: str, now: datetime) -> list[Attempt]:
     errors: dict[tuple[str, str, str], str] = {}
     for r in routed:
         alerts_by_key[r.alert.key] = r.alert
-        alert = asdict(r.alert)
+        alert = dict(vars(r.alert))  # flat fields (dataclasses.asdict deep-copies: 10x slower)
         for t in r.plan.targets:
             errors[(r.alert.key, t.transport, t.recipient)] = t.error
             rows.append((r.alert.key, t.transport, t.recipient, r.alert.event_id,

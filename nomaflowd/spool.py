@@ -15,6 +15,7 @@ from typing import Any
 
 from watchdog.events import (
     FileClosedEvent,
+    FileCreatedEvent,
     FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
@@ -170,10 +171,11 @@ class Hints(FileSystemEventHandler):
 
 def watch(path: Path, wake: Callable[[], None]) -> Any:
     observer = Observer()
-    # Only renames and closed writes: with every open, read and unlink of our own reported
+    # Only arrivals (a rename from tmp/ reads as "created"; from the spool itself as
+    # "moved") and closed writes: with every open, read and unlink of our own reported
     # too, the watcher thread took the GIL from the ingest loop and cut its rate by half.
     observer.schedule(Hints(wake), str(path), recursive=False,
-                      event_filter=[FileMovedEvent, FileClosedEvent])
+                      event_filter=[FileCreatedEvent, FileMovedEvent, FileClosedEvent])
     observer.daemon = True
     observer.start()
     return observer
