@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import hmac
 import os
 import signal
@@ -225,3 +226,18 @@ def test_sigterm_exits_zero_and_sighup_reloads(tree, http, daemon_factory):
     tree.drop({**FAILED, "run_id": "second"})
     http.wait_for(2)
     assert d.stop() == 0
+
+
+def test_renames_are_noticed_by_the_watcher_not_only_by_the_rescan(tree, http, daemon_factory):
+    # With a rescan once a minute, only the inotify hint can deliver within the wait below.
+    tree.write_config(tree.webhook("ops", http.url()), daemon="rescan_seconds = 60")
+    daemon_factory()
+    tmp = tree.spool / "tmp" / ".from-tmp"
+    tmp.write_text(json.dumps({**FAILED, "run_id": "from-tmp"}))
+    os.rename(tmp, tree.spool / "from-tmp.json")
+    http.wait_for(1, timeout=10)
+    local = tree.spool / ".evt-1.tmp"  # a temp name inside the spool itself
+    local.write_text(json.dumps({**FAILED, "run_id": "in-spool"}))
+    os.rename(local, tree.spool / "in-spool.json")
+    http.wait_for(2, timeout=10)
+    assert sorted(r.json()["run_id"] for r in http.requests) == ["from-tmp", "in-spool"]
