@@ -276,7 +276,7 @@ class Daemon:
             logger.error("reload refused, keeping the running config: %s", exc)
             systemd.notify("READY=1")
             return
-        for key in ("spool_dir", "database"):
+        for key in ("spool_dir", "database", "web_listen", "metrics_listen"):
             if getattr(cfg, key) != getattr(self.config, key):
                 logger.warning("daemon.%s changed; it takes effect at the next restart", key)
                 cfg = replace(cfg, **{key: getattr(self.config, key)})

@@ -270,3 +270,12 @@ def replica_tree(root: Path, first: Tree, database: str) -> Tree:
     other.keys = first.keys
     other.database = database
     return other
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault suite's ledgers, in every run's output (CI's too)."""
+    from tests.faults.test_kill_loop import FIGURES
+
+    if FIGURES:
+        terminalreporter.section("fault suite")
+        terminalreporter.line(", ".join(f"{k} {v}" for k, v in FIGURES.items()))
