@@ -47,7 +47,7 @@ class RunRow(Model):
     updated_at = pw.DateTimeField()
     long_run_alerted_at = pw.DateTimeField(null=True)
     # Stored so that the long-run poll is one indexed range query, not a scan of all runs.
-    long_run_deadline = pw.DateTimeField(null=True, index=True)
+    long_run_deadline = pw.DateTimeField(null=True)
     # The RUNNING event's own alerts/tags overrides, needed when its warning is due.
     overrides = pw.TextField(null=True)
     # on_long_run_minutes = "auto": the job's usual duration when the run started (the
@@ -58,7 +58,9 @@ class RunRow(Model):
         table_name = "runs"
         # (job_id, state, finished_at): a job's recent successes (learned thresholds) and the
         # runs since its last success (incidents), both read while an event is committed.
+        # (state, long_run_deadline): the long-run poll is one range scan over due runs only.
         indexes = ((("job_id", "run_id"), True), (("state", "updated_at"), False),
+                   (("state", "long_run_deadline"), False),
                    (("long_run_alerted_at", "job_id"), False),
                    (("job_id", "state", "finished_at"), False))
 

@@ -72,7 +72,8 @@ class Deadlines:
                 self._thread = threading.Thread(target=self._run, name="nomaflowd-deadlines",
                                                 daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if self._heap[0][1] == ident:  # only an earlier deadline needs the thread awake
+                self._cond.notify()
         state = {0: False}
         try:
             yield state
