@@ -36,32 +36,44 @@ def parse_since(value: str, now: datetime) -> datetime:
 
 def query(*, job: str | None = None, run: str | None = None, since: datetime | None = None,
           outcome: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-    n = db.NotificationRow
-    q = n.select().order_by(n.created_at, n.id)
-    if job:
-        q = q.where(n.job_id == job)
-    if run:
-        q = q.where(n.run_id == run)
-    if since:
-        q = q.where(n.created_at >= since)
+    """Audit rows, oldest first. Plain SQL: at thousands of rows, building model objects and
+    parsing every timestamp back into a datetime cost more than the query."""
+    p = db.proxy.param
+    where, params = [], []
+    for column, value in (("job_id", job), ("run_id", run), ("created_at", since)):
+        if value is not None:
+            where.append(f"{column} {'>=' if column == 'created_at' else '='} {p}")
+            params.append(value)
     if outcome:
         if outcome.upper() not in OUTCOMES:
             raise UsageError(f"--outcome must be one of {', '.join(OUTCOMES)}")
-        q = q.where(n.outcome == outcome.upper())
-    if limit:
-        q = q.limit(limit)
-    return [{c: _plain(row[c]) for c in COLUMNS} for row in q.dicts().iterator()]
+        where.append(f"outcome = {p}")
+        params.append(outcome.upper())
+    sql = (f"SELECT {', '.join(COLUMNS)} FROM notifications"
+           + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY created_at, id"
+           + (f" LIMIT {int(limit)}" if limit else ""))
+    cursor = db.proxy.execute_sql(sql, params)
+    when = COLUMNS.index("created_at")
+    rows = []
+    for values in cursor:
+        row = dict(zip(COLUMNS, values, strict=True))
+        row["created_at"] = _timestamp(values[when])
+        rows.append(row)
+    return rows
 
 
-def _plain(value: Any) -> Any:
+def _timestamp(value: Any) -> str:
+    """UTC ISO 8601 whichever way the backend returns it (SQLite: text; PostgreSQL: datetime)."""
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return value
+    text = str(value).replace(" ", "T")
+    return text + ("Z" if "." in text else ".000000Z")
 
 
 def render(rows: list[dict[str, Any]], fmt: str) -> str:
     if fmt == "json":
-        return json.dumps(rows, ensure_ascii=False, indent=1)
+        # One object a line: readable, and json's C encoder (indent= falls back to Python).
+        return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]"
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
