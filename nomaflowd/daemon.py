@@ -412,7 +412,7 @@ class Daemon:
             if e.event_id not in fresh_ids:
                 continue  # a duplicate: recorded once already, alerts once already
             fresh_ids.discard(e.event_id)
-            metrics.EVENTS.labels(e.state).inc()
+            metrics.count_event(e.state)
             self.last_event_at = time.monotonic()
             if e.run_id and e.state in events.RUN_STATES:
                 recorded.append(e)

@@ -176,6 +176,13 @@ def insert_new(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
     return out
 
 
+def as_datetime(value: Any) -> datetime | None:
+    """A timestamp from plain SQL: SQLite hands back text, PostgreSQL a datetime."""
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
+
+
 def db_now() -> datetime:
     """The database server's clock, UTC: leases must not depend on any replica's clock."""
     database = proxy.obj

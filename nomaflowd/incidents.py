@@ -157,24 +157,32 @@ class Episode:
 
 def episode(job_id: str, upto: datetime, exclude_run: str | None = None) -> Episode:
     """The failure episode as of `upto` (runs finished at or before it, `exclude_run` aside)."""
-    r = db.RunRow
-    mine = (r.job_id == job_id) & (r.finished_at <= upto)
+    # Plain SQL: this runs for every success that may end an episode, inside the ingest
+    # transaction, where peewee's query building cost ten times the query.
+    p = db.proxy.param
+    mine, params = f"job_id = {p} AND finished_at <= {p}", [job_id, upto]
     if exclude_run is not None:
-        mine &= r.run_id != exclude_run
-    last = (r.select(r.finished_at).where(mine & (r.state == "SUCCEEDED"))
-            .order_by(r.finished_at.desc()).first())
-    since = mine & (r.finished_at > last.finished_at) if last else mine
-    rows = list(r.select(r.run_id, r.state, r.finished_at)
-                .where(since & r.state.in_(("FAILED", "CANCELLED")))
-                .order_by(r.finished_at.desc()).limit(EPISODE_RUNS))
-    failed = [x for x in rows if x.state == "FAILED"]
-    ep = Episode(job_id, last.finished_at if last else None, len(failed),
-                 failed[-1].finished_at if failed else None, [x.run_id for x in rows])
+        mine += f" AND run_id != {p}"
+        params.append(exclude_run)
+    last = db.proxy.execute_sql(
+        f"SELECT MAX(finished_at) FROM runs WHERE {mine} AND state = 'SUCCEEDED'",
+        params).fetchone()[0]
+    since, since_params = mine, list(params)
+    if last is not None:
+        since += f" AND finished_at > {p}"
+        since_params.append(last)
+    rows = db.proxy.execute_sql(
+        f"SELECT run_id, state, finished_at FROM runs WHERE {since}"
+        f" AND state IN ('FAILED', 'CANCELLED') ORDER BY finished_at DESC LIMIT {EPISODE_RUNS}",
+        since_params).fetchall()
+    failed = [x for x in rows if x[1] == "FAILED"]
+    ep = Episode(job_id, db.as_datetime(last), len(failed),
+                 db.as_datetime(failed[-1][2]) if failed else None, [x[0] for x in rows])
     if len(rows) == EPISODE_RUNS:  # a long episode: count it in the database
-        failing = since & (r.state == "FAILED")
-        ep.failures = r.select().where(failing).count()
-        first = r.select(r.finished_at).where(failing).order_by(r.finished_at).first()
-        ep.first_failure = first.finished_at if first else None
+        count, first = db.proxy.execute_sql(
+            f"SELECT COUNT(*), MIN(finished_at) FROM runs WHERE {since} AND state = 'FAILED'",
+            since_params).fetchone()
+        ep.failures, ep.first_failure = count, db.as_datetime(first)
     return ep
 
 
@@ -270,15 +278,18 @@ def recovered_alert(cfg: Config, event: Event, ep: Episode, now: datetime) -> Al
 def recovery_for(cfg: Config, event: Event, eff: Effective, now: datetime,
                  in_batch: Iterable[Planned] = ()) -> tuple[Alert, Recovery] | None:
     """The `recovered` alert a SUCCEEDED event makes due, if any (its run row is written)."""
-    r = db.RunRow
-    run = (r.select(r.state, r.finished_at, r.long_run_alerted_at)
-           .where((r.job_id == event.job_id) & (r.run_id == event.run_id)).first())
-    if run is None or run.state != "SUCCEEDED" or run.finished_at is None:
+    p = db.proxy.param
+    run = db.proxy.execute_sql(
+        f"SELECT state, finished_at, long_run_alerted_at FROM runs WHERE job_id = {p}"
+        f" AND run_id = {p}", (event.job_id, event.run_id)).fetchone()
+    if run is None or run[0] != "SUCCEEDED" or run[1] is None:
         return None  # the run had already ended otherwise: the first final state wins
-    ep = episode(event.job_id, run.finished_at, event.run_id)
-    if not ep.run_ids and run.long_run_alerted_at is None:
+    finished = db.as_datetime(run[1])
+    assert finished is not None
+    ep = episode(event.job_id, finished, event.run_id)
+    if not ep.run_ids and run[2] is None:
         return None  # success after success, the common case: nothing to close
-    if newer_finish(event.job_id, run.finished_at, str(event.run_id)):
+    if newer_finish(event.job_id, finished, str(event.run_id)):
         return None  # a late event: a newer run already closed or continued the episode
     rec = plan_recovery(cfg, ep, event.run_id, eff.alerts.on_recovery, in_batch)
     if not rec.plan.targets:

@@ -24,6 +24,17 @@ REJECTED = Counter("nomaflowd_files_rejected", "Spool files moved to rejected/")
 DIGESTS = Counter("nomaflowd_digests_sent", "Digest messages sent", ["transport"])
 
 
+_EVENT_CHILDREN: dict[str, Any] = {}
+
+
+def count_event(state: str) -> None:
+    """EVENTS.labels(state).inc(), with the child looked up once (it is on the ingest path)."""
+    child = _EVENT_CHILDREN.get(state)
+    if child is None:
+        child = _EVENT_CHILDREN[state] = EVENTS.labels(state)
+    child.inc()
+
+
 def observe_result(result: Any) -> None:
     a = result.attempt
     NOTIFICATIONS.labels(a.transport or "-", result.transport_type or "-", a.alert.kind,
