@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from nomaflowd.alerts import Alert
 
 MAX_RESPONSE = 64 * 1024
+IDLE_CHECK = 0.5  # seconds a keep-alive connection may sit before it is checked for EOF
 USER_AGENT = "nomaflowd"
 
 
@@ -192,7 +193,10 @@ class HttpTransport(Transport):
         if conn is not None and self._local.key == key and conn.sock is not None:
             # A pooled socket the server closed while idle reads as ready (EOF): drop it
             # instead of sending into it, so keep-alive never costs a failed attempt.
-            if select.select([conn.sock], [], [], 0)[0]:
+            # Servers close idle connections after seconds, so a socket used a moment ago
+            # skips the check (a syscall per request in a burst).
+            idle = time.monotonic() - self._local.used
+            if idle > IDLE_CHECK and select.select([conn.sock], [], [], 0)[0]:
                 conn.close()
             return conn
         if conn is not None:
@@ -203,7 +207,7 @@ class HttpTransport(Transport):
             conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
         else:
             raise TransportError(f"unsupported URL scheme {scheme!r}")
-        self._local.conn, self._local.key = conn, key
+        self._local.conn, self._local.key, self._local.used = conn, key, 0.0
         return conn
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes, Any]:
@@ -230,6 +234,7 @@ class HttpTransport(Transport):
                 except (OSError, http.client.HTTPException):
                     conn.close()
                     raise
+            self._local.used = time.monotonic()
             if fired[0]:
                 # Cut off mid-answer (a trickling server): no complete verdict within the bound.
                 conn.close()
