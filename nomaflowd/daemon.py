@@ -99,7 +99,7 @@ class Policy:
         return Routed(alert, eff, self.router.plan(eff.alerts.recipients, eff.tags))
 
 
-def claim(routed: list[Routed], replica: str, now: datetime) -> list[Attempt]:
+def claim(routed: list[Routed], replica: str, now: datetime | str) -> list[Attempt]:
     """Insert one claimed delivery per target; only the rows this call inserted are ours to send.
 
     Runs inside the caller's transaction, so an alert is claimed in the same commit as
@@ -401,9 +401,10 @@ class Daemon:
         self.spool.clear_handling()
 
     def commit_events(self, batch: list[events.Event], now: datetime) -> list[Attempt]:
+        stamp = db.stamp(now)  # the batch's one timestamp, converted once
         fresh_ids = {row[0] for row in db.insert_new(
             "events", ("event_id", "received_at", "job_id", "run_id", "state", "payload"),
-            [(e.event_id, now, e.job_id, e.run_id, e.state, e.payload) for e in batch],
+            [(e.event_id, stamp, e.job_id, e.run_id, e.state, e.payload) for e in batch],
             conflict=("event_id",), returning=("event_id",))}
         cat = self.policy.current()
         routed: list[Routed] = []
@@ -432,10 +433,10 @@ class Daemon:
                     overrides["tags"] = list(e.tags)
                 final = state.is_final(e.state)
                 inserts.append((e.job_id, e.run_id, e.state, started,
-                                (e.finished_at or e.at) if final else None, now, deadline,
+                                (e.finished_at or e.at) if final else None, stamp, deadline,
                                 json.dumps(overrides) if overrides else None))
                 if final:
-                    finishes.append((e.state, e.finished_at or e.at, now, started,
+                    finishes.append((e.state, e.finished_at or e.at, stamp, started,
                                      e.job_id, e.run_id))
             routed.extend(self.policy.for_event(e, cat))
         param = db.proxy.param
@@ -446,7 +447,7 @@ class Daemon:
         # Learned deadlines and recoveries read the runs rows just written (same transaction).
         routed.extend(Routed(*due) for due in incidents.after_runs_recorded(
             self.config, recorded, cat, routed, now))
-        return claim(routed, self.config.replica_id, now)
+        return claim(routed, self.config.replica_id, stamp)
 
     # --- scheduled work --------------------------------------------------------------
 

@@ -176,6 +176,17 @@ def insert_new(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
     return out
 
 
+def stamp(value: datetime) -> datetime | str:
+    """A timestamp parameter for plain SQL, converted once for many rows.
+
+    SQLite stores what its adapter makes of a datetime, `isoformat(" ")`: doing that once
+    per batch instead of once per row and column is measurable at 10,000 events/s.
+    """
+    if isinstance(proxy.obj, pw.SqliteDatabase):
+        return value.isoformat(" ")
+    return value
+
+
 def as_datetime(value: Any) -> datetime | None:
     """A timestamp from plain SQL: SQLite hands back text, PostgreSQL a datetime."""
     if value is None or isinstance(value, datetime):
