@@ -280,11 +280,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from nomaflowd import audit
-    from nomaflowd.dispatch import utcnow
-
     cfg = load_config(args, decrypt=False)
     open_db(cfg)
-    since = audit.parse_since(args.since, utcnow()) if args.since else None
+    since = audit.parse_since(args.since, db.utcnow()) if args.since else None
     rows = audit.query(job=args.job, run=args.run, since=since, outcome=args.outcome,
                        limit=args.limit)
     print(audit.render(rows, args.format))
@@ -311,11 +309,9 @@ def cmd_secret(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from nomaflowd.dispatch import utcnow
-
     cfg = load_config(args, decrypt=False)
     open_db(cfg)
-    removed = db.prune(utcnow(), cfg.retention_days)
+    removed = db.prune(db.utcnow(), cfg.retention_days)
     print("removed " + ", ".join(f"{n} {table}" for table, n in removed.items())
           + f" (older than {cfg.retention_days} days)")
     return 0

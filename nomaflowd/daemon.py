@@ -33,7 +33,8 @@ from nomaflowd import (
 from nomaflowd.alerts import Alert
 from nomaflowd.catalogue import Catalogue, Effective, WatchedCatalogue
 from nomaflowd.config import Config
-from nomaflowd.dispatch import Attempt, Dispatcher, Result, utcnow
+from nomaflowd.db import utcnow
+from nomaflowd.dispatch import Attempt, Dispatcher, Result
 from nomaflowd.errors import NomaflowError, Rejected
 from nomaflowd.routing import Plan, Router
 from nomaflowd.spool import Spool, watch
@@ -380,25 +381,34 @@ class Daemon:
         """Count a try for each file in hand when the last run died; quarantine at MAX_TRIES.
 
         Without this, a file that crashes the daemon would crash it again at every
-        restart, and every alert behind it would wait forever.
+        restart, and every alert behind it would wait forever. The note of names in hand
+        is emptied before the counts are written: a crash in between undercounts (the
+        crasher is counted again next time it is in hand), and never counts one stop twice.
         """
-        for name in self.spool.handled_when_stopped():
-            if not os.path.lexists(self.spool.path / name):
-                continue
-            with db.proxy.atomic():
-                row, _ = db.SpoolTryRow.get_or_create(name=name, defaults={"updated_at": now})
-                tries = row.tries + 1
-                db.SpoolTryRow.update(tries=tries, updated_at=now).where(
-                    db.SpoolTryRow.id == row.id).execute()
-            if tries >= MAX_TRIES:
-                self.spool.reject(name, f"the daemon stopped {tries} times while handling this"
+        names = [n for n in self.spool.handled_when_stopped()
+                 if os.path.lexists(self.spool.path / n)]
+        self.spool.mark_handling([])
+        t = db.SpoolTryRow
+        tries: dict[str, int] = {}
+        with db.proxy.atomic():
+            for name in names:
+                row, _ = t.get_or_create(name=name, defaults={"updated_at": now})
+                tries[name] = row.tries + 1
+                t.update(tries=tries[name], updated_at=now).where(t.id == row.id).execute()
+            # Files counted before but not finished since: still suspects, handled alone.
+            for row in t.select(t.name, t.tries).where(t.name.not_in(names)):
+                if os.path.lexists(self.spool.path / row.name):
+                    tries[row.name] = row.tries
+        for name, count in tries.items():
+            if count >= MAX_TRIES:
+                self.spool.reject(name, f"the daemon stopped {count} times while handling this"
                                   " file; quarantined to break the crash loop", now)
-                db.SpoolTryRow.delete().where(db.SpoolTryRow.id == row.id).execute()
+                t.delete().where(t.name == name).execute()
             else:
-                logger.warning("spool file %r was in hand when the daemon stopped (try %d of %d)",
-                               name, tries, MAX_TRIES)
+                if name in names:
+                    logger.warning("spool file %r was in hand when the daemon stopped"
+                                   " (try %d of %d)", name, count, MAX_TRIES)
                 self.suspects.add(name)
-        self.spool.clear_handling()
 
     def commit_events(self, batch: list[events.Event], now: datetime) -> list[Attempt]:
         stamp = db.stamp(now)  # the batch's one timestamp, converted once

@@ -176,6 +176,11 @@ def insert_new(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
     return out
 
 
+def utcnow() -> datetime:
+    """Now, naive UTC: the database's convention for every timestamp."""
+    return datetime.utcnow()
+
+
 def stamp(value: datetime) -> datetime | str:
     """A timestamp parameter for plain SQL, converted once for many rows.
 

@@ -15,6 +15,7 @@ from datetime import datetime
 from nomaflowd import db, metrics
 from nomaflowd.alerts import Alert, test_alert
 from nomaflowd.config import Config
+from nomaflowd.db import utcnow
 from nomaflowd.pacing import Lane, Waiting, take_tokens
 from nomaflowd.routing import default_recipient
 from nomaflowd.transports import DeliveryError, Transport, TransportError, build
@@ -34,10 +35,6 @@ MAX_REFUSALS = 5
 RECORD = ("INSERT INTO notifications (created_at, event_id, job_id, run_id, alert, level,"
           " transport, transport_type, recipient, outcome, detail, duration_ms, replica)"
           " VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})")
-
-
-def utcnow() -> datetime:
-    return datetime.utcnow()
 
 
 @dataclass(frozen=True)
