@@ -237,18 +237,9 @@ class Dispatcher:
         transport = self.transports[attempt.transport]
         started = time.monotonic()
         n = len(attempt.members)
-        try:
-            outcome, detail = SENT, transport.send_digest(
-                [m.alert for m in attempt.members], attempt.recipient, attempt.digest_id)
-        except RateLimited:
-            raise
-        except DeliveryError as exc:
-            outcome, detail = FAILED_DELIVERY, str(exc)
-        except TransportError as exc:
-            outcome, detail = FAILED_TRANSPORT, str(exc)
-        except Exception as exc:  # a buggy transport must not sink the others
-            logger.exception("transport %s raised unexpectedly", attempt.transport)
-            outcome, detail = FAILED_TRANSPORT, f"internal error: {type(exc).__name__}"
+        outcome, detail = self._verdict(attempt.transport, lambda: transport.send_digest(
+            [m.alert for m in attempt.members], attempt.recipient, attempt.digest_id),
+            reraise_429=True)
         metrics.DIGESTS.labels(attempt.transport).inc()
         elapsed = int((time.monotonic() - started) * 1000)
         return [self._result(m, outcome, f"in {attempt.digest_id} of {n} alerts: {detail}",
@@ -265,28 +256,31 @@ class Dispatcher:
         """Send once, now, on this thread, and turn the verdict into an outcome."""
         transport = self.transports.get(attempt.transport)
         started = time.monotonic()
-        kind = transport.type if transport else ""
         if attempt.error or transport is None:
             outcome = FAILED_TRANSPORT
             detail = attempt.error or f"no transport named {attempt.transport!r} is configured"
         else:
-            try:
-                outcome, detail = SENT, transport.send(attempt.alert, attempt.recipient)
-            except RateLimited as exc:
-                if rate_limited and attempt.transport in self.lanes:
-                    raise
-                outcome, detail = FAILED_DELIVERY, str(exc)
-            except DeliveryError as exc:
-                outcome, detail = FAILED_DELIVERY, str(exc)
-            except TransportError as exc:
-                outcome, detail = FAILED_TRANSPORT, str(exc)
-            except Exception as exc:  # a buggy transport must not sink the others
-                logger.exception("transport %s raised unexpectedly", attempt.transport)
-                outcome, detail = FAILED_TRANSPORT, f"internal error: {type(exc).__name__}"
-        if attempt.note:
-            detail = f"{attempt.note}; {detail}"
-        return Result(attempt, kind, outcome, detail,
-                      int((time.monotonic() - started) * 1000), utcnow())
+            outcome, detail = self._verdict(
+                attempt.transport, lambda: transport.send(attempt.alert, attempt.recipient),
+                reraise_429=rate_limited and attempt.transport in self.lanes)
+        return self._result(attempt, outcome, detail, int((time.monotonic() - started) * 1000))
+
+    @staticmethod
+    def _verdict(name: str, send: Callable[[], str], *, reraise_429: bool) -> tuple[str, str]:
+        """The one place where a send's exception becomes an outcome and a detail."""
+        try:
+            return SENT, send()
+        except RateLimited as exc:
+            if reraise_429:
+                raise  # the caller holds the alert(s) for the next digest
+            return FAILED_DELIVERY, str(exc)
+        except DeliveryError as exc:
+            return FAILED_DELIVERY, str(exc)
+        except TransportError as exc:
+            return FAILED_TRANSPORT, str(exc)
+        except Exception as exc:  # a buggy transport must not sink the others
+            logger.exception("transport %s raised unexpectedly", name)
+            return FAILED_TRANSPORT, f"internal error: {type(exc).__name__}"
 
     def drain(self) -> list[Result]:
         results = []

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime, timedelta
 
 import peewee as pw
 import pytest
 
 from nomaflowd import db
-from tests.conftest import PG_DSN, InProcess, Tree
+from tests.conftest import InProcess, Tree
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -18,23 +17,9 @@ def backend(request, tree: Tree):
     if request.param == "sqlite":
         yield tree
         return
-    if not PG_DSN:
-        pytest.skip("NOMAFLOWD_TEST_PG_DSN is not set (CI sets it)")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = pw.PostgresqlDatabase(None)
-    admin.init(**_pg_params(PG_DSN))
-    admin.execute_sql(f'CREATE SCHEMA "{schema}"')
-    tree.database = f"{PG_DSN}?options=-csearch_path%3D{schema}"
+    tree.database = request.getfixturevalue("pg_schema")  # skips without a server
     yield tree
     db.proxy.close()
-    admin.execute_sql(f'DROP SCHEMA "{schema}" CASCADE')
-    admin.close()
-
-
-def _pg_params(dsn: str) -> dict:
-    from playhouse.db_url import parse
-
-    return parse(dsn)
 
 
 def count(model) -> int:
