@@ -72,8 +72,8 @@ def _timestamp(value: Any) -> str:
 
 def render(rows: list[dict[str, Any]], fmt: str) -> str:
     if fmt == "json":
-        # One object a line: readable, and json's C encoder (indent= falls back to Python).
-        return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]"
+        # One call, so json's C encoder does it all (indent= would fall back to Python).
+        return json.dumps(rows, ensure_ascii=False)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")

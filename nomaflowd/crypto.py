@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+# cryptography is imported where a key is used: read-only commands (`audit`, `emit`) never
+# decrypt, and its import is a tenth of their start-up.
+if TYPE_CHECKING:
+    from cryptography.fernet import MultiFernet
 
 from nomaflowd.errors import ConfigError, NomaflowError
 
@@ -51,6 +55,7 @@ def _pending(path: Path) -> Path:
 
 
 def load_keys(path: Path) -> MultiFernet:
+    from cryptography.fernet import Fernet, MultiFernet
     """The key file (plus a rotation's pending key, so a rotation cut short still decrypts)."""
     keys = []
     for candidate in (path, _pending(path)):
@@ -74,6 +79,8 @@ def load_keys(path: Path) -> MultiFernet:
 
 def write_key(path: Path, key: bytes | None = None) -> None:
     """Create a new key file with mode 0600; never overwrite an existing one."""
+    from cryptography.fernet import Fernet
+
     key = key or Fernet.generate_key()
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -91,6 +98,7 @@ def encrypt(keys: MultiFernet, value: str) -> str:
 
 
 def decrypt(keys: MultiFernet, token: str, field: str) -> Secret:
+    from cryptography.fernet import InvalidToken
     """Decrypt an `enc:` token; errors name the field, never the value."""
     if not token.startswith(PREFIX):
         raise ConfigError(
@@ -112,6 +120,8 @@ def rotate(config_file: Path, key_file: Path) -> int:
     The new key is written beside the old one first, then the config, then the key is
     swapped in: a crash at any point leaves a config that one of the two keys decrypts.
     """
+    from cryptography.fernet import Fernet, InvalidToken
+
     old = load_keys(key_file)
     new_key = Fernet.generate_key()
     new = Fernet(new_key)
