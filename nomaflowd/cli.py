@@ -116,13 +116,6 @@ def load_config(args: argparse.Namespace, *, decrypt: bool = True) -> Config:
     return config.load(config.find(args.config), decrypt=decrypt)
 
 
-def open_db(cfg: Config) -> Any:
-    database = db.open_database(cfg.database)
-    if db.is_sqlite(database):
-        database.returning_clause = True
-    return database
-
-
 def open_history(cfg: Config) -> tuple[Any, str | None]:
     """The database for reading run history, or (None, why not): a dry run creates none."""
     import peewee as pw
@@ -132,7 +125,7 @@ def open_history(cfg: Config) -> tuple[Any, str | None]:
         if path != ":memory:" and not Path(path).exists():
             return None, f"no database yet at {path}"
     try:
-        return open_db(cfg), None
+        return db.open_database(cfg.database), None
     except (ConfigError, pw.PeeweeException, OSError) as exc:
         return None, f"database unavailable ({type(exc).__name__})"
 
@@ -212,7 +205,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         if normal is None:
             raise UsageError(f"--to {args.to!r} is not a {tc.type} recipient")
         recipient = normal
-    database = open_db(cfg)
+    database = db.open_database(cfg.database)
     # The same path as a real alert and as the web page's Test button (send_test). Without
     # a handler its `notification` log line would reach the terminal through logging's last
     # resort, repeating the line printed below.
@@ -236,7 +229,7 @@ def cmd_transports(args: argparse.Namespace) -> int:
         print("no transports configured")
         return 0
     built = build(cfg.transports, cfg.send_timeout_seconds)
-    database = open_db(cfg)
+    database = db.open_database(cfg.database)
     n = db.NotificationRow
     rows = []
     try:
@@ -281,7 +274,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from nomaflowd import audit
     cfg = load_config(args, decrypt=False)
-    open_db(cfg)
+    db.open_database(cfg.database)
     since = audit.parse_since(args.since, db.utcnow()) if args.since else None
     rows = audit.query(job=args.job, run=args.run, since=since, outcome=args.outcome,
                        limit=args.limit)
@@ -310,7 +303,7 @@ def cmd_secret(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     cfg = load_config(args, decrypt=False)
-    open_db(cfg)
+    db.open_database(cfg.database)
     removed = db.prune(db.utcnow(), cfg.retention_days)
     print("removed " + ", ".join(f"{n} {table}" for table, n in removed.items())
           + f" (older than {cfg.retention_days} days)")

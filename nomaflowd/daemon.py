@@ -160,8 +160,6 @@ class Daemon:
     def initialize(self) -> None:
         self.spool.prepare()
         self.database = db.open_database(self.config.database)
-        if db.is_sqlite(self.database):
-            self.database.returning_clause = True
         if self.config.web_listen:  # bound before anything starts: a busy port fails fast
             from nomaflowd.web import WebServer
             self.web = WebServer(self.config.web_listen, lambda: self.config, self.spool)

@@ -232,6 +232,7 @@ def open_database(url: str) -> pw.Database:
                          "foreign_keys": 0},
                 timeout=10,
             )
+            db.returning_clause = True  # SQLite 3.35+: INSERT ... RETURNING for claims
         else:
             if url.startswith("postgres://"):
                 url = "postgresql://" + url[len("postgres://"):]
@@ -271,10 +272,6 @@ def create_or_migrate(db: pw.Database) -> None:
                 logger.info("adding %d column(s) to %s", len(operations), table)
                 migrate(*operations)
             model._schema.create_indexes(safe=True)
-
-
-def is_sqlite(db: pw.Database) -> bool:
-    return isinstance(db, pw.SqliteDatabase)
 
 
 def prune(now: datetime, retention_days: int) -> dict[str, int]:
