@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def run_demo(root: Path, port: int) -> int:
     def first_alert() -> None:
         while not daemon.ready and not daemon.stopping.wait(0.05):
             pass
-        drop(cfg.spool_dir, {"job_id": "reporting-nightly-sync", "run_id": "run_demo1",
+        # A new run each time: the same event twice would (rightly) alert once.
+        run_id = time.strftime("demo-%Y%m%d-%H%M%S")
+        drop(cfg.spool_dir, {"job_id": "reporting-nightly-sync", "run_id": run_id,
                              "state": "FAILED", "step": "copy-orders", "triggered_by": "cron",
                              "error": "OperationalError: connection refused"})
         logger.info("demo: dropped a FAILED event; drop your own with\n  nomaflowd emit --config"
