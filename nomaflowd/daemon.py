@@ -139,6 +139,7 @@ class Daemon:
         self.last_scan = 0.0
         self.unrecorded: list[Result] = []
         self.db_down_logged = 0.0
+        self.spool_down_logged = 0.0
         self.ready = False
         self.last_ping = 0.0
         self.watchdog_every = systemd.watchdog_interval()
@@ -310,7 +311,14 @@ class Daemon:
                     return False
                 self.hinted = False
                 self.last_scan = time.monotonic()
-                names = self.spool.scan()
+                try:
+                    names = self.spool.scan()
+                except OSError as exc:  # not the database's fault: say what it is
+                    if time.monotonic() - self.spool_down_logged >= 60:
+                        self.spool_down_logged = time.monotonic()
+                        logger.error("spool %s cannot be read: %s", self.config.spool_dir,
+                                     exc.strerror or exc)
+                    return False
                 if self.suspects:  # files in hand at a crash go first, one at a time
                     names.sort(key=lambda n: n not in self.suspects)
                 self.pending.extend(names)

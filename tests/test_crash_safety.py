@@ -69,3 +69,17 @@ def test_full_disk_under_the_database_holds_files_until_space_returns(
     wait_until(lambda: len(tree.notifications()) == 5, what="five audit rows")
     assert d.output().count("database unavailable, files wait") == 1  # once a minute at most
     assert d.stop() == 0
+
+
+def test_a_vanished_spool_is_reported_as_such_and_recovered_from(tree, http, daemon_factory):
+    import shutil
+
+    tree.write_config(tree.webhook("hook", http.url()), daemon="rescan_seconds = 0.2")
+    d = daemon_factory()
+    shutil.rmtree(tree.spool)
+    wait_until(lambda: "cannot be read" in d.output(), what="the spool problem logged")
+    assert "database unavailable" not in d.output()
+    tree.spool.mkdir()
+    tree.drop({**FAILED, "run_id": "back"})
+    assert http.wait_for(1, timeout=10)[0].json()["run_id"] == "back"
+    assert d.stop() == 0
