@@ -140,6 +140,7 @@ class Daemon:
         self.unrecorded: list[Result] = []
         self.db_down_logged = 0.0
         self.spool_down_logged = 0.0
+        self.spool_lost = False
         self.ready = False
         self.last_ping = 0.0
         self.watchdog_every = systemd.watchdog_interval()
@@ -197,6 +198,17 @@ class Daemon:
     def _on_reload(self, signum: int, frame: FrameType | None) -> None:
         self.reload_requested = True
         self.wakeup.set()
+
+    def rewatch(self) -> None:
+        """After the spool was gone: its subdirectories and a watch on the new directory."""
+        self.spool.close()
+        self.spool.prepare()
+        old, self.observer = self.observer, watch(self.config.spool_dir, self.hint)
+        if old is not None:
+            old.stop()
+            old.join()
+        self.hinted = True
+        logger.info("spool %s is back; watching it again", self.config.spool_dir)
 
     def hint(self) -> None:
         self.hinted = True
@@ -318,7 +330,11 @@ class Daemon:
                         self.spool_down_logged = time.monotonic()
                         logger.error("spool %s cannot be read: %s", self.config.spool_dir,
                                      exc.strerror or exc)
+                    self.spool_lost = True
                     return False
+                if self.spool_lost:  # it is back (perhaps a new directory): watch it anew
+                    self.spool_lost = False
+                    self.rewatch()
                 if self.suspects:  # files in hand at a crash go first, one at a time
                     names.sort(key=lambda n: n not in self.suspects)
                 self.pending.extend(names)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 
@@ -51,13 +52,12 @@ def test_full_disk_under_the_database_holds_files_until_space_returns(
     tree.write_config(tree.webhook("hook", http.url()), daemon="rescan_seconds = 0.2")
     d = daemon_factory()
     ballast = small_disk / "ballast"
-    with ballast.open("wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
-            pass
+    # Unbuffered, and down to the last byte: a few KiB left free would let SQLite commit.
+    with ballast.open("wb", buffering=0) as fh:
+        for size in (65536, 4096, 512, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    fh.write(b"\0" * size)
     for i in range(5):
         tree.drop({**FAILED, "run_id": f"r{i}"})
     wait_until(lambda: "database unavailable" in d.output(), what="the outage logged")
@@ -80,6 +80,10 @@ def test_a_vanished_spool_is_reported_as_such_and_recovered_from(tree, http, dae
     wait_until(lambda: "cannot be read" in d.output(), what="the spool problem logged")
     assert "database unavailable" not in d.output()
     tree.spool.mkdir()
+    wait_until(lambda: "watching it again" in d.output(), what="the watch re-armed")
+    assert (tree.spool / "rejected").is_dir() and (tree.spool / "tmp").is_dir()
     tree.drop({**FAILED, "run_id": "back"})
+    (tree.spool / "bad.json").write_text("not json")
     assert http.wait_for(1, timeout=10)[0].json()["run_id"] == "back"
+    wait_until(lambda: (tree.spool / "rejected" / "bad.json.error").exists(), what="rejected")
     assert d.stop() == 0
