@@ -238,7 +238,9 @@ def cmd_transports(args: argparse.Namespace) -> int:
                 n.created_at.desc(), n.id.desc()).first()
             when = f"{last.outcome} at {last.created_at:%Y-%m-%d %H:%M:%S}Z" if last else None
             # destination() is scheme and host only: never a webhook path or a password.
-            rows.append((name, tc.type, default_recipient(tc), built[name].destination(),
+            preset = tc.settings.get("preset")
+            kind = f"{tc.type} ({preset})" if preset else tc.type
+            rows.append((name, kind, default_recipient(tc), built[name].destination(),
                          when or "never used"))
     finally:
         database.close()
