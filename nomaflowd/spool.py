@@ -96,14 +96,17 @@ class Spool:
         target = name
         if os.path.lexists(self.rejected / target):
             target = f"{name}.{uuid.uuid4().hex[:8]}"
-        note = self.rejected / f"{target}.error"
-        note.write_text(f"{now:%Y-%m-%dT%H:%M:%SZ} {name}: {reason}\n", encoding="utf-8",
-                        errors="replace")
+        # The note is written aside and put in place only once the file is ours: a replica
+        # that lost the race for the same file (shared spool) must not touch the winner's note.
+        draft = self.rejected / f".{target}.error.{uuid.uuid4().hex[:8]}"
+        draft.write_text(f"{now:%Y-%m-%dT%H:%M:%SZ} {name}: {reason}\n", encoding="utf-8",
+                         errors="replace")
         try:
             os.rename(self.path / name, self.rejected / target)
         except FileNotFoundError:
-            note.unlink(missing_ok=True)
+            draft.unlink(missing_ok=True)
             return
+        os.rename(draft, self.rejected / f"{target}.error")
         metrics.REJECTED.inc()
         logger.warning("spool file %r rejected: %s", name, reason)
 
