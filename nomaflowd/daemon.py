@@ -77,9 +77,8 @@ class Policy:
             plan = self.router.plan(eff.alerts.recipients, eff.tags)
         return Routed(alert, eff, incidents.fit(plan, alert.kind, self.config.transports))
 
-    def for_event(self, event: events.Event, cat: Catalogue | None = None) -> list[Routed]:
-        cat = cat or self.current()
-        eff = cat.effective(event.job_id, event.alerts, event.tags)
+    def for_event(self, event: events.Event, eff: Effective) -> list[Routed]:
+        """The alerts this event makes due under its effective block, routed."""
         url = self.config.run_url(event.run_id)
         return [self.route(alerts.from_event(kind, event, url), eff, event.get("recipients"))
                 for kind in state.alerts_due(event, eff.alerts)]
@@ -447,9 +446,9 @@ class Daemon:
             fresh_ids.discard(e.event_id)
             metrics.count_event(e.state)
             self.last_event_at = time.monotonic()
+            eff = cat.effective(e.job_id, e.alerts, e.tags)
             if e.run_id and e.state in events.RUN_STATES:
                 recorded.append(e)
-                eff = cat.effective(e.job_id, e.alerts, e.tags)
                 started = e.started_at or (e.at if e.state == "RUNNING" else None)
                 deadline = None
                 minutes = eff.alerts.on_long_run_minutes
@@ -470,7 +469,7 @@ class Daemon:
                 if final:
                     finishes.append((e.state, e.finished_at or e.at, stamp, started,
                                      e.job_id, e.run_id))
-            routed.extend(self.policy.for_event(e, cat))
+            routed.extend(self.policy.for_event(e, eff))
         param = db.proxy.param
         if inserts:
             db.proxy.cursor().executemany(state.INSERT_RUN.format(p=param), inserts)

@@ -27,7 +27,7 @@ def explain(cfg: Config, event: Event, *, history: str | None = None,
     minutes = eff.alerts.on_long_run_minutes
     if event.state == "RUNNING" and isinstance(minutes, float):
         out.append(f"long-run warning after {minutes:g} min if still RUNNING")
-    routed = policy.for_event(event, cat)
+    routed = policy.for_event(event, eff)
     if history is not None:
         out.append(f"incident state and learned threshold unknown: {history}")
     else:
