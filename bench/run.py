@@ -956,7 +956,8 @@ def scenario_f(ctx: Ctx, rep: int) -> dict[str, Any]:
     assert ctx.receiver is not None
     from nomaflowd import config as nconfig
     from nomaflowd import db
-    from nomaflowd.daemon import BATCH, Daemon
+    from nomaflowd.daemon import Daemon
+    from nomaflowd.deliveries import BATCH
     from nomaflowd.dispatch import utcnow
 
     n = ctx.sizes["f_runs"]
@@ -1000,7 +1001,7 @@ def scenario_f(ctx: Ctx, rep: int) -> dict[str, Any]:
             assert due == 0
         for _ in range(ctx.sizes["f_polls"]):
             t = time.perf_counter()
-            daemon.poll_long_runs_job()  # what the scheduler runs: poll, then close the connection
+            daemon.poll(utcnow())  # what the scheduler asks for: heartbeat, sweeps, long runs
             jobs.append((time.perf_counter() - t) * 1000)
         # 10 runs reach their threshold: the poll claims and submits their warnings
         conn = database.connection()
@@ -1011,14 +1012,15 @@ def scenario_f(ctx: Ctx, rep: int) -> dict[str, Any]:
         t = time.perf_counter()
         due = daemon.poll_long_runs(utcnow())
         due_ms = (time.perf_counter() - t) * 1000
-        daemon.dispatcher.wait_idle(15)
-        daemon.record(daemon.dispatcher.drain())
+        deadline = time.monotonic() + 15
+        while daemon.dispatcher.busy() and time.monotonic() < deadline:
+            daemon.deliveries.finish(daemon.dispatcher.take(timeout=0.5))
         return {"runs": n, "build_s": build_s, "poll_ms": statistics.median(polls),
                 "poll_max_ms": max(polls), "poll_job_ms": statistics.median(jobs),
                 "poll_job_max_ms": max(jobs), "due_poll_ms": due_ms, "due": due,
                 "query": sql, "plan": plan}
     finally:
-        daemon.dispatcher.close(wait=True)
+        daemon.dispatcher.close()
         database.close()
         finish_tree(ctx, tree)
 

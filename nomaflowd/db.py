@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sqlite3
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,9 @@ class ReplicaRow(Model):
     replica_id = pw.CharField(max_length=200, unique=True)
     seen_at = pw.DateTimeField()
     started_at = pw.DateTimeField()
+    # The process behind the heartbeat: two daemons sharing one replica_id overwrite each
+    # other's, which is how they are found out (take-over needs ids to be unique).
+    instance_id = pw.CharField(max_length=64, null=True)
 
     class Meta:
         table_name = "replicas"
@@ -209,14 +213,38 @@ def db_now() -> datetime:
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S.%f")
 
 
-def heartbeat(replica: str) -> datetime:
-    """Record that `replica` is alive; returns the database's now."""
+def heartbeat(replica: str, instance: str = "") -> tuple[datetime, str | None]:
+    """Record that this `instance` of `replica` is alive. Returns the database's now and the
+    instance id found in the row when another process wrote it since (None if none did)."""
     now = db_now()
-    updated = ReplicaRow.update(seen_at=now).where(ReplicaRow.replica_id == replica).execute()
-    if not updated:
-        ReplicaRow.insert(replica_id=replica, seen_at=now, started_at=now).on_conflict(
-            conflict_target=[ReplicaRow.replica_id], update={ReplicaRow.seen_at: now}).execute()
-    return now
+    with proxy.atomic():
+        row = ReplicaRow.get_or_none(ReplicaRow.replica_id == replica)
+        if row is None:
+            ReplicaRow.insert(replica_id=replica, seen_at=now, started_at=now,
+                              instance_id=instance or None).on_conflict(
+                conflict_target=[ReplicaRow.replica_id],
+                update={ReplicaRow.seen_at: now, ReplicaRow.instance_id: instance or None},
+            ).execute()
+            return now, None
+        ReplicaRow.update(seen_at=now, instance_id=instance or None).where(
+            ReplicaRow.id == row.id).execute()
+    other = row.instance_id
+    return now, other if other and instance and other != instance else None
+
+
+# The database failing (a lost connection, a locked or full disk, a refusal of every write):
+# ingest waits and tries again, files stay in the spool. (peewee maps the drivers' errors
+# onto its own; see executemany().)
+OUTAGES: tuple[type[BaseException], ...] = (pw.PeeweeException, sqlite3.Error)
+# A value the database cannot store (too long for a column, a NUL, a lone surrogate): the
+# fault of the one event that holds it, which is quarantined; the files after it flow.
+VALUE_ERRORS: tuple[type[BaseException], ...] = (pw.DataError, ValueError, OverflowError)
+
+
+def executemany(sql: str, rows: list[tuple[Any, ...]]) -> None:
+    """cursor.executemany with the driver's errors turned into peewee's, as execute_sql does."""
+    with pw.__exception_wrapper__:
+        proxy.cursor().executemany(sql, rows)
 
 
 def open_database(url: str) -> pw.Database:

@@ -1,14 +1,19 @@
-"""Dispatcher: one small executor per transport; the one place that records an attempt."""
+"""Dispatcher: per-transport worker pools that send once and hand the verdict back.
+
+One thread owns the dispatcher (the daemon's main loop): submit(), pace(), take(),
+configure() and close() are called from it only. Workers only send: they never touch the
+dispatcher's state, they put what they got on a queue. So a reload, a 429 and a finishing
+send can never interleave on shared state, and there is nothing to lock.
+"""
 
 from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -16,7 +21,7 @@ from nomaflowd import db, metrics
 from nomaflowd.alerts import Alert, test_alert
 from nomaflowd.config import Config
 from nomaflowd.db import utcnow
-from nomaflowd.pacing import Lane, Waiting, take_tokens
+from nomaflowd.pacing import MAX_REFUSALS, Pacer
 from nomaflowd.routing import default_recipient
 from nomaflowd.transports import DeliveryError, Transport, TransportError, build
 from nomaflowd.transports.base import RateLimited
@@ -25,16 +30,6 @@ logger = logging.getLogger(__name__)
 
 SENT, FAILED_TRANSPORT, FAILED_DELIVERY = "SENT", "FAILED_TRANSPORT", "FAILED_DELIVERY"
 WORKERS_PER_TRANSPORT = 4
-# An upstream that answers 429 this many times in a row to the same alert is refusing it,
-# not pacing us: the alert is recorded as FAILED_DELIVERY instead of waiting forever.
-MAX_REFUSALS = 5
-
-
-# Hand-written: the audit insert is on the hot path, where peewee's query builder cost
-# more per row than SQLite.
-RECORD = ("INSERT INTO notifications (created_at, event_id, job_id, run_id, alert, level,"
-          " transport, transport_type, recipient, outcome, detail, duration_ms, replica)"
-          " VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})")
 
 
 @dataclass(frozen=True)
@@ -65,263 +60,270 @@ class Result:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class _Done:
+    """What a worker hands back: the results, or the 429 that sends the attempt back in line."""
+
+    attempt: Attempt
+    transport: Transport
+    results: list[Result]
+    refused: RateLimited | None = None
+
+
+def verdict(name: str, send: Callable[[], str], *, reraise_429: bool) -> tuple[str, str]:
+    """The one place where a send's exception becomes an outcome and a detail."""
+    try:
+        return SENT, send()
+    except RateLimited as exc:
+        if reraise_429:
+            raise  # the caller holds the alert(s) for the next digest
+        return FAILED_DELIVERY, str(exc)
+    except DeliveryError as exc:
+        return FAILED_DELIVERY, str(exc)
+    except TransportError as exc:
+        return FAILED_TRANSPORT, str(exc)
+    except Exception as exc:  # a buggy transport must not sink the others
+        logger.exception("transport %s raised unexpectedly", name)
+        return FAILED_TRANSPORT, f"internal error: {type(exc).__name__}"
+
+
+def result(attempt: Attempt, transport: Transport | None, outcome: str, detail: str,
+           duration_ms: int) -> Result:
+    if attempt.note:
+        detail = f"{attempt.note}; {detail}"
+    return Result(attempt, transport.type if transport else "", outcome, detail, duration_ms,
+                  utcnow())
+
+
+def attempt_once(transport: Transport | None, attempt: Attempt, *,
+                 reraise_429: bool = False) -> Result:
+    """Send once, now, on this thread, and turn the verdict into an outcome."""
+    started = time.monotonic()
+    if attempt.error or transport is None:
+        outcome = FAILED_TRANSPORT
+        detail = attempt.error or f"no transport named {attempt.transport!r} is configured"
+    else:
+        outcome, detail = verdict(attempt.transport,
+                                  lambda: transport.send(attempt.alert, attempt.recipient),
+                                  reraise_429=reraise_429)
+    return result(attempt, transport, outcome, detail, int((time.monotonic() - started) * 1000))
+
+
+def execute(transport: Transport, attempt: Attempt, *, paced: bool) -> list[Result]:
+    """A single alert or a digest (one result per alert in it). With `paced`, a 429 escapes
+    as RateLimited so the alert(s) can wait in line."""
+    if not attempt.members:
+        return [attempt_once(transport, attempt, reraise_429=paced)]
+    started = time.monotonic()
+    n = len(attempt.members)
+    outcome, detail = verdict(attempt.transport, lambda: transport.send_digest(
+        [m.alert for m in attempt.members], attempt.recipient, attempt.digest_id),
+        reraise_429=True)
+    metrics.DIGESTS.labels(attempt.transport).inc()
+    elapsed = int((time.monotonic() - started) * 1000)
+    return [result(m, transport, outcome, f"in {attempt.digest_id} of {n} alerts: {detail}",
+                   elapsed) for m in attempt.members]
+
+
 class Dispatcher:
     def __init__(self, transports: Mapping[str, Transport], replica: str,
                  wake: Callable[[], None] = lambda: None) -> None:
         self.replica = replica
         self.wake = wake
-        self.results: queue.SimpleQueue[Result] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._inflight = 0
-        self._idle = threading.Condition(self._lock)
         self.transports: dict[str, Transport] = {}
         self.executors: dict[str, ThreadPoolExecutor] = {}
-        self.lanes: dict[str, Lane] = {}
-        self._lanes_lock = threading.Lock()
+        self.pacer = Pacer()
+        self.held: set[int] = set()          # delivery ids submitted and not yet taken back
+        self.sending = 0                      # messages handed to workers, not yet handed back
+        self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
+        self._ready: list[Result] = []        # results made on this thread (nothing to send)
+        self._futures: dict[int, tuple[Future[None], Attempt, Transport]] = {}
+        self._using: dict[int, int] = {}      # id(transport) -> messages in flight on it
+        self._retired: list[Transport] = []   # replaced by a reload, closed once idle
+        self._old_executors: list[ThreadPoolExecutor] = []
         self.configure(transports)
 
-    def configure(self, transports: Mapping[str, Transport]) -> None:
-        """Swap in new transports; sends already in flight finish on the old ones."""
-        old = self.executors
-        self.transports = dict(transports)
-        self.executors = {
-            name: ThreadPoolExecutor(1 if t.ordered else WORKERS_PER_TRANSPORT,
-                                     thread_name_prefix=f"send-{name}")
-            for name, t in self.transports.items()
-        }
-        for executor in old.values():
-            executor.shutdown(wait=False)
-        with self._lanes_lock:
-            lanes = {}
-            for name, t in self.transports.items():
-                lane = Lane.from_settings(name, t.settings)
-                if name in self.lanes:  # alerts already in line keep their place
-                    lane.waiting = self.lanes[name].waiting
-                lanes[name] = lane
-            orphans = [w for name, lane in self.lanes.items() if name not in lanes
-                       for w in lane.waiting]
-            self.lanes = lanes
-        for w in orphans:  # their transport is gone: recorded as such
-            self._finish([self.attempt(w.attempt)])
+    # --- owning thread only -----------------------------------------------------------
 
-    @property
-    def inflight(self) -> int:
-        return self._inflight
+    def configure(self, transports: Mapping[str, Transport]) -> None:
+        """Swap in new transports; sends in flight finish on the old ones, which are closed
+        once idle. Alerts waiting in line keep their place."""
+        for name, old in self.transports.items():
+            self._retired.append(old)
+            new = transports.get(name)
+            if new is None or new.ordered != old.ordered:
+                executor = self.executors.pop(name)
+                executor.shutdown(wait=False)  # queued sends still run, then its threads end
+                self._old_executors.append(executor)
+        self.transports = dict(transports)
+        for name, t in self.transports.items():
+            if name not in self.executors:
+                self.executors[name] = ThreadPoolExecutor(
+                    1 if t.ordered else WORKERS_PER_TRANSPORT, thread_name_prefix=f"send-{name}")
+        orphans = self.pacer.configure({n: t.settings for n, t in self.transports.items()})
+        self._ready.extend(attempt_once(None, a) for a in orphans)  # their transport is gone
+        self._close_retired()
 
     @property
     def waiting(self) -> int:
         """Alerts in line for pacing (a metric)."""
-        return sum(len(lane.waiting) for lane in self.lanes.values())
+        return self.pacer.waiting
+
+    def busy(self) -> bool:
+        """Anything submitted whose result has not been taken yet?"""
+        return bool(self.sending or self.pacer.waiting or self._ready)
 
     def submit(self, attempt: Attempt) -> None:
-        """Queue one attempt on its transport's executor, or in its lane when it is paced."""
-        with self._lock:
-            self._inflight += 1
-        executor = self.executors.get(attempt.transport)
-        if executor is None or attempt.error:
-            self._finish([self.attempt(attempt)])
-            return
-        lane = self.lanes.get(attempt.transport)
-        now = time.monotonic()
-        with self._lanes_lock:
-            if lane is not None and lane.holds(now):
-                lane.waiting.append(Waiting(attempt, now))
-                held = True
-            else:
-                held = False
-        if held:
+        """Send now on its transport's workers, or put it in line when its transport is paced."""
+        if attempt.delivery_id is not None:
+            self.held.add(attempt.delivery_id)
+        if attempt.error or attempt.transport not in self.transports:
+            self._ready.append(attempt_once(None, attempt))
             self.wake()
-        else:
-            executor.submit(self._run, attempt)
+        elif not self.pacer.hold(attempt, time.monotonic()):
+            self._send(attempt)
 
-    def _run(self, attempt: Attempt) -> None:
-        try:
-            results = self.execute(attempt)
-        except RateLimited as exc:
-            self._requeue(attempt, exc)
-            return
-        self._finish(results)
-
-    def _requeue(self, attempt: Attempt, exc: RateLimited) -> None:
-        """A 429: pause the lane for Retry-After; the alert(s) wait for the next digest."""
-        lane = self.lanes.get(attempt.transport)
-        members = attempt.members or (attempt,)
-        if lane is None:  # reconfigured away meanwhile
-            self._finish([self._result(m, FAILED_DELIVERY, str(exc), 0) for m in members])
-            return
-        if max(m.refusals for m in members) + 1 >= MAX_REFUSALS:
-            self._finish([self._result(m, FAILED_DELIVERY,
-                                       f"refused {MAX_REFUSALS} times: {exc}", 0)
-                          for m in members])
-            return
-        now = time.monotonic()
-        note = f"refused with {exc}, then held for a digest"
-        with self._lanes_lock:
-            lane.pause(exc.retry_after, now)
-            for m in reversed(members):
-                again = replace(m, refusals=m.refusals + 1,
-                                note=m.note if m.refusals else m.with_note(note).note)
-                lane.waiting.appendleft(Waiting(again, now, refused=note))
-        logger.warning("transport %s answered 429: pausing it for %gs", attempt.transport,
-                       exc.retry_after)
-        self.wake()
-
-    def _finish(self, results: list[Result]) -> None:
-        for result in results:
-            self.results.put(result)
-            metrics.observe_result(result)
-        with self._lock:
-            self._inflight -= len(results)
-            if self._inflight == 0:
-                self._idle.notify_all()
-        self.wake()
-
-    def pace(self) -> float | None:
-        """Send what the lanes allow now (main thread); returns seconds until it is worth calling
-        again, or None when nothing waits."""
-        now = time.monotonic()
-        next_call: float | None = None
-
-        def soon(seconds: float | None) -> None:
-            nonlocal next_call
-            if seconds is not None:
-                next_call = seconds if next_call is None else min(next_call, seconds)
-
-        for lane in list(self.lanes.values()):
-            if lane.paced and lane.pause_to_share:
-                take_tokens(lane.transport, lane.rate_per_minute or 1, lane.burst or 1, 0,
-                            lane.pause_to_share)
-                lane.pause_to_share = 0.0
-            with self._lanes_lock:
-                if not lane.waiting:
-                    continue
-                if now < lane.paused_until:
-                    soon(lane.paused_until - now)
-                    continue
-                digest = getattr(self.transports.get(lane.transport), "supports_digest", False)
-                groups, singles = lane.plan(now)
-                if not digest:  # each alert goes out on its own, in order, as tokens allow
-                    singles = [w for g in groups for w in g] + singles
-                    groups = []
-            sends: list[list[Waiting]] = groups + [[w] for w in singles]
-            if lane.paced:
-                granted, wait = take_tokens(lane.transport, lane.rate_per_minute or 1,
-                                            lane.burst or 1, len(sends))
-            else:
-                granted, wait = len(sends), 0.0
-            chosen = sends[:granted]
-            with self._lanes_lock:
-                taken = {id(w) for group in chosen for w in group}
-                lane.waiting = type(lane.waiting)(w for w in lane.waiting if id(w) not in taken)
-            executor = self.executors[lane.transport]
-            for group in chosen:
-                if len(group) == 1:
-                    executor.submit(self._run, group[0].attempt)
-                else:
-                    members = tuple(w.attempt for w in group)
-                    executor.submit(self._run, replace(
-                        members[0], members=members, delivery_id=None, note="",
-                        digest_id=f"digest-{uuid.uuid4().hex[:8]}"))
-            if len(sends) > granted:
-                soon(wait)
-            soon(lane.next_due(now))
-        return next_call
-
-    def execute(self, attempt: Attempt) -> list[Result]:
-        """attempt() for a single alert or a digest (one result per alert in it).
-
-        A 429 escapes as RateLimited when the transport has a lane to wait in.
-        """
-        if not attempt.members:
-            return [self.attempt(attempt, rate_limited=True)]
+    def _send(self, attempt: Attempt) -> None:
         transport = self.transports[attempt.transport]
-        started = time.monotonic()
-        n = len(attempt.members)
-        outcome, detail = self._verdict(attempt.transport, lambda: transport.send_digest(
-            [m.alert for m in attempt.members], attempt.recipient, attempt.digest_id),
-            reraise_429=True)
-        metrics.DIGESTS.labels(attempt.transport).inc()
-        elapsed = int((time.monotonic() - started) * 1000)
-        return [self._result(m, outcome, f"in {attempt.digest_id} of {n} alerts: {detail}",
-                             elapsed) for m in attempt.members]
+        paced = attempt.transport in self.pacer.lanes
+        self.sending += 1
+        self._using[id(transport)] = self._using.get(id(transport), 0) + 1
+        future = self.executors[attempt.transport].submit(self._work, transport, attempt, paced)
+        self._futures[id(attempt)] = (future, attempt, transport)
 
-    def _result(self, attempt: Attempt, outcome: str, detail: str, duration_ms: int) -> Result:
-        transport = self.transports.get(attempt.transport)
-        if attempt.note:
-            detail = f"{attempt.note}; {detail}"
-        return Result(attempt, transport.type if transport else "", outcome, detail,
-                      duration_ms, utcnow())
-
-    def attempt(self, attempt: Attempt, *, rate_limited: bool = False) -> Result:
-        """Send once, now, on this thread, and turn the verdict into an outcome."""
-        transport = self.transports.get(attempt.transport)
-        started = time.monotonic()
-        if attempt.error or transport is None:
-            outcome = FAILED_TRANSPORT
-            detail = attempt.error or f"no transport named {attempt.transport!r} is configured"
-        else:
-            outcome, detail = self._verdict(
-                attempt.transport, lambda: transport.send(attempt.alert, attempt.recipient),
-                reraise_429=rate_limited and attempt.transport in self.lanes)
-        return self._result(attempt, outcome, detail, int((time.monotonic() - started) * 1000))
-
-    @staticmethod
-    def _verdict(name: str, send: Callable[[], str], *, reraise_429: bool) -> tuple[str, str]:
-        """The one place where a send's exception becomes an outcome and a detail."""
+    def _work(self, transport: Transport, attempt: Attempt, paced: bool) -> None:
+        """On a worker thread: send, hand the verdict back, nothing else."""
         try:
-            return SENT, send()
+            done = _Done(attempt, transport, execute(transport, attempt, paced=paced))
         except RateLimited as exc:
-            if reraise_429:
-                raise  # the caller holds the alert(s) for the next digest
-            return FAILED_DELIVERY, str(exc)
-        except DeliveryError as exc:
-            return FAILED_DELIVERY, str(exc)
-        except TransportError as exc:
-            return FAILED_TRANSPORT, str(exc)
-        except Exception as exc:  # a buggy transport must not sink the others
-            logger.exception("transport %s raised unexpectedly", name)
-            return FAILED_TRANSPORT, f"internal error: {type(exc).__name__}"
+            done = _Done(attempt, transport, [], exc)
+        except BaseException as exc:  # never lose the hand-back, whatever went wrong
+            logger.exception("sending on %s failed unexpectedly", attempt.transport)
+            members = attempt.members or (attempt,)
+            done = _Done(attempt, transport, [result(m, transport, FAILED_TRANSPORT,
+                                                     f"internal error: {type(exc).__name__}", 0)
+                                              for m in members])
+        self._done.put(done)
+        self.wake()
 
-    def drain(self) -> list[Result]:
-        results = []
+    def take(self, timeout: float | None = None) -> list[Result]:
+        """Results handed back so far (waiting up to `timeout` for the first one); a 429 puts
+        its alert(s) back in line instead."""
+        results, self._ready = self._ready, []
         while True:
             try:
-                results.append(self.results.get_nowait())
+                if timeout is not None and not results:
+                    done = self._done.get(timeout=timeout)
+                else:
+                    done = self._done.get_nowait()
             except queue.Empty:
-                return results
-
-    def record(self, results: list[Result]) -> None:
-        """One audit row and one `notification` log line per attempt; claims marked done."""
-        if not results:
-            return
-        rows = [(r.created_at, r.attempt.alert.event_id, r.attempt.alert.job_id or None,
-                 r.attempt.alert.run_id, r.attempt.alert.kind, r.attempt.alert.level,
-                 r.attempt.transport, r.transport_type, r.attempt.recipient, r.outcome,
-                 r.detail[:1000], r.duration_ms, self.replica) for r in results]
-        done = [(r.attempt.delivery_id,) for r in results if r.attempt.delivery_id is not None]
-        p = db.proxy.param
-        with db.proxy.atomic():
-            cursor = db.proxy.cursor()
-            cursor.executemany(RECORD.format(p=p), rows)
-            if done:
-                cursor.executemany(f"UPDATE deliveries SET state = 'done' WHERE id = {p}", done)
+                break
+            results.extend(self._handle(done))
         for r in results:
-            a = r.attempt
-            log = logger.info if r.outcome == SENT else logger.warning
-            log("notification %s job=%s run=%s transport=%s recipient=%s outcome=%s"
-                " duration_ms=%d detail=%s", a.alert.kind, a.alert.job_id or "-",
-                a.alert.run_id or "-", a.transport or "-", a.recipient, r.outcome,
-                r.duration_ms, r.detail)
+            if r.attempt.delivery_id is not None:
+                self.held.discard(r.attempt.delivery_id)
+            metrics.observe_result(r)
+        self._close_retired()
+        return results
 
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        with self._idle:
-            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+    def _handle(self, done: _Done) -> list[Result]:
+        self.sending -= 1
+        self._futures.pop(id(done.attempt), None)
+        self._using[id(done.transport)] -= 1
+        exc = done.refused
+        if exc is None:
+            return done.results
+        if self.pacer.refused(done.attempt, exc.retry_after, str(exc), time.monotonic()):
+            logger.warning("transport %s answered 429: pausing it for %gs",
+                           done.attempt.transport, exc.retry_after)
+            return []
+        return [result(m, done.transport, FAILED_DELIVERY, f"refused {MAX_REFUSALS} times: {exc}",
+                       0) for m in (done.attempt.members or (done.attempt,))]
 
-    def close(self, wait: bool = True) -> None:
-        for executor in self.executors.values():
-            executor.shutdown(wait=wait)
-        for transport in self.transports.values():
+    def pace(self) -> float | None:
+        """Send what the lanes allow now; returns seconds until it is worth calling again, or
+        None when nothing waits."""
+        sends, next_call = self.pacer.due(
+            time.monotonic(), lambda n: getattr(self.transports.get(n), "supports_digest", False))
+        for name, group in sends:
+            if name not in self.transports:
+                self._ready.extend(attempt_once(None, a) for a in group)
+            elif len(group) == 1:
+                self._send(group[0])
+            else:
+                self._send(replace(group[0], members=tuple(group), delivery_id=None, note="",
+                                   digest_id=f"digest-{uuid.uuid4().hex[:8]}"))
+        return next_call
+
+    def _close_retired(self) -> None:
+        idle = [t for t in self._retired if not self._using.get(id(t))]
+        for t in idle:
+            self._retired.remove(t)
+            self._using.pop(id(t), None)
+            t.close()
+
+    def close(self, timeout: float = 5.0) -> tuple[list[Result], list[Attempt]]:
+        """Stop: sends already running get up to `timeout` seconds to finish. Returns their
+        results, and the attempts that were never tried (in line, or queued behind others)."""
+        unsent = self.pacer.drain()
+        for future, attempt, transport in list(self._futures.values()):
+            if future.cancel():  # queued behind other sends, never started
+                self._futures.pop(id(attempt))
+                self.sending -= 1
+                self._using[id(transport)] -= 1
+                unsent.extend(attempt.members or (attempt,))
+        results: list[Result] = []
+        deadline = time.monotonic() + timeout
+        while self.sending > 0 and (left := deadline - time.monotonic()) > 0:
+            results.extend(self.take(timeout=left))
+        results.extend(self.take())
+        unsent.extend(self.pacer.drain())  # 429s that came back meanwhile: not tried again
+        if self.sending:
+            logger.warning("stopped with %d send(s) still without a verdict", self.sending)
+        for executor in [*self.executors.values(), *self._old_executors]:
+            executor.shutdown(wait=False, cancel_futures=True)
+        for transport in [*self.transports.values(), *self._retired]:
             transport.close()
+        return results, unsent
+
+    # --- any thread ------------------------------------------------------------------
+
+    def attempt(self, attempt: Attempt) -> Result:
+        """Send once, now, on the calling thread (`nomaflowd test`, the transport tests)."""
+        return attempt_once(self.transports.get(attempt.transport), attempt)
+
+
+# Hand-written: the audit insert is on the hot path, where peewee's query builder cost
+# more per row than SQLite.
+RECORD = ("INSERT INTO notifications (created_at, event_id, job_id, run_id, alert, level,"
+          " transport, transport_type, recipient, outcome, detail, duration_ms, replica)"
+          " VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})")
+
+
+def record(results: list[Result], replica: str) -> None:
+    """One audit row and one `notification` log line per attempt; their claims marked done.
+
+    The only place an outcome is written.
+    """
+    if not results:
+        return
+    rows = [(r.created_at, r.attempt.alert.event_id, r.attempt.alert.job_id or None,
+             r.attempt.alert.run_id, r.attempt.alert.kind, r.attempt.alert.level,
+             r.attempt.transport, r.transport_type, r.attempt.recipient, r.outcome,
+             r.detail[:1000], r.duration_ms, replica) for r in results]
+    done = [(r.attempt.delivery_id,) for r in results if r.attempt.delivery_id is not None]
+    p = db.proxy.param
+    with db.proxy.atomic():
+        db.executemany(RECORD.format(p=p), rows)
+        if done:
+            db.executemany(f"UPDATE deliveries SET state = 'done' WHERE id = {p}", done)
+    for r in results:
+        a = r.attempt
+        log = logger.info if r.outcome == SENT else logger.warning
+        log("notification %s job=%s run=%s transport=%s recipient=%s outcome=%s"
+            " duration_ms=%d detail=%s", a.alert.kind, a.alert.job_id or "-",
+            a.alert.run_id or "-", a.transport or "-", a.recipient, r.outcome,
+            r.duration_ms, r.detail)
 
 
 def send_test(cfg: Config, name: str, recipient: str | None = None) -> Result:
@@ -329,11 +331,13 @@ def send_test(cfg: Config, name: str, recipient: str | None = None) -> Result:
     through transport `name` now, recorded like any alert (audit row with alert 'test' and
     the `notification` log line). `recipient` defaults to the transport's default."""
     tc = cfg.transports[name]
-    dispatcher = Dispatcher(build({name: tc}, cfg.send_timeout_seconds), cfg.replica_id)
+    transports = build({name: tc}, cfg.send_timeout_seconds)
     try:
-        result = dispatcher.attempt(Attempt(test_alert(cfg.base_url), name,
-                                            recipient or default_recipient(tc)))
-        dispatcher.record([result])
+        r = attempt_once(transports[name], Attempt(test_alert(cfg.base_url), name,
+                                                   recipient or default_recipient(tc)))
+        record([r], cfg.replica_id)
     finally:
-        dispatcher.close()
-    return result
+        transports[name].close()
+    return r
+
+

@@ -7,8 +7,8 @@ from datetime import datetime
 
 from nomaflowd import incidents
 from nomaflowd.config import Config
-from nomaflowd.daemon import Policy, Routed
 from nomaflowd.events import Event
+from nomaflowd.policy import Policy, Routed
 from nomaflowd.transports import build
 
 

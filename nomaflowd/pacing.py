@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -75,6 +75,115 @@ class Lane:
         if not ages:
             return None
         return max(0.0, min(ages) + self.digest_after - now)
+
+
+# An upstream that answers 429 this many times in a row to the same alert is refusing it,
+# not pacing us: the alert is recorded as FAILED_DELIVERY instead of waiting forever.
+MAX_REFUSALS = 5
+
+
+class Pacer:
+    """Every paced transport's lane. Used by the dispatcher's owning thread only (no lock)."""
+
+    def __init__(self) -> None:
+        self.lanes: dict[str, Lane] = {}
+
+    def configure(self, settings: Mapping[str, Mapping[str, Any]]) -> list[Any]:
+        """New lanes for `settings` (transport name -> settings); alerts already in line keep
+        their place. Returns the attempts whose transport is gone."""
+        lanes = {}
+        for name, s in settings.items():
+            lane = Lane.from_settings(name, s)
+            if name in self.lanes:
+                lane.waiting = self.lanes[name].waiting
+                lane.paused_until = self.lanes[name].paused_until
+            lanes[name] = lane
+        orphans = [w.attempt for name, lane in self.lanes.items() if name not in lanes
+                   for w in lane.waiting]
+        self.lanes = lanes
+        return orphans
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(lane.waiting) for lane in self.lanes.values())
+
+    def attempts(self) -> Iterable[Any]:
+        for lane in self.lanes.values():
+            for w in lane.waiting:
+                yield w.attempt
+
+    def hold(self, attempt: Any, now: float) -> bool:
+        """Put the attempt in its transport's line if it must wait; False: send it now."""
+        lane = self.lanes.get(attempt.transport)
+        if lane is None or not lane.holds(now):
+            return False
+        lane.waiting.append(Waiting(attempt, now))
+        return True
+
+    def refused(self, attempt: Any, retry_after: float, detail: str, now: float) -> bool:
+        """A 429 for `attempt` (one alert or a digest): pause the lane and put its alerts back
+        in line for the next digest. False when they were refused too often (or the lane is
+        gone): the caller records them as refused."""
+        lane = self.lanes.get(attempt.transport)
+        members = attempt.members or (attempt,)
+        if lane is None or max(m.refusals for m in members) + 1 >= MAX_REFUSALS:
+            return False
+        note = f"refused with {detail}, then held for a digest"
+        lane.pause(retry_after, now)
+        for m in reversed(members):
+            again = replace(m, refusals=m.refusals + 1,
+                            note=m.note if m.refusals else m.with_note(note).note)
+            lane.waiting.appendleft(Waiting(again, now, refused=note))
+        return True
+
+    def due(self, now: float, digests: Callable[[str], bool]
+            ) -> tuple[list[tuple[str, list[Any]]], float | None]:
+        """What may go out now: (transport, attempts) groups, one message each (several
+        attempts = a digest); and seconds until it is worth asking again (None: nothing waits).
+        `digests(name)` says whether a transport can send digests."""
+        sends: list[tuple[str, list[Any]]] = []
+        next_call: float | None = None
+
+        def soon(seconds: float | None) -> None:
+            nonlocal next_call
+            if seconds is not None:
+                next_call = seconds if next_call is None else min(next_call, seconds)
+
+        for lane in self.lanes.values():
+            if lane.paced and lane.pause_to_share:
+                take_tokens(lane.transport, lane.rate_per_minute or 1, lane.burst or 1, 0,
+                            lane.pause_to_share)
+                lane.pause_to_share = 0.0
+            if not lane.waiting:
+                continue
+            if now < lane.paused_until:
+                soon(lane.paused_until - now)
+                continue
+            groups, singles = lane.plan(now)
+            if not digests(lane.transport):  # each alert on its own, in order, as tokens allow
+                singles = [w for g in groups for w in g] + singles
+                groups = []
+            messages: list[list[Waiting]] = groups + [[w] for w in singles]
+            if lane.paced:
+                granted, wait = take_tokens(lane.transport, lane.rate_per_minute or 1,
+                                            lane.burst or 1, len(messages))
+            else:
+                granted, wait = len(messages), 0.0
+            chosen = messages[:granted]
+            taken = {id(w) for group in chosen for w in group}
+            lane.waiting = deque(w for w in lane.waiting if id(w) not in taken)
+            sends.extend((lane.transport, [w.attempt for w in group]) for group in chosen)
+            if len(messages) > granted:
+                soon(wait)
+            soon(lane.next_due(now))
+        return sends, next_call
+
+    def drain(self) -> list[Any]:
+        """Every waiting attempt, taken out of line (at shutdown: never attempted)."""
+        out = list(self.attempts())
+        for lane in self.lanes.values():
+            lane.waiting.clear()
+        return out
 
 
 def take_tokens(transport: str, rate_per_minute: float, burst: int, wanted: int,

@@ -208,14 +208,14 @@ class InProcess:
         """Run steps until `until()` is truthy (without one: until idle, nothing in flight)."""
         deadline = time.monotonic() + timeout
         d = self.daemon
-        d.hinted = True  # files the test just dropped count, whether or not inotify said so yet
+        d.ingest.hinted = True  # files the test just dropped count, whether or not inotify did
         while True:
             more = d.step()
             if until is not None:
                 value = until()
                 if value:
                     return value
-            elif not more and not d.pending and d.dispatcher.inflight == 0:
+            elif not more and not d.ingest.pending and not d.dispatcher.busy():
                 d.step()
                 return True
             if time.monotonic() > deadline:

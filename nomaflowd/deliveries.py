@@ -1,0 +1,165 @@
+"""The delivery lifecycle, in one place: claim -> submit -> finish, and the sweeps that redo
+what a stop or a dead peer left unfinished.
+
+A delivery is one (alert, transport, recipient). It is claimed by inserting its row in the
+same transaction as the event (or long-run mark) that made it due; only the rows an insert
+actually created are ours to send, which is what makes "never the same alert twice" hold
+across restarts and replicas. Its audit row and its `done` mark are written together.
+Used by the daemon's main thread only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from nomaflowd import db
+from nomaflowd.alerts import Alert
+from nomaflowd.dispatch import Attempt, Dispatcher, Result, record
+from nomaflowd.policy import Routed
+
+logger = logging.getLogger(__name__)
+
+BATCH = 1000
+RESENT = "sent again after a restart (the earlier attempt got no verdict)"
+HELD = "held in line when the daemon stopped; sent after the restart"
+NO_TRANSPORT = "no transport is configured, so nobody was notified"
+
+
+def claim(routed: Iterable[Routed], replica: str, now: datetime | str) -> list[Attempt]:
+    """Insert one claimed delivery per target; only the rows this call inserted are ours.
+
+    Runs inside the caller's transaction. An alert with no target at all (no transport is
+    configured) still gets one claim, recorded as FAILED_TRANSPORT: "who got paged for X?"
+    must be able to answer "nobody, and why".
+    """
+    rows, alerts_by_key = [], {}
+    errors: dict[tuple[str, str, str], str] = {}
+    for r in routed:
+        alerts_by_key[r.alert.key] = r.alert
+        alert = dict(vars(r.alert))  # flat fields (dataclasses.asdict deep-copies: 10x slower)
+        targets = [(t.transport, t.recipient, t.error) for t in r.plan.targets]
+        if not targets and not r.plan.skipped and not r.plan.duplicates:
+            targets = [("", "-", NO_TRANSPORT)]
+        for transport, recipient, error in targets:
+            errors[(r.alert.key, transport, recipient)] = error
+            rows.append((r.alert.key, transport, recipient, r.alert.event_id,
+                         json.dumps({"alert": alert, "error": error}, separators=(",", ":")),
+                         "claimed", replica, now, 1))
+    inserted = db.insert_new(
+        "deliveries", ("alert_key", "transport", "recipient", "event_id", "context", "state",
+                       "claimed_by", "claimed_at", "attempts"), rows,
+        conflict=("alert_key", "transport", "recipient"),
+        returning=("id", "alert_key", "transport", "recipient"))
+    return [Attempt(alerts_by_key[key], transport, recipient, delivery_id=ident,
+                    error=errors[(key, transport, recipient)])
+            for ident, key, transport, recipient in inserted]
+
+
+class Deliveries:
+    def __init__(self, dispatcher: Dispatcher, replica: str, lease_seconds: float) -> None:
+        self.dispatcher = dispatcher
+        self.replica = replica
+        self.lease_seconds = lease_seconds
+        self.unrecorded: list[Result] = []  # results whose audit rows wait for the database
+
+    def claim(self, routed: Iterable[Routed], now: datetime | str) -> list[Attempt]:
+        return claim(routed, self.replica, now)
+
+    def submit(self, attempts: Iterable[Attempt]) -> None:
+        for attempt in attempts:
+            self.dispatcher.submit(attempt)
+
+    def collect(self) -> int:
+        """Finish whatever the dispatcher handed back; returns how many attempts."""
+        results = self.dispatcher.take()
+        self.finish(results)
+        return len(results)
+
+    def finish(self, results: list[Result]) -> None:
+        """Audit rows, log lines and done marks for `results` (and any kept from an outage)."""
+        self.unrecorded.extend(results)
+        if self.unrecorded:
+            record(self.unrecorded, self.replica)  # raises on an outage: kept for next time
+            self.unrecorded = []
+
+    def in_hand(self) -> set[int]:
+        """Delivery ids this process is still working on (not to be swept)."""
+        ids = set(self.dispatcher.held)
+        ids.update(r.attempt.delivery_id for r in self.unrecorded
+                   if r.attempt.delivery_id is not None)
+        return ids
+
+    def resume(self) -> int:
+        """At start: this replica's claims left unfinished by the last stop go out again."""
+        d = db.DeliveryRow
+        rows = list(d.select().where((d.state == "claimed") & (d.claimed_by == self.replica)))
+        resent = self.reclaim(rows, self.replica, None)
+        if resent:
+            logger.warning("%d notification(s) left unfinished by the last stop are being"
+                           " sent now", resent)
+        return resent
+
+    def sweep(self, now: datetime, grace: float = 5.0) -> int:
+        """This replica's claims that nothing in this process is working on (an error between
+        claim and submit, a lost hand-back) are sent again."""
+        d = db.DeliveryRow
+        cutoff = now - timedelta(seconds=grace)
+        rows = [r for r in d.select().where((d.state == "claimed") & (d.claimed_by == self.replica)
+                                            & (d.claimed_at < cutoff)).limit(BATCH)
+                if r.id not in self.in_hand()]
+        swept = self.reclaim(rows, self.replica, "sent by the sweep: its first send was lost")
+        if swept:
+            logger.warning("%d unfinished notification(s) found by the sweep; sending them",
+                           swept)
+        return swept
+
+    def take_over(self, now: datetime) -> int:
+        """Claims of replicas whose heartbeat is older than the lease: a peer died mid-send."""
+        cutoff = now - timedelta(seconds=self.lease_seconds)
+        dead = [r.replica_id for r in db.ReplicaRow.select().where(
+            (db.ReplicaRow.seen_at < cutoff) & (db.ReplicaRow.replica_id != self.replica))]
+        d = db.DeliveryRow
+        taken = 0
+        for replica in dead:
+            rows = list(d.select().where((d.state == "claimed") & (d.claimed_by == replica))
+                        .limit(BATCH))
+            taken += self.reclaim(rows, replica,
+                                  f"taken over from replica {replica}, silent past its lease")
+        if taken:
+            logger.warning("took over %d notification(s) from silent replica(s) %s", taken,
+                           ", ".join(dead))
+        return taken
+
+    def reclaim(self, rows: list[db.DeliveryRow], owner: str, note: str | None) -> int:
+        """Move claims from `owner` to this replica (conditionally: one winner) and send them.
+        `note` None: say whether the last stop left it mid-send or never tried."""
+        d = db.DeliveryRow
+        count = 0
+        now = db.utcnow()
+        for row in rows:
+            won = d.update(claimed_by=self.replica, claimed_at=now,
+                           attempts=d.attempts + 1).where(
+                (d.id == row.id) & (d.state == "claimed") & (d.claimed_by == owner)).execute()
+            if not won:
+                continue
+            context = json.loads(row.context)
+            why = note if note is not None else (HELD if row.attempts < 1 else RESENT)
+            self.dispatcher.submit(Attempt(Alert(**context["alert"]), row.transport,
+                                           row.recipient, delivery_id=row.id,
+                                           error=context["error"], note=why))
+            count += 1
+        return count
+
+    def release(self, unsent: list[Attempt]) -> None:
+        """At shutdown: claims that were never tried stay claimed, marked as not attempted,
+        so the next start sends them without calling them a resend."""
+        ids = [(a.delivery_id,) for a in unsent if a.delivery_id is not None]
+        if ids:
+            with db.proxy.atomic():
+                db.executemany("UPDATE deliveries SET attempts = attempts - 1 WHERE id = "
+                               f"{db.proxy.param} AND state = 'claimed'", ids)
+            logger.info("%d notification(s) waiting in line are kept for the next start",
+                        len(ids))

@@ -1,0 +1,237 @@
+"""Ingest: spool files -> events, runs and claims, committed together; then the attempts go out.
+
+The spool directory is the queue: a file is deleted only after its event commits, so a stop
+between files loses nothing. An error that belongs to one file (it cannot be read, parsed,
+stored or moved) is that file's: it is quarantined with its reason, or set aside and said
+once, and the files after it flow. Only the database itself failing holds the spool.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from datetime import datetime, timedelta
+
+from nomaflowd import db, events, incidents, metrics, state
+from nomaflowd.deliveries import Deliveries
+from nomaflowd.dispatch import Attempt
+from nomaflowd.errors import Rejected
+from nomaflowd.policy import Policy, Routed
+from nomaflowd.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+BATCH = 1000
+MAX_TRIES = 3
+# Fault injection for the test suite: exit abruptly while handling a file whose name
+# contains this string, as a crash in a parser or driver would.
+CRASH_ON = os.environ.get("NOMAFLOWD_FAULT_CRASH_ON", "")
+
+
+class SpoolUnreadable(Exception):
+    """The spool directory itself cannot be listed (gone, permissions)."""
+
+
+class Ingest:
+    def __init__(self, spool: Spool, policy: Policy, deliveries: Deliveries) -> None:
+        self.spool = spool
+        self.policy = policy
+        self.deliveries = deliveries
+        self.pending: deque[str] = deque()
+        self.suspects: set[str] = set()
+        self.stuck: set[str] = set()   # files that could be neither stored nor moved aside
+        self.hinted = True
+        self.last_scan = 0.0
+        self.last_event_at: float | None = None
+
+    def refill(self, rescan_seconds: float) -> bool:
+        """Scan the spool when hinted or due; returns whether anything is pending."""
+        if self.pending:
+            return True
+        due = time.monotonic() - self.last_scan >= rescan_seconds
+        if not (self.hinted or due):
+            return False
+        self.hinted = False
+        self.last_scan = time.monotonic()
+        try:
+            names = self.spool.scan()
+        except OSError as exc:
+            raise SpoolUnreadable(exc.strerror or str(exc)) from None
+        if self.stuck:
+            names = [n for n in names if n not in self.stuck]
+        if self.suspects:  # files in hand at a crash go first, one at a time
+            names.sort(key=lambda n: n not in self.suspects)
+        self.pending.extend(names)
+        return bool(self.pending)
+
+    def step(self, now: datetime) -> bool:
+        """Ingest at most one batch of pending files. Returns "more work right away?".
+
+        Raises one of db.OUTAGES when the database is away; the batch goes back in line.
+        """
+        if not self.pending:
+            return False
+        if self.pending[0] in self.suspects:
+            batch = [self.pending.popleft()]
+        else:
+            batch = [self.pending.popleft() for _ in range(min(BATCH, len(self.pending)))]
+        try:
+            self.ingest(batch, now)
+        except db.OUTAGES:
+            self.pending.extendleft(reversed(batch))
+            raise
+        return bool(self.pending)
+
+    def ingest(self, names: list[str], now: datetime) -> None:
+        """Read a batch of files, commit their events and claims in one transaction, then send."""
+        accepted: list[tuple[str, events.Event]] = []
+        self.spool.mark_handling(names)
+        for name in names:
+            if CRASH_ON and CRASH_ON in name:
+                os._exit(70)
+            try:
+                raw = self.spool.read(name)
+                if raw is not None:
+                    accepted.append((name, events.parse(raw, name, now)))
+            except Rejected as exc:
+                self.reject(name, str(exc), now)
+            except OSError as exc:  # the file's own trouble (EIO, EACCES...)
+                self.reject(name, f"cannot be read: {exc.strerror or type(exc).__name__}", now)
+            except Exception as exc:  # a parser bug must quarantine the file, not stop the loop
+                logger.exception("spool file %r could not be handled", name)
+                self.reject(name, f"internal error: {type(exc).__name__}", now)
+        attempts = self.commit(accepted, now)
+        self.spool.clear_handling()
+        if self.suspects.intersection(names):
+            self.suspects.difference_update(names)
+            db.SpoolTryRow.delete().where(db.SpoolTryRow.name.in_(names)).execute()
+        self.deliveries.submit(attempts)
+
+    def commit(self, accepted: list[tuple[str, events.Event]], now: datetime) -> list[Attempt]:
+        """Store the batch in one transaction; if the database refuses it for a reason that is
+        not an outage (a value it cannot store), store file by file and quarantine the ones
+        it refuses. Files are removed once their events are committed."""
+        if not accepted:
+            return []
+        try:
+            with db.proxy.atomic():
+                attempts = self.commit_events([e for _, e in accepted], now)
+        except db.VALUE_ERRORS as exc:
+            if len(accepted) == 1:
+                name = accepted[0][0]
+                logger.warning("the database refused spool file %r: %s", name,
+                               type(exc).__name__)
+                self.reject(name, f"the database cannot store this event ({type(exc).__name__}:"
+                            f" {str(exc)[:200]})", now)
+                return []
+            attempts = []
+            for one in accepted:
+                attempts += self.commit([one], now)
+            return attempts
+        self.remove([name for name, _ in accepted])
+        return attempts
+
+    def reject(self, name: str, reason: str, now: datetime) -> None:
+        try:
+            self.spool.reject(name, reason, now)
+        except OSError as exc:
+            self.set_aside(name, f"cannot be moved to rejected/ ({exc.strerror or exc})")
+
+    def remove(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                self.spool.remove([name])
+            except OSError as exc:  # recorded already: a second read is a harmless duplicate
+                self.set_aside(name, f"recorded, but cannot be removed ({exc.strerror or exc})")
+
+    def set_aside(self, name: str, why: str) -> None:
+        """A file we can neither store nor move: skipped until the next start, said once."""
+        if name not in self.stuck:
+            self.stuck.add(name)
+            logger.error("spool file %r %s; skipping it until the next start", name, why)
+
+    def count_tries(self, now: datetime) -> None:
+        """Count a try for each file in hand when the last run died; quarantine at MAX_TRIES.
+
+        Without this, a file that crashes the daemon would crash it again at every
+        restart, and every alert behind it would wait forever. The note of names in hand
+        is emptied before the counts are written: a crash in between undercounts (the
+        crasher is counted again next time it is in hand), and never counts one stop twice.
+        """
+        names = [n for n in self.spool.handled_when_stopped()
+                 if os.path.lexists(self.spool.path / n)]
+        self.spool.mark_handling([])
+        t = db.SpoolTryRow
+        tries: dict[str, int] = {}
+        with db.proxy.atomic():
+            for name in names:
+                row, _ = t.get_or_create(name=name, defaults={"updated_at": now})
+                tries[name] = row.tries + 1
+                t.update(tries=tries[name], updated_at=now).where(t.id == row.id).execute()
+            # Files counted before but not finished since: still suspects, handled alone.
+            for row in t.select(t.name, t.tries).where(t.name.not_in(names)):
+                if os.path.lexists(self.spool.path / row.name):
+                    tries[row.name] = row.tries
+        for name, count in tries.items():
+            if count >= MAX_TRIES:
+                self.reject(name, f"the daemon stopped {count} times while handling this"
+                            " file; quarantined to break the crash loop", now)
+                t.delete().where(t.name == name).execute()
+            else:
+                if name in names:
+                    logger.warning("spool file %r was in hand when the daemon stopped"
+                                   " (try %d of %d)", name, count, MAX_TRIES)
+                self.suspects.add(name)
+
+    def commit_events(self, batch: list[events.Event], now: datetime) -> list[Attempt]:
+        """Inside the caller's transaction: events, runs rows and claims of one batch."""
+        stamp = db.stamp(now)  # the batch's one timestamp, converted once
+        fresh_ids = {row[0] for row in db.insert_new(
+            "events", ("event_id", "received_at", "job_id", "run_id", "state", "payload"),
+            [(e.event_id, stamp, e.job_id, e.run_id, e.state, e.payload) for e in batch],
+            conflict=("event_id",), returning=("event_id",))}
+        cat = self.policy.current()
+        routed: list[Routed] = []
+        inserts, finishes, recorded = [], [], []
+        for e in batch:
+            if e.event_id not in fresh_ids:
+                continue  # a duplicate: recorded once already, alerts once already
+            fresh_ids.discard(e.event_id)
+            metrics.count_event(e.state)
+            self.last_event_at = time.monotonic()
+            eff = cat.effective(e.job_id, e.alerts, e.tags)
+            if e.run_id and e.state in events.RUN_STATES:
+                recorded.append(e)
+                started = e.started_at or (e.at if e.state == "RUNNING" else None)
+                deadline = None
+                minutes = eff.alerts.on_long_run_minutes
+                if e.state == "RUNNING" and isinstance(minutes, float) and started:
+                    try:
+                        deadline = started + timedelta(minutes=minutes)
+                    except OverflowError:
+                        deadline = None  # past year 9999: a warning that can never be due
+                overrides = {}
+                if e.alerts is not None:
+                    overrides["alerts"] = e.fields["alerts"]
+                if e.tags is not None:
+                    overrides["tags"] = list(e.tags)
+                final = state.is_final(e.state)
+                inserts.append((e.job_id, e.run_id, e.state, started,
+                                (e.finished_at or e.at) if final else None, stamp, deadline,
+                                json.dumps(overrides) if overrides else None))
+                if final:
+                    finishes.append((e.state, e.finished_at or e.at, stamp, started,
+                                     e.job_id, e.run_id))
+            routed.extend(self.policy.for_event(e, eff))
+        param = db.proxy.param
+        if inserts:
+            db.executemany(state.INSERT_RUN.format(p=param), inserts)
+        if finishes:
+            db.executemany(state.FINISH_RUN.format(p=param), finishes)
+        # Learned deadlines and recoveries read the runs rows just written (same transaction).
+        routed.extend(Routed(*due) for due in incidents.after_runs_recorded(
+            self.policy.config, recorded, cat, routed, now))
+        return self.deliveries.claim(routed, stamp)

@@ -1,0 +1,62 @@
+"""Policy: config + catalogue -> which alerts an event (or an overdue run) makes due, to whom."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+from nomaflowd import alerts, catalogue, db, events, incidents, state
+from nomaflowd.alerts import Alert
+from nomaflowd.catalogue import Catalogue, Effective, WatchedCatalogue
+from nomaflowd.config import Config
+from nomaflowd.routing import Plan, Router
+
+
+@dataclass
+class Routed:
+    """An alert with its recipients worked out (what `explain` shows and ingest claims)."""
+
+    alert: Alert
+    effective: Effective
+    plan: Plan
+
+
+class Policy:
+    """Pure apart from stat() on the catalogue and the reads a long-run warning needs."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.config = cfg
+        self.router = Router(cfg.transports, cfg.routing)
+        self.catalogue = WatchedCatalogue(cfg.jobs_file)  # ConfigError when jobs.toml is bad
+
+    def current(self) -> Catalogue:
+        return self.catalogue.refresh()
+
+    def route(self, alert: Alert, eff: Effective, notice_to: list[str] | None = None) -> Routed:
+        if notice_to:
+            plan = self.router.plan(notice_to, (), use_rules=False)
+        else:
+            plan = self.router.plan(eff.alerts.recipients, eff.tags)
+        return Routed(alert, eff, incidents.fit(plan, alert.kind, self.config.transports))
+
+    def for_event(self, event: events.Event, eff: Effective) -> list[Routed]:
+        """The alerts this event makes due under its effective block, routed."""
+        url = self.config.run_url(event.run_id)
+        return [self.route(alerts.from_event(kind, event, url), eff, event.get("recipients"))
+                for kind in state.alerts_due(event, eff.alerts)]
+
+    def for_long_run(self, run: db.RunRow, now: datetime) -> Routed:
+        overrides = json.loads(run.overrides) if run.overrides else {}
+        block = (catalogue.parse_alerts(overrides["alerts"], "alerts")
+                 if "alerts" in overrides else None)
+        tags = tuple(overrides["tags"]) if "tags" in overrides else None
+        eff = self.current().effective(run.job_id, block, tags)
+        started = run.started_at
+        minutes = (now - started).total_seconds() / 60 if started else None
+        alert = Alert(kind="long_run", key=f"{run.job_id}/{run.run_id}/long_run",
+                      job_id=run.job_id, run_id=run.run_id, event_id=None, state="RUNNING",
+                      url=self.config.run_url(run.run_id),
+                      started_at=started.strftime("%Y-%m-%dT%H:%M:%SZ") if started else None,
+                      minutes=minutes, usual_minutes=run.usual_minutes)
+        return Routed(alert, eff, self.router.plan(eff.alerts.recipients, eff.tags))

@@ -1,0 +1,158 @@
+"""The delivery lifecycle under operator actions: reload, stop, stranded claims, twins."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sqlite3
+from datetime import datetime
+
+from nomaflowd import events
+from nomaflowd.deliveries import HELD, NO_TRANSPORT
+from tests.servers import Reply, wait_until
+
+FAILED = {"job_id": "reporting-nightly-sync", "run_id": "run_a8c4d", "state": "FAILED",
+          "error": "OperationalError: connection refused"}
+
+
+def test_sighup_with_a_broken_catalogue_keeps_the_daemon_and_the_old_catalogue(
+        tree, http, daemon_factory):
+    tree.write_jobs('[jobs.reporting-nightly-sync.alerts]\nrecipients = ["ops"]\n')
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = daemon_factory()
+    tree.write_jobs("[jobs.reporting-nightly-sync\nthis is not TOML")
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in d.output(), what="the refusal in the log")
+    assert d.proc.poll() is None
+    tree.drop(FAILED)
+    assert http.wait_for(1)[0].json()["job_id"] == "reporting-nightly-sync"
+    wait_until(lambda: tree.notifications(), what="audit row")
+    assert d.stop() == 0
+    assert "Traceback" not in d.output()
+
+
+def test_failed_event_without_any_transport_leaves_a_failed_transport_row(tree, inproc):
+    tree.write_config("")
+    d = inproc()
+    tree.drop(FAILED)
+    rows = d.pump(tree.notifications, what="an audit row")
+    assert [(r["job_id"], r["alert"], r["outcome"], r["detail"]) for r in rows] == [
+        ("reporting-nightly-sync", "failed", "FAILED_TRANSPORT", NO_TRANSPORT)]
+
+
+def test_claims_never_submitted_are_swept_without_a_restart(tree, http, inproc):
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = inproc()
+    now = datetime(2026, 5, 26, 2, 30)
+    event = events.parse(b'{"job_id": "j", "run_id": "r1", "state": "FAILED"}', "x.json", now)
+    ingest = d.daemon.ingest
+    stranded = ingest.commit([("gone.json", event)], now)  # committed, then "lost"
+    assert len(stranded) == 1 and not http.requests
+    d.daemon.poll_due()  # the scheduler's tick: the sweep finds the claim nobody is sending
+    d.pump(lambda: len(tree.notifications()) == 1, what="the swept alert's audit row")
+    assert len(http.wait_for(1)) == 1
+    assert "sweep" in tree.notifications()[0]["detail"]
+
+
+def test_sweep_leaves_claims_in_flight_alone(tree, http, inproc):
+    http.default = Reply(200, b"ok", delay=1.0)
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = inproc()
+    tree.drop(FAILED)
+    d.pump(lambda: d.daemon.dispatcher.sending == 1, what="a send in flight")
+    d.daemon.deliveries.sweep(datetime(2100, 1, 1))  # every claim looks old
+    d.pump()
+    assert len(http.requests) == 1
+    assert [r["outcome"] for r in tree.notifications()] == ["SENT"]
+
+
+def test_reload_while_sending_records_every_attempt_once_and_closes_old_transports(
+        tree, http, inproc):
+    http.default = Reply(200, b"ok", delay=0.3)
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = inproc()
+    for i in range(6):
+        tree.drop({**FAILED, "run_id": f"r{i}"})
+    d.pump(lambda: d.daemon.dispatcher.sending > 0, what="sends in flight")
+    old = d.daemon.dispatcher.transports["ops"]
+    closed = []
+    old.close = lambda: closed.append(True)  # type: ignore[method-assign]
+    d.daemon.reload()
+    d.daemon.poll_due()  # a long-run poll and the sweeps right behind the reload
+    d.pump()
+    rows = tree.notifications()
+    assert sorted(r["run_id"] for r in rows) == [f"r{i}" for i in range(6)]
+    assert {r["outcome"] for r in rows} == {"SENT"}
+    assert closed == [True]
+
+
+def test_stop_does_not_wait_for_alerts_held_by_pacing_and_says_they_were_never_tried(
+        tree, http, daemon_factory):
+    tree.write_config(tree.webhook("ops", http.url(), "rate_per_minute = 1\nburst = 1\n"
+                                   "digest_after_seconds = 3600"))
+    d = daemon_factory()
+    for i in range(3):
+        tree.drop({**FAILED, "run_id": f"r{i}"})
+    http.wait_for(1)
+    wait_until(lambda: len(tree.notifications()) == 1, what="the first alert's row")
+    wait_until(lambda: not tree.spool_files(), what="spool empty")
+    assert d.stop() == 0
+    assert "2 notification(s) waiting in line are kept for the next start" in d.output()
+    # At the next start (no pacing now) they go out, not labelled as resends.
+    tree.write_config(tree.webhook("ops", http.url()))
+    daemon_factory()
+    wait_until(lambda: len(tree.notifications()) == 3, what="all three rows")
+    later = [r["detail"] for r in tree.notifications()[1:]]
+    assert all(HELD in detail for detail in later), later
+    assert len(http.requests) == 3
+
+
+def test_a_database_error_while_recording_at_shutdown_still_shuts_down_cleanly(
+        tree, http, inproc, caplog):
+    http.default = Reply(200, b"ok", delay=0.5)
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = inproc()
+    tree.drop(FAILED)
+    d.pump(lambda: d.daemon.dispatcher.sending == 1, what="a send in flight")
+    with sqlite3.connect(tree.db_path) as conn:
+        conn.execute("ALTER TABLE notifications RENAME TO notifications_away")
+    d.close()  # must not raise
+    assert "could not record the last 1 result(s)" in caplog.text
+    with sqlite3.connect(tree.db_path) as conn:
+        assert conn.execute("SELECT state FROM deliveries").fetchall() == [("claimed",)]
+
+
+def test_a_spool_io_error_is_not_called_a_database_outage(tree, http, inproc, caplog):
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = inproc()
+    rejected = tree.spool / "rejected"
+    shutil.rmtree(rejected)
+    rejected.write_text("not a directory any more")
+    (tree.spool / "0-bad.json").write_text("not json")
+    tree.drop(FAILED)
+    d.pump(lambda: tree.notifications(), what="the good file's audit row")
+    assert "database unavailable" not in caplog.text
+    assert "0-bad.json" in caplog.text and "cannot be moved to rejected/" in caplog.text
+    assert (tree.spool / "0-bad.json").exists()  # nothing is lost: it waits for an operator
+
+
+def test_two_daemons_with_one_replica_id_are_told_so(tree, http, daemon_factory):
+    tree.write_config(tree.webhook("ops", http.url()), daemon='replica_id = "twin"')
+    first = daemon_factory()
+    second = daemon_factory()
+    wait_until(lambda: "also used by another live daemon" in first.output()
+               or "also used by another live daemon" in second.output(),
+               what="the duplicate replica id in a log")
+    assert first.stop() == 0 and second.stop() == 0
+
+
+def test_a_restart_is_not_mistaken_for_a_twin(tree, http, daemon_factory):
+    tree.write_config(tree.webhook("ops", http.url()), daemon='replica_id = "solo"')
+    first = daemon_factory()
+    first.kill()
+    second = daemon_factory()
+    tree.drop(FAILED)
+    http.wait_for(1)
+    wait_until(lambda: second.output().count("notification") >= 1, what="a notification")
+    assert "also used by another live daemon" not in second.output()
+    assert second.stop() == 0
