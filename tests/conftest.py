@@ -6,6 +6,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,45 @@ from nomaflowd.client import drop
 from tests.servers import HttpRecorder
 
 PG_DSN = os.environ.get("NOMAFLOWD_TEST_PG_DSN", "")
+# Threads that live for the whole test process by design: the transports' one deadline
+# thread, and the threads of module-scoped servers.
+LONG_LIVED = ("nomaflowd-deadlines", "smtp-", "asyncio_")
+
+
+def child_processes() -> set[int]:
+    """Live (not zombie) child processes of this test process, from /proc."""
+    me, found = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me and fields[0] != b"Z":
+            found.add(int(entry))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail a test that leaves a thread running or a child process behind (watchdog's rule)."""
+    threads_before = set(threading.enumerate())
+    children_before = child_processes()
+    yield
+    deadline = time.monotonic() + 5.0
+    leaked: list[threading.Thread] = []
+    for t in set(threading.enumerate()) - threads_before:
+        if t.name.startswith(LONG_LIVED):
+            continue
+        t.join(max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            leaked.append(t)
+    assert not leaked, f"threads left running: {sorted(t.name for t in leaked)}"
+    while (children := child_processes() - children_before) and time.monotonic() < deadline:
+        time.sleep(0.05)  # a killed child is reaped by its Popen's wait in the fixture
+    assert not children, f"child processes left running: {sorted(children)}"
 
 
 class Tree:

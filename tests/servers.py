@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -42,10 +43,22 @@ class HttpRecorder:
         self.replies: dict[str, Reply | Callable[[Request], Reply]] = {}
         self.default = Reply()
         self._cond = threading.Condition()
+        self.closing = threading.Event()
+        self.connections: set[socket.socket] = set()  # open client connections
         recorder = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with recorder._cond:
+                    recorder.connections.add(self.connection)
+
+            def finish(self) -> None:
+                with recorder._cond:
+                    recorder.connections.discard(self.connection)
+                super().finish()
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
@@ -55,7 +68,7 @@ class HttpRecorder:
                 req = Request("POST", self.path, dict(self.headers.items()), body)
                 reply = recorder.reply_for(req)
                 if reply.delay:
-                    time.sleep(reply.delay)
+                    recorder.closing.wait(reply.delay)
                 with recorder._cond:
                     recorder.requests.append(req)
                     recorder._cond.notify_all()
@@ -67,12 +80,13 @@ class HttpRecorder:
                     self.end_headers()
                     if reply.hang_after_headers:
                         self.wfile.flush()
-                        time.sleep(reply.hang_after_headers)
+                        recorder.closing.wait(reply.hang_after_headers)
                     if reply.trickle:
                         for b in reply.body:
                             self.wfile.write(bytes([b]))
                             self.wfile.flush()
-                            time.sleep(reply.trickle)
+                            if recorder.closing.wait(reply.trickle):
+                                break
                     else:
                         self.wfile.write(reply.body)
                 except OSError:
@@ -114,9 +128,20 @@ class HttpRecorder:
                     raise AssertionError(f"expected {count} request(s), got {len(got)}")
                 self._cond.wait(min(remaining, 0.05))
 
+    @property
+    def open_connections(self) -> int:
+        with self._cond:
+            return len(self.connections)
+
     def close(self) -> None:
+        """Stop serving and end every handler: scripted waits return, connections are cut."""
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
+        with self._cond:
+            for conn in self.connections:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
 
 
 def closed_port() -> int:

@@ -186,6 +186,9 @@ class HttpTransport(Transport):
         super().__init__(name, settings, timeout=timeout)
         self._local = threading.local()
         self._ssl = ssl.create_default_context()
+        # Every thread's connection, so that close() (another thread) can close them all.
+        self._conns: set[http.client.HTTPConnection] = set()
+        self._conns_lock = threading.Lock()
 
     def _connection(self, scheme: str, host: str, port: int | None) -> http.client.HTTPConnection:
         key = (scheme, host, port)
@@ -201,6 +204,8 @@ class HttpTransport(Transport):
             return conn
         if conn is not None:
             conn.close()
+            with self._conns_lock:
+                self._conns.discard(conn)
         if scheme == "https":
             conn = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._ssl)
         elif scheme == "http":
@@ -208,6 +213,8 @@ class HttpTransport(Transport):
         else:
             raise TransportError(f"unsupported URL scheme {scheme!r}")
         self._local.conn, self._local.key, self._local.used = conn, key, 0.0
+        with self._conns_lock:
+            self._conns.add(conn)
         return conn
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes, Any]:
@@ -265,6 +272,8 @@ class HttpTransport(Transport):
         return detail + retry_after(status, headers)
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        """Close every thread's pooled connection (call it once no send is running)."""
+        with self._conns_lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
             conn.close()
