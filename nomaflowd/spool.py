@@ -73,6 +73,23 @@ def quarantine_name(name: str) -> str:
     return f"{prefix}~{digest}"
 
 
+class SpoolFile(bytes):
+    """A spool file's bytes, with its owner and group as fstat() saw them on the open file.
+
+    A bytes subclass, so every caller that takes the bytes goes on working unchanged.
+    """
+
+    uid: int
+    gid: int
+
+    @classmethod
+    def of(cls, data: bytes, uid: int, gid: int) -> SpoolFile:
+        read = cls(data)
+        read.uid = uid
+        read.gid = gid
+        return read
+
+
 class Spool:
     def __init__(self, path: Path, replica: str = "") -> None:
         self.path = path
@@ -98,8 +115,8 @@ class Spool:
         names.sort()
         return names
 
-    def read(self, name: str) -> bytes | None:
-        """The file's bytes, None if it is gone, or Rejected (symlink, FIFO, too large...)."""
+    def read(self, name: str) -> SpoolFile | None:
+        """The file's bytes and owner, None if it is gone, or Rejected (symlink, FIFO...)."""
         path = os.path.join(self.path, name)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -128,7 +145,7 @@ class Spool:
             data = b"".join(chunks)
             if len(data) > MAX_BYTES:
                 raise Rejected(f"file is larger than {MAX_BYTES} bytes")
-            return data
+            return SpoolFile.of(data, st.st_uid, st.st_gid)
         finally:
             os.close(fd)
 

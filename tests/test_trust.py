@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
+from datetime import datetime
+from pathlib import Path
+
 import pytest
 
-from nomaflowd import db, events
+from nomaflowd import catalogue, db, events
+from nomaflowd.cli import main
+from nomaflowd.errors import ConfigError
+from nomaflowd.spool import Spool
 from tests.conftest import InProcess, Tree
+
+NOW = datetime(2026, 5, 26, 2, 30, 0)
 
 LONG_JOB, LONG_RUN = "j" * events.ID_MAX, "r" * events.ID_MAX
 
@@ -40,3 +51,117 @@ def test_ids_at_the_limit_are_stored_on_both_backends(backend: Tree, http,
         assert {r.outcome for r in db.NotificationRow.select()} == {"SENT"}
     finally:
         d.close()
+
+
+# --- who may write for a job ----------------------------------------------------------------
+
+NOBODY = 65534  # nobody:nogroup on Debian; the tests run as root, so they can chown to it
+
+
+def owned_by(tree: Tree, event: dict[str, object], uid: int, gid: int) -> Path:
+    path = tree.drop(event)
+    os.chown(path, uid, gid)
+    return path
+
+
+def test_spool_read_reports_the_owner_the_kernel_saw(tree: Tree):
+    spool = Spool(tree.spool)
+    spool.prepare()
+    path = owned_by(tree, {"job_id": "etl", "state": "ENABLED"}, NOBODY, NOBODY)
+    read = spool.read(path.name)
+    assert read is not None
+    assert (read.uid, read.gid) == (NOBODY, NOBODY)
+    assert events.parse(read, path.name, NOW).job_id == "etl"  # still the bytes
+
+
+def test_catalogue_reads_writers_from_jobs_and_defaults():
+    cat = catalogue.parse({"defaults": {"writers": ["root"]},
+                           "jobs": {"etl": {"writers": ["etl-runner", "@etl"]},
+                                    "locked": {"writers": []}}})
+    assert cat.writers("etl") == ("etl-runner", "@etl")
+    assert cat.writers("other") == ("root",)
+    assert cat.writers("locked") == ()
+    assert catalogue.parse({}).writers("etl") is None
+    for bad in (["@"], [""], "root", [3], [" root"], ["root:root"]):
+        with pytest.raises(ConfigError, match=r"jobs\.etl\.writers"):
+            catalogue.parse({"jobs": {"etl": {"writers": bad}}})
+
+
+@pytest.mark.parametrize(("writers", "uid", "gid", "allowed"), [
+    (["root"], 0, 0, True),
+    (["root"], NOBODY, NOBODY, False),
+    (["nobody"], NOBODY, 0, True),
+    (["@root"], 0, NOBODY, True),             # the owner's primary group
+    (["@nogroup"], 0, NOBODY, True),          # the file's group
+    (["@nogroup"], NOBODY, 0, True),          # nobody's primary group is nogroup
+    (["@root"], NOBODY, NOBODY, False),
+    (["@no-such-group", "no-such-user"], NOBODY, NOBODY, False),
+    (["root"], 4_000_000, 4_000_000, False),  # a uid no account has
+])
+def test_may_write_matches_users_and_groups(writers, uid, gid, allowed):
+    cat = catalogue.parse({"jobs": {"etl": {"writers": writers}}})
+    reason = cat.may_write("etl", uid, gid)
+    assert (reason is None) == allowed
+    assert cat.may_write("not-listed", uid, gid) is None  # no writers: anyone may
+
+
+def test_may_write_matches_supplementary_members():
+    member = next(((g.gr_name, m) for g in grp.getgrall() for m in g.gr_mem
+                   if m != "root"), None)
+    if member is None:
+        pytest.skip("no group on this host lists a supplementary member")
+    group, user = member
+    uid = pwd.getpwnam(user).pw_uid
+    cat = catalogue.parse({"jobs": {"etl": {"writers": [f"@{group}"]}}})
+    assert cat.may_write("etl", uid, 4_000_000) is None
+
+
+def test_refusal_names_owner_job_and_writers():
+    cat = catalogue.parse({"jobs": {"etl": {"writers": ["etl-runner", "@etl"]}}})
+    assert cat.may_write("etl", NOBODY, NOBODY) == (
+        "owner uid 65534 (nobody) may not write events for job etl; writers: etl-runner, @etl")
+    assert "uid 4000000 (no such user)" in str(cat.may_write("etl", 4_000_000, 0))
+
+
+def test_check_warns_when_no_job_names_writers(tree: Tree, capsys, http):
+    tree.write_config(tree.webhook("hook", http.url()))
+    tree.write_jobs('[jobs.a.alerts]\nrecipients = ["hook"]\n')
+    assert main(["check", "--config", str(tree.config_path)]) == 0
+    assert "names no writers: anyone who can write into the spool" in capsys.readouterr().out
+    tree.write_jobs('[defaults]\nwriters = ["root", "@no-such-group"]\n'
+                    '[jobs.a.alerts]\nrecipients = ["hook"]\n')
+    assert main(["check", "--config", str(tree.config_path)]) == 0
+    out = capsys.readouterr().out
+    assert "no writers" not in out
+    assert "defaults.writers: group no-such-group does not exist on this host" in out
+
+
+def test_check_warns_when_a_writer_group_is_the_spools_setgid_group(tree: Tree, capsys, http):
+    tree.write_config(tree.webhook("hook", http.url()))
+    tree.spool.mkdir(parents=True)
+    os.chown(tree.spool, 0, NOBODY)
+    os.chmod(tree.spool, 0o2770)
+    tree.write_jobs('[jobs.a]\nwriters = ["@nogroup"]\n')
+    main(["check", "--config", str(tree.config_path)])
+    assert "@nogroup is the spool's set-group-ID group" in capsys.readouterr().out
+
+
+WIRING = pytest.mark.xfail(strict=True, reason="daemon ingest does not call may_write yet")
+
+
+@WIRING
+def test_daemon_rejects_a_file_whose_owner_may_not_write_for_its_job(tree: Tree, inproc):
+    tree.write_config("")
+    tree.write_jobs('[jobs.etl]\nwriters = ["root"]\n')
+    mine = tree.drop({"job_id": "etl", "run_id": "r1", "state": "FAILED"})
+    theirs = owned_by(tree, {"job_id": "etl", "run_id": "r2", "state": "FAILED"}, NOBODY,
+                      NOBODY)
+    open_job = owned_by(tree, {"job_id": "other", "run_id": "r3", "state": "FAILED"}, NOBODY,
+                        NOBODY)
+    inproc().pump()
+    assert tree.spool_files() == []
+    assert sorted(r[0] for r in tree.sql("SELECT event_id FROM events")) == [
+        "etl/r1/FAILED", "other/r3/FAILED"]
+    note = (tree.spool / "rejected" / f"{theirs.name}.error").read_text()
+    assert "owner uid 65534 (nobody) may not write events for job etl; writers: root" in note
+    assert not mine.exists() and not open_job.exists()
