@@ -33,7 +33,7 @@ def run_checks(cfg: Config, *, history: bool = False) -> list[tuple[str, str]]:
     if not cfg.jobs_file.exists():
         problems.append(("warning", f"{cfg.jobs_file} not found: every job gets the built-in"
                          " policy (alert on failure to every transport's default recipient)"))
-    router = Router(cfg.transports, cfg.routing)
+    router = Router.from_config(cfg)
 
     def recipients(where: str, values: tuple[str, ...]) -> None:
         for value in values:

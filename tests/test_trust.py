@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from nomaflowd import catalogue, db, events
+from nomaflowd import catalogue, config, db, events
 from nomaflowd.cli import main
+from nomaflowd.config import Rule, TransportConfig
 from nomaflowd.errors import ConfigError
+from nomaflowd.routing import NOT_ALLOWED, Router
 from nomaflowd.spool import Spool
 from tests.conftest import InProcess, Tree
 
@@ -146,10 +148,13 @@ def test_check_warns_when_a_writer_group_is_the_spools_setgid_group(tree: Tree, 
     assert "@nogroup is the spool's set-group-ID group" in capsys.readouterr().out
 
 
-WIRING = pytest.mark.xfail(strict=True, reason="daemon ingest does not call may_write yet")
+# The daemon's ingest loop and Policy are being moved on another branch; these two say what
+# they must do once wired (strict: they fail loudly when the wiring lands, to drop the mark).
+WRITERS_WIRED = pytest.mark.xfail(strict=True, reason="ingest does not call may_write yet")
+FROM_EVENT_WIRED = pytest.mark.xfail(strict=True, reason="Policy does not pass from_event yet")
 
 
-@WIRING
+@WRITERS_WIRED
 def test_daemon_rejects_a_file_whose_owner_may_not_write_for_its_job(tree: Tree, inproc):
     tree.write_config("")
     tree.write_jobs('[jobs.etl]\nwriters = ["root"]\n')
@@ -165,3 +170,101 @@ def test_daemon_rejects_a_file_whose_owner_may_not_write_for_its_job(tree: Tree,
     note = (tree.spool / "rejected" / f"{theirs.name}.error").read_text()
     assert "owner uid 65534 (nobody) may not write events for job etl; writers: root" in note
     assert not mine.exists() and not open_job.exists()
+
+
+# --- where an event may send -------------------------------------------------------------------
+
+TRANSPORTS = {
+    "slack": TransportConfig("slack", "slack", {"default_channel": "#nomaflow-alerts"}),
+    "email": TransportConfig("email", "email", {"default_from": "Nomaflow <nomaflow@Corp.Local>"}),
+    "ops-hook": TransportConfig("ops-hook", "webhook", {}),
+}
+RULES = (Rule("team-data", ("partner@partner.example",)),)
+CATALOGUE = catalogue.parse({
+    "jobs": {"other": {"alerts": {"recipients": ["Pager@Vendor.example"]}}},
+    "defaults": {"alerts": {"recipients": ["boss@home.example"]}}})
+
+
+def verdicts(router: Router, recipients: list[str]) -> dict[str, str]:
+    plan = router.plan(recipients, (), use_rules=False, from_event=True, catalogue=CATALOGUE)
+    return {t.written: t.error for t in plan.targets}
+
+
+def test_event_recipients_default_to_slack_and_the_senders_domain_plus_everything_named():
+    router = Router(TRANSPORTS, RULES)
+    assert verdicts(router, [
+        "#any-channel", "@bob", "alice@corp.local", "Al <AL@CORP.LOCAL>",  # default patterns
+        "ops-hook", "email", "slack:#x",                                     # transports
+        "pager@vendor.example", "boss@home.example",                         # named in jobs.toml
+        "partner@partner.example",                                           # a routing rule
+    ]) == dict.fromkeys([
+        "#any-channel", "@bob", "alice@corp.local", "Al <AL@CORP.LOCAL>", "ops-hook", "email",
+        "slack:#x", "pager@vendor.example", "boss@home.example", "partner@partner.example"], "")
+    plan = router.plan(["mallory@attacker.example", "#ok"], (), use_rules=False,
+                       from_event=True, catalogue=CATALOGUE)
+    assert [(t.transport, t.recipient, t.error) for t in plan.targets] == [
+        ("email", "mallory@attacker.example", "recipient not allowed from an event file"),
+        ("slack", "#ok", "")]
+
+
+def test_recipients_from_jobs_toml_or_rules_are_not_checked():
+    plan = Router(TRANSPORTS, RULES, ["#nothing"]).plan(["mallory@attacker.example"], ())
+    assert [t.error for t in plan.targets] == [""]
+
+
+def test_configured_event_recipients_replace_the_default_and_ignore_case():
+    router = Router(TRANSPORTS, RULES, ["#ops-*", "*@Corp.Local"])
+    assert verdicts(router, ["#OPS-1", "#random", "@bob", "ALICE@corp.local", "ops-hook",
+                             "pager@vendor.example"]) == {
+        "#OPS-1": "", "#random": NOT_ALLOWED, "@bob": NOT_ALLOWED, "ALICE@corp.local": "",
+        "ops-hook": "", "pager@vendor.example": ""}
+    assert Router(TRANSPORTS, (), []).plan(["#x"], (), from_event=True).targets[0].error \
+        == NOT_ALLOWED
+
+
+def test_unknown_recipients_keep_their_own_reason():
+    assert verdicts(Router(TRANSPORTS, ()), ["nowhere"])["nowhere"].startswith(
+        "'nowhere' matches no transport")
+
+
+def test_a_webhook_named_many_ways_is_one_delivery():
+    plan = Router(TRANSPORTS, ()).plan([f"ops-hook:{i}" for i in range(200)] + ["ops-hook"], ())
+    assert [(t.transport, t.recipient, t.error) for t in plan.targets] == [
+        ("ops-hook", "ops-hook", "")]
+    assert len(plan.duplicates) == 200
+
+
+def test_config_reads_event_recipients(tree: Tree):
+    tree.write_config("", daemon='event_recipients = ["#*", "*@corp.local"]')
+    assert config.load(tree.config_path).event_recipients == ("#*", "*@corp.local")
+    tree.write_config("")
+    assert config.load(tree.config_path).event_recipients is None
+    for bad in ('"#*"', '["#*", ""]', "[1]"):
+        tree.write_config("", daemon=f"event_recipients = {bad}")
+        with pytest.raises(ConfigError, match=r"daemon\.event_recipients"):
+            config.load(tree.config_path)
+
+
+def test_one_notice_cannot_fan_out_to_a_webhook(tree: Tree, http, inproc):
+    tree.write_config(tree.webhook("hook", http.url()))
+    tree.drop({"job_id": "j", "state": "NOTICE", "message": "hi",
+               "recipients": [f"hook:{i}" for i in range(200)]})
+    inproc().pump()
+    assert [(r["recipient"], r["outcome"]) for r in tree.notifications()] == [("hook", "SENT")]
+    assert len(http.requests) == 1
+
+
+@FROM_EVENT_WIRED
+def test_daemon_records_a_recipient_an_event_may_not_name_as_failed(tree: Tree, http, inproc):
+    tree.write_config(tree.slack("slack", http.url("/slack")) + tree.webhook("hook", http.url()),
+                      daemon='event_recipients = ["#ops-*"]')
+    tree.drop({"job_id": "j", "run_id": "r", "state": "FAILED",
+               "alerts": {"recipients": ["#random", "#ops-1", "hook:x"]}})
+    tree.drop({"job_id": "j", "state": "NOTICE", "message": "m", "recipients": ["@mallory"]})
+    inproc().pump()
+    rows = {(r["alert"], r["recipient"]): (r["outcome"], r["detail"]) for r in tree.notifications()}
+    assert rows[("failed", "#random")] == ("FAILED_TRANSPORT", NOT_ALLOWED)
+    assert rows[("failed", "#ops-1")][0] == "SENT"
+    assert rows[("failed", "hook")][0] == "SENT"
+    assert rows[("notice", "@mallory")] == ("FAILED_TRANSPORT", NOT_ALLOWED)
+    assert [r.path for r in http.requests].count("/slack") == 1
