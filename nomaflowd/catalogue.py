@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
+import pwd
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +77,62 @@ def parse_tags(raw: Any, where: str) -> tuple[str, ...]:
     return tuple(raw)
 
 
+def parse_writers(raw: Any, where: str) -> tuple[str, ...]:
+    """`["etl-runner", "@etl"]`: user names, or group names after `@`."""
+    if not isinstance(raw, list) or not all(isinstance(w, str) for w in raw):
+        raise ValueError(f"{where} must be a list of user names and @group names")
+    for w in raw:
+        if not w.lstrip("@") or w != w.strip() or w.startswith("@@") or ":" in w:
+            raise ValueError(f"{where} holds {w!r}; write a user name or @group")
+    return tuple(raw)
+
+
+class Accounts:
+    """User and group lookups (pwd/grp, so NSS: files, LDAP, sssd), kept for a minute.
+
+    A busy spool would otherwise ask NSS once per file; a minute is how long a change to
+    /etc/group takes to count, which is shorter than a new login takes anyway.
+    """
+
+    TTL = 60.0
+
+    def __init__(self) -> None:
+        self._users: dict[int, tuple[str | None, int | None]] = {}
+        self._groups: dict[str, tuple[int, frozenset[str]] | None] = {}
+        self._since = time.monotonic()
+
+    def _fresh(self) -> None:
+        if time.monotonic() - self._since > self.TTL:
+            self._users.clear()
+            self._groups.clear()
+            self._since = time.monotonic()
+
+    def user(self, uid: int) -> tuple[str | None, int | None]:
+        """(name, primary gid) of a uid; (None, None) when the system does not know it."""
+        self._fresh()
+        if uid not in self._users:
+            try:
+                entry = pwd.getpwuid(uid)
+                self._users[uid] = (entry.pw_name, entry.pw_gid)
+            except KeyError:
+                self._users[uid] = (None, None)
+        return self._users[uid]
+
+    def group(self, name: str) -> tuple[int, frozenset[str]] | None:
+        """(gid, member names) of a group, None when it does not exist."""
+        self._fresh()
+        if name not in self._groups:
+            try:
+                entry = grp.getgrnam(name)
+                self._groups[name] = (entry.gr_gid, frozenset(entry.gr_mem))
+            except KeyError:
+                self._groups[name] = None
+        return self._groups[name]
+
+
+ACCOUNTS = Accounts()
+
+
 @dataclass(frozen=True)
 class Effective:
     """The alerts block and tags that apply to one event, with where each came from."""
@@ -90,6 +149,38 @@ class Catalogue:
     jobs_tags: dict[str, tuple[str, ...]] = field(default_factory=dict)
     default_alerts: AlertsBlock | None = None
     default_tags: tuple[str, ...] | None = None
+    jobs_writers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    default_writers: tuple[str, ...] | None = None
+
+    def writers(self, job_id: str) -> tuple[str, ...] | None:
+        """Who may write the job's events: its own list, else [defaults]; None: anyone."""
+        return self.jobs_writers.get(job_id, self.default_writers)
+
+    def may_write(self, job_id: str, uid: int, gid: int,
+                  accounts: Accounts = ACCOUNTS) -> str | None:
+        """None if a file owned by uid:gid may carry this job's events, else the reason.
+
+        A user matches by name; `@group` matches the file's group (the kernel lets a
+        writer give a file only a group it belongs to) or the owner's membership in it,
+        primary or supplementary.
+        """
+        writers = self.writers(job_id)
+        if writers is None:
+            return None
+        name, primary = accounts.user(uid)
+        for writer in writers:
+            if not writer.startswith("@"):
+                if writer == name:
+                    return None
+                continue
+            group = accounts.group(writer[1:])
+            if group is None:
+                continue
+            group_gid, members = group
+            if gid == group_gid or primary == group_gid or (name is not None and name in members):
+                return None
+        return (f"owner uid {uid} ({name or 'no such user'}) may not write events for job"
+                f" {job_id}; writers: {', '.join(writers)}")
 
     def effective(
         self, job_id: str, alerts: AlertsBlock | None = None, tags: tuple[str, ...] | None = None
@@ -115,7 +206,7 @@ class Catalogue:
 
 
 def parse(data: dict[str, Any], where: str = "jobs.toml") -> Catalogue:
-    """Build a catalogue from jobs.toml data; only `tags` and `alerts` of each job matter."""
+    """Build a catalogue from jobs.toml data; only `tags`, `alerts` and `writers` matter."""
     cat = Catalogue()
     try:
         defaults = data.get("defaults", {})
@@ -125,6 +216,8 @@ def parse(data: dict[str, Any], where: str = "jobs.toml") -> Catalogue:
             cat.default_alerts = parse_alerts(defaults["alerts"], "defaults.alerts")
         if "tags" in defaults:
             cat.default_tags = parse_tags(defaults["tags"], "defaults.tags")
+        if "writers" in defaults:
+            cat.default_writers = parse_writers(defaults["writers"], "defaults.writers")
         jobs = data.get("jobs", {})
         if not isinstance(jobs, dict):
             raise ValueError("jobs must be a table of jobs")
@@ -135,6 +228,8 @@ def parse(data: dict[str, Any], where: str = "jobs.toml") -> Catalogue:
                 cat.jobs_alerts[job_id] = parse_alerts(job["alerts"], f"jobs.{job_id}.alerts")
             if "tags" in job:
                 cat.jobs_tags[job_id] = parse_tags(job["tags"], f"jobs.{job_id}.tags")
+            if "writers" in job:
+                cat.jobs_writers[job_id] = parse_writers(job["writers"], f"jobs.{job_id}.writers")
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return cat

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pwd
 import stat
+from pathlib import Path
 
 from nomaflowd import catalogue, incidents
 from nomaflowd.alerts import span
@@ -31,7 +33,7 @@ def run_checks(cfg: Config, *, history: bool = False) -> list[tuple[str, str]]:
     if not cfg.jobs_file.exists():
         problems.append(("warning", f"{cfg.jobs_file} not found: every job gets the built-in"
                          " policy (alert on failure to every transport's default recipient)"))
-    router = Router(cfg.transports, cfg.routing)
+    router = Router.from_config(cfg)
 
     def recipients(where: str, values: tuple[str, ...]) -> None:
         for value in values:
@@ -51,6 +53,7 @@ def run_checks(cfg: Config, *, history: bool = False) -> list[tuple[str, str]]:
                              " runtime plus headroom"))
     if history:
         problems.extend(threshold_checks(cat))
+    problems.extend(writer_checks(cat, cfg.spool_dir))
     for name, tc in cfg.transports.items():
         if incidents.preset(tc) and tc.settings.get("body_template"):
             problems.append(("warning", f"transports.{name}.body_template is ignored: the"
@@ -83,4 +86,45 @@ def threshold_checks(cat: catalogue.Catalogue) -> list[tuple[str, str]]:
                              f" which usually runs {span(learned.usual)} (median of its last"
                              f" {learned.samples} successful runs): most runs would warn;"
                              ' raise it or use "auto"'))
+    return problems
+
+
+def writer_checks(cat: catalogue.Catalogue, spool_dir: Path) -> list[tuple[str, str]]:
+    """Who may write which job's events: open doors and names this host does not know."""
+    lists = {f"jobs.{job}.writers": w for job, w in cat.jobs_writers.items()}
+    if cat.default_writers is not None:
+        lists["defaults.writers"] = cat.default_writers
+    if not lists:
+        return [("warning", "jobs.toml names no writers: anyone who can write into the spool"
+                 " may write events for any job; set [defaults] writers or [jobs.ID] writers")]
+    problems: list[tuple[str, str]] = []
+    if cat.default_writers is None:
+        open_jobs = sorted((set(cat.jobs_alerts) | set(cat.jobs_tags)) - set(cat.jobs_writers))
+        if open_jobs:
+            problems.append(("warning", f"{len(open_jobs)} job(s) without writers (e.g."
+                             f" {open_jobs[0]}) and no [defaults] writers: anyone who can write"
+                             " into the spool may write their events, and those of any job"
+                             " not in jobs.toml"))
+    try:
+        st = os.stat(spool_dir)
+        setgid = st.st_gid if st.st_mode & stat.S_ISGID else None
+    except OSError:
+        setgid = None
+    for where, writers in lists.items():
+        for writer in writers:
+            if writer.startswith("@"):
+                group = catalogue.ACCOUNTS.group(writer[1:])
+                if group is None:
+                    problems.append(("warning", f"{where}: group {writer[1:]} does not exist on"
+                                     " this host, so it admits nobody"))
+                elif group[0] == setgid:
+                    problems.append(("warning", f"{where}: {writer} is the spool's set-group-ID"
+                                     " group, which every file in it takes: it admits anyone"
+                                     " who can write into the spool"))
+            else:
+                try:
+                    pwd.getpwnam(writer)
+                except KeyError:
+                    problems.append(("warning", f"{where}: user {writer} does not exist on this"
+                                     " host, so it admits nobody"))
     return problems

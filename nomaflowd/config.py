@@ -51,6 +51,8 @@ class Config:
     metrics_listen: tuple[str, int] | None = None
     transports: Mapping[str, TransportConfig] = field(default_factory=dict)
     routing: tuple[Rule, ...] = ()
+    # Glob patterns of recipients an event file may name; None: the built-in default (routing).
+    event_recipients: tuple[str, ...] | None = None
 
     def run_url(self, run_id: str | None) -> str:
         if not run_id or not self.base_url:
@@ -249,6 +251,13 @@ def _listen(d: Table, name: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def _patterns(d: Table, name: str) -> tuple[str, ...] | None:
+    value = d.get(name, list)
+    if value is not None and not all(p.strip() for p in value):
+        raise ConfigError(f"daemon.{name} holds an empty pattern; write e.g. \"#*\"")
+    return None if value is None else tuple(value)
+
+
 def is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -308,6 +317,7 @@ def load(path: Path, *, decrypt: bool = True) -> Config:
         "web_listen": _listen(d, "web_listen"),
         "web_password": secret(d, "web_password", False),
         "metrics_listen": _listen(d, "metrics_listen"),
+        "event_recipients": _patterns(d, "event_recipients"),
     }
     d.finish()
     web = config_kwargs["web_listen"]

@@ -23,7 +23,9 @@ STRING_FIELDS = ("job_id", "state", "message", "run_id", "event_id", "triggered_
 TIME_FIELDS = ("at", "started_at", "finished_at")
 LIST_FIELDS = ("recipients", "tags")
 KNOWN = frozenset((*STRING_FIELDS, *TIME_FIELDS, *LIST_FIELDS, "alerts"))
-ID_MAX = 256
+# The documented limit of job_id, run_id, event_id and a recipient: well inside the varchar(300)
+# columns, so a long id is refused here with its reason on SQLite and PostgreSQL alike.
+ID_MAX = 200
 # RFC 3339 section 5.6 with upper-case T and Z. fromisoformat alone also takes ISO 8601 forms that
 # other writers' parsers refuse: 2026-05-26T02Z, +0000, +01:60, week dates, " +00:00".
 RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
@@ -112,9 +114,66 @@ def decode(raw: bytes) -> tuple[dict[str, Any], str]:
     return obj, text
 
 
+def storable(obj: Any) -> None:
+    """Reject a string the database cannot store (NUL) or encode (a lone surrogate), anywhere.
+
+    JSON lets both through as \\u0000 and \\ud800; PostgreSQL refuses the first and every
+    UTF-8 encoder the second, and either error would otherwise surface at commit time as a
+    failed batch instead of this one file's reason.
+    """
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    while stack:  # iterative: the decoder allows nesting deeper than our own recursion would
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if "\0" in value:
+                raise Rejected(f"{where or 'a key'} holds a NUL character (\\u0000), which"
+                               " cannot be stored")
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise Rejected(f"{where or 'a key'} holds a lone surrogate"
+                                   f" (\\u{ord(value[exc.start]):04x}), which is not UTF-8"
+                                   " text") from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, f"a key of {where}" if where else "a key"))
+                label = key if key.isidentifier() else repr(key[:40])
+                stack.append((item, f"{where}.{label}" if where else label))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
+
+
+def _recipients_fit(values: list[str], where: str) -> None:
+    for i, value in enumerate(values):
+        if len(value) > ID_MAX:
+            raise Rejected(f"{where}[{i}] is {len(value)} characters; the limit is {ID_MAX}")
+
+
+def default_event_id(job_id: str, run_id: str | None, state: str, name: str,
+                     raw: bytes) -> str:
+    """job/run/STATE for run events, job/state/digest of name and content for the others.
+
+    The id must fit ID_MAX like a written one: a run event whose job/run/STATE would not
+    gets STATE/digest of job and run instead (still the same id for the same transition).
+    """
+    if state in RUN_STATES and run_id:
+        event_id = f"{job_id}/{run_id}/{state}"
+        if len(event_id) <= ID_MAX:
+            return event_id
+        digest = hashlib.sha256(f"{job_id}\0{run_id}".encode()).hexdigest()
+        return f"{state}/{digest}"
+    # surrogatepass: undecodable names (b"\xff.json" -> "\udcff.json") stay distinct
+    named = name.encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(named + b"\0" + raw).hexdigest()
+    event_id = f"{job_id}/{state.lower()}/{digest[:32]}"
+    return event_id if len(event_id) <= ID_MAX else f"{state.lower()}/{digest}"
+
+
 def parse(raw: bytes, name: str, received_at: datetime) -> Event:
     """Validate one spool file's bytes; `name` feeds the default event_id of notices."""
     obj, text = decode(raw)
+    storable(obj)
     unknown = sorted(set(obj) - KNOWN)
     if unknown:
         raise Rejected(f"unknown key {unknown[0][:40]!r}")
@@ -134,8 +193,10 @@ def parse(raw: bytes, name: str, received_at: datetime) -> Event:
         raise Rejected(f"state {state[:40]!r} is not one of {', '.join(STATES)}")
     for key in ("job_id", "run_id", "event_id"):
         value = obj.get(key)
+        if value is not None and len(value) > ID_MAX:
+            raise Rejected(f"{key} is {len(value)} characters; the limit is {ID_MAX}")
         if value is not None and (
-            not value or len(value) > ID_MAX or not value.isprintable() or value != value.strip()
+            not value or not value.isprintable() or value != value.strip()
         ):
             raise Rejected(f"{key} must be 1-{ID_MAX} printable characters without edge spaces")
     run_id = obj.get("run_id")
@@ -151,19 +212,14 @@ def parse(raw: bytes, name: str, received_at: datetime) -> Event:
         tags = parse_tags(obj["tags"], "tags") if "tags" in obj else None
         if state == "NOTICE" and "recipients" in obj:
             parse_alerts({"recipients": obj["recipients"]}, "notice")
+            _recipients_fit(obj["recipients"], "recipients")
+        if alerts is not None:
+            _recipients_fit(list(alerts.recipients), "alerts.recipients")
     except ValueError as exc:
         raise Rejected(str(exc)) from None
     except OverflowError:  # an integer too large for a float
         raise Rejected("alerts.on_long_run_minutes is too large") from None
-    event_id = obj.get("event_id")
-    if not event_id:
-        if state in RUN_STATES:
-            event_id = f"{obj['job_id']}/{run_id}/{state}"
-        else:
-            # surrogatepass: undecodable names (b"\xff.json" -> "\udcff.json") stay distinct
-            named = name.encode("utf-8", "surrogatepass")
-            digest = hashlib.sha256(named + b"\0" + raw).hexdigest()
-            event_id = f"{obj['job_id']}/{state.lower()}/{digest[:32]}"
+    event_id = obj.get("event_id") or default_event_id(obj["job_id"], run_id, state, name, raw)
     return Event(
         event_id=event_id,
         job_id=obj["job_id"],

@@ -24,6 +24,9 @@ def explain(cfg: Config, event: Event, *, history: str | None = None,
            + (f", run {event.run_id}" if event.run_id else "")]
     out.append(f"alerts block (from {eff.alerts_origin}): {json.dumps(eff.alerts.as_dict())}")
     out.append(f"tags (from {eff.tags_origin}): {', '.join(eff.tags) or '(none)'}")
+    writers = cat.writers(event.job_id)
+    out.append("writers: " + (", ".join(writers) + " (a file owned by anyone else is rejected)"
+                              if writers is not None else "anyone (no writers in jobs.toml)"))
     minutes = eff.alerts.on_long_run_minutes
     if event.state == "RUNNING" and isinstance(minutes, float):
         out.append(f"long-run warning after {minutes:g} min if still RUNNING")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import parseaddr
+from fnmatch import fnmatchcase
 
-from nomaflowd.config import Rule, TransportConfig
+from nomaflowd.catalogue import Catalogue
+from nomaflowd.config import Config, Rule, TransportConfig
 
 SLACK_DEFAULT = "(webhook channel)"
+NOT_ALLOWED = "recipient not allowed from an event file"
 
 
 @dataclass(frozen=True)
@@ -52,13 +55,57 @@ def default_recipient(t: TransportConfig) -> str:
     return t.name
 
 
+def default_event_patterns(transports: Mapping[str, TransportConfig]) -> tuple[str, ...]:
+    """Slack channels and users, and addresses in the domain of an email transport's sender."""
+    patterns = ["#*", "@*"]
+    for t in transports.values():
+        sender = email_address(str(t.settings.get("default_from", ""))) if t.type == "email" \
+            else None
+        if sender:
+            patterns.append("*@" + sender.rpartition("@")[2])
+    return tuple(dict.fromkeys(patterns))
+
+
 class Router:
-    def __init__(self, transports: Mapping[str, TransportConfig], rules: Iterable[Rule]) -> None:
+    def __init__(self, transports: Mapping[str, TransportConfig], rules: Iterable[Rule],
+                 event_recipients: Iterable[str] | None = None) -> None:
         self.transports = dict(transports)
         self.rules = tuple(rules)
         self.by_type: dict[str, list[str]] = {}
         for name, t in self.transports.items():
             self.by_type.setdefault(t.type, []).append(name)
+        patterns = (default_event_patterns(self.transports) if event_recipients is None
+                    else tuple(event_recipients))
+        self.event_patterns = tuple(p.strip().lower() for p in patterns)
+        # What the operator named in nomaflowd.toml: always allowed from an event file.
+        self.configured = self._keys(r for rule in self.rules for r in rule.recipients) | {
+            (name, default_recipient(t)) for name, t in self.transports.items()}
+        self._catalogue: tuple[Catalogue, frozenset[tuple[str, str]]] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Router:
+        return cls(cfg.transports, cfg.routing, cfg.event_recipients)
+
+    def _keys(self, written: Iterable[str]) -> frozenset[tuple[str, str]]:
+        targets = (self.classify(w, "known") for w in written)
+        return frozenset((t.transport, t.recipient) for t in targets if not t.error)
+
+    def _named_in(self, cat: Catalogue) -> frozenset[tuple[str, str]]:
+        """Recipients of every alerts block in jobs.toml, worked out once per catalogue."""
+        if self._catalogue is None or self._catalogue[0] is not cat:
+            blocks = [*cat.jobs_alerts.values(),
+                      *([cat.default_alerts] if cat.default_alerts else [])]
+            self._catalogue = (cat, self._keys(r for b in blocks for r in b.recipients))
+        return self._catalogue[1]
+
+    def allowed_from_event(self, target: Target, cat: Catalogue | None = None) -> bool:
+        """May an event file name this (classified) recipient? See [daemon] event_recipients."""
+        key = (target.transport, target.recipient)
+        if key in self.configured or (cat is not None and key in self._named_in(cat)):
+            return True
+        forms = {target.recipient.lower(), f"{target.transport}:{target.recipient}".lower(),
+                 target.written.strip().lower()}
+        return any(fnmatchcase(form, p) for form in forms for p in self.event_patterns)
 
     def classify(self, written: str, origin: str) -> Target:
         """One recipient string -> its transport and normalised form (or why none fits)."""
@@ -66,6 +113,10 @@ class Router:
         prefix, sep, rest = value.partition(":")
         if sep and prefix in self.transports:
             t = self.transports[prefix]
+            if t.type == "webhook":
+                # A webhook's recipient is the webhook: hook:0 ... hook:199 are one delivery,
+                # so one event cannot make an endpoint take the same alert many times.
+                return Target(prefix, default_recipient(t), written, origin)
             normal = self._normalise(t.type, rest.strip())
             if normal is None:
                 return Target("", value, written, origin,
@@ -99,23 +150,30 @@ class Router:
             return email_address(value)
         return value or None
 
-    def plan(self, recipients: Iterable[str], tags: Iterable[str], *,
-             use_rules: bool = True) -> Plan:
-        """Alerts-block recipients + matching tag rules + tag-less rules, de-duplicated."""
+    def plan(self, recipients: Iterable[str], tags: Iterable[str], *, use_rules: bool = True,
+             from_event: bool = False, catalogue: Catalogue | None = None) -> Plan:
+        """Alerts-block recipients + matching tag rules + tag-less rules, de-duplicated.
+
+        from_event: `recipients` were written in an event file (its alerts block or a
+        NOTICE's list); each must be known (nomaflowd.toml, `catalogue`) or match
+        [daemon] event_recipients, else its target carries NOT_ALLOWED and is not sent.
+        """
         plan = Plan()
-        wanted: list[tuple[str, str]] = [(r, "alerts") for r in recipients]
+        wanted: list[tuple[str, str, bool]] = [(r, "alerts", from_event) for r in recipients]
         if use_rules:
             tag_set = set(tags)
             for rule in self.rules:
                 if rule.tag is None or rule.tag in tag_set:
                     label = f"rule tag={rule.tag}" if rule.tag else "rule (all jobs)"
                     plan.rules.append(f"{label} -> {', '.join(rule.recipients)}")
-                    wanted.extend((r, label) for r in rule.recipients)
+                    wanted.extend((r, label, False) for r in rule.recipients)
         if not wanted:
-            wanted = [(name, "default") for name in self.transports]
+            wanted = [(name, "default", False) for name in self.transports]
         seen: set[tuple[str, str]] = set()
-        for written, origin in wanted:
+        for written, origin, untrusted in wanted:
             target = self.classify(written, origin)
+            if untrusted and not target.error and not self.allowed_from_event(target, catalogue):
+                target = replace(target, error=NOT_ALLOWED)
             key = (target.transport, target.recipient)
             if key in seen:
                 plan.duplicates.append(target)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import stat
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,63 @@ logger = logging.getLogger(__name__)
 
 REJECTED = "rejected"
 TMP = "tmp"
+# A quarantined name leaves room for ".error", a draft's "." + ".error.xxxxxxxx" and a
+# collision suffix ".xxxxxxxx" within NAME_MAX (255 bytes on every Linux file system).
+NAME_ROOM = 255 - len(".") - len(".error.") - 8 - len(".") - 8
+
+
+def escape(text: str) -> str:
+    """`text` on one printable line: control and other invisible characters as escapes.
+
+    A newline in a file name or a reason must not forge a record in a log or a note.
+    Undecodable bytes of a name (os.fsdecode's surrogateescape) show as \\xNN; a
+    backslash is doubled so every escape reads one way.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(repr(ch)[1:-1])  # \\n, \\x1b, \\u2028, \\U000e0001
+    return "".join(out)
+
+
+def quarantine_name(name: str) -> str:
+    """The name a rejected file gets: its own, or a short one when its own leaves no room.
+
+    A name near the 255-byte limit cannot take the note's suffixes; such a file is kept
+    under a prefix of its name plus a digest of all of it, and its note records the name.
+    """
+    raw = os.fsencode(name)
+    if len(raw) <= NAME_ROOM:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    prefix = "".join(c if c.isascii() and c.isprintable() else "_" for c in name[:64])
+    return f"{prefix}~{digest}"
+
+
+class SpoolFile(bytes):
+    """A spool file's bytes, with its owner and group as fstat() saw them on the open file.
+
+    A bytes subclass, so every caller that takes the bytes goes on working unchanged.
+    """
+
+    uid: int
+    gid: int
+
+    @classmethod
+    def of(cls, data: bytes, uid: int, gid: int) -> SpoolFile:
+        read = cls(data)
+        read.uid = uid
+        read.gid = gid
+        return read
 
 
 class Spool:
@@ -57,8 +115,8 @@ class Spool:
         names.sort()
         return names
 
-    def read(self, name: str) -> bytes | None:
-        """The file's bytes, None if it is gone, or Rejected (symlink, FIFO, too large...)."""
+    def read(self, name: str) -> SpoolFile | None:
+        """The file's bytes and owner, None if it is gone, or Rejected (symlink, FIFO...)."""
         path = os.path.join(self.path, name)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -87,28 +145,102 @@ class Spool:
             data = b"".join(chunks)
             if len(data) > MAX_BYTES:
                 raise Rejected(f"file is larger than {MAX_BYTES} bytes")
-            return data
+            return SpoolFile.of(data, st.st_uid, st.st_gid)
         finally:
             os.close(fd)
 
     def reject(self, name: str, reason: str, now: datetime) -> None:
-        """Move the file to rejected/ with `<name>.error` beside it; never overwrite another."""
-        target = name
+        """Move the file to rejected/ with a `.error` note beside it; never overwrite another.
+
+        An OSError that belongs to this one file (its name, a race, its permissions) is
+        logged and swallowed: one file must never stall the others. Only a rejected/
+        that is unusable for every file raises.
+        """
+        for attempt in (1, 2):
+            try:
+                self._reject(name, reason, now)
+                return
+            except OSError as exc:
+                if attempt == 1 and not os.path.isdir(self.rejected):
+                    # Removed by an operator: make it again. If that fails (a file took
+                    # its name, a read-only mount), no file can be rejected: raise.
+                    self.rejected.mkdir(mode=0o700)
+                    continue
+                if not os.access(self.rejected, os.W_OK | os.X_OK):
+                    raise
+                logger.error("spool file %s could not be moved to rejected/ (%s); it stays in"
+                             " the spool. It was rejected because: %s", escape(name),
+                             escape(exc.strerror or str(exc)), escape(reason))
+                return
+
+    def _reject(self, name: str, reason: str, now: datetime) -> None:
+        target = quarantine_name(name)
         if os.path.lexists(self.rejected / target):
-            target = f"{name}.{uuid.uuid4().hex[:8]}"
+            target = f"{target}.{uuid.uuid4().hex[:8]}"
         # The note is written aside and put in place only once the file is ours: a replica
         # that lost the race for the same file (shared spool) must not touch the winner's note.
         draft = self.rejected / f".{target}.error.{uuid.uuid4().hex[:8]}"
-        draft.write_text(f"{now:%Y-%m-%dT%H:%M:%SZ} {name}: {reason}\n", encoding="utf-8",
-                         errors="replace")
+        draft.write_text(f"{now:%Y-%m-%dT%H:%M:%SZ} {escape(name)}: {escape(reason)}\n",
+                         encoding="utf-8")
         try:
             os.rename(self.path / name, self.rejected / target)
-        except FileNotFoundError:
+        except OSError:
             draft.unlink(missing_ok=True)
-            return
+            if not os.path.lexists(self.path / name):
+                return  # FileNotFoundError: another replica or an operator got there first
+            raise
         os.rename(draft, self.rejected / f"{target}.error")
         metrics.REJECTED.inc()
-        logger.warning("spool file %r rejected: %s", name, reason)
+        if target == name:
+            logger.warning("spool file %s rejected: %s", escape(name), escape(reason))
+        else:
+            logger.warning("spool file %s rejected as %s: %s", escape(name), escape(target),
+                           escape(reason))
+
+    def prune_rejected(self, now: datetime, retention_days: int) -> int:
+        """Delete quarantined files and their notes rejected more than `retention_days` ago.
+
+        A file's age is its note's (written when it was rejected; the file itself keeps its
+        writer's mtime). A file without a note, or a draft note left by a crash, counts
+        from its own change time. Returns how many entries went.
+        """
+        cutoff = (now.replace(tzinfo=UTC) if now.tzinfo is None else now).timestamp() \
+            - retention_days * 86400
+        try:
+            with os.scandir(self.rejected) as it:
+                entries = {e.name: e for e in it}
+        except FileNotFoundError:
+            return 0
+        handling = self.handling.name
+        expired: list[str] = []
+        for name, entry in entries.items():
+            if name.startswith(".handling-") or name == handling:
+                continue  # a replica's own note of the files in hand
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if name.endswith(".error"):  # a note (drafts end in .error.HEX)
+                if st.st_mtime < cutoff:
+                    expired.append(name)
+                    if name[:-len(".error")] in entries:
+                        expired.append(name[:-len(".error")])
+            elif f"{name}.error" not in entries and max(st.st_mtime, st.st_ctime) < cutoff:
+                expired.append(name)
+        removed = 0
+        for name in expired:
+            try:
+                entry = entries[name]
+                if entry.is_dir(follow_symlinks=False):
+                    continue  # never ours: rejected/ holds files only
+                os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                continue  # another replica pruned it first
+            except OSError as exc:
+                logger.error("rejected file %s could not be pruned: %s", escape(name),
+                             exc.strerror or exc)
+        return removed
 
     def remove(self, names: list[str]) -> None:
         for name in names:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -110,11 +110,11 @@ def test_hostile_files_are_rejected_with_a_reason_and_a_good_file_is_still_recor
     assert sorted(n for n, _ in daemon.spool.rejected_files()) == sorted(names.values())
     # the writer's own link of the hard-linked file is untouched
     assert json.loads((tree.root / "writer-keeps-this.json").read_text()) == FAILED
-    # the undecodable name keeps its bytes; its note names it as best UTF-8 can
+    # the undecodable name keeps its bytes; its note names them escaped
     raw_names = os.listdir(os.fsencode(tree.spool / "rejected"))
     assert {b"\xff\xfe.json", b"\xff\xfe.json.error"} <= set(raw_names)
     note = error_note(tree, names["undecodable name"])
-    assert note.startswith("2026-05-26T02:30:00Z ??.json: not JSON")
+    assert note.startswith("2026-05-26T02:30:00Z \\xff\\xfe.json: not JSON")
 
 
 def test_undecodable_names_with_good_events_are_recorded_and_removed(tree: Tree, daemon: Daemon):
@@ -233,3 +233,101 @@ def test_spool_root_entries_are_scanned_as_the_daemon_sees_them(tree: Tree, daem
         fh.write(b"{}")
     good = tree.drop(GOOD)
     assert daemon.spool.scan() == sorted([good.name, "\udcff.json"])
+
+
+# --- names and notes that runners control (SPEC section 15) -----------------------------------
+
+
+def test_names_at_the_length_limit_are_rejected_under_short_names_and_the_next_file_flows(
+        tree: Tree, daemon: Daemon):
+    spool = os.fsencode(tree.spool)
+    long_names = [b"a" * 250 + b".json", b"\xff" * 250 + b".json",
+                  "é".encode() * 125 + b".json"]
+    for raw in long_names:
+        assert len(raw) == 255
+        with open(os.path.join(spool, raw), "wb") as fh:
+            fh.write(b"not json")
+    tree.drop(GOOD)
+    settle(daemon)
+    assert event_ids(tree) == ["etl/after-the-hostile-ones/SUCCEEDED"]
+    assert [n for n in os.listdir(spool) if n.endswith(b".json")] == []
+    kept = dict(daemon.spool.rejected_files())
+    assert len(kept) == 3
+    for name in kept:
+        assert len(os.fsencode(name)) < 100
+        assert (tree.spool / "rejected" / name).read_bytes() == b"not json"
+    # each note names the file as it was called, escaped where it is not UTF-8
+    assert sorted(note.split(" ", 1)[1].split(": ", 1)[0] for note in kept.values()) == sorted(
+        ["a" * 250 + ".json", "\\xff" * 250 + ".json", "é" * 125 + ".json"])
+
+
+def test_a_newline_in_a_name_cannot_forge_a_line_in_the_note_or_the_log(
+        tree: Tree, daemon: Daemon, caplog: pytest.LogCaptureFixture):
+    name = "x.json\n2026-01-01T00:00:00Z forged.json: accepted\r\x1b[2K"
+    (tree.spool / f"{name}.json").write_bytes(b"[]")
+    settle(daemon)
+    note = error_note(tree, f"{name}.json")
+    assert note.count("\n") == 1 and "\r" not in note and "\x1b" not in note
+    assert note == ("2026-05-26T02:30:00Z x.json\\n2026-01-01T00:00:00Z forged.json:"
+                    " accepted\\r\\x1b[2K.json: top level must be a JSON object, not list\n")
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and "\\n2026-01-01" in lines[0]
+
+
+def test_a_file_that_cannot_be_moved_is_logged_and_does_not_stop_the_others(
+        tree: Tree, daemon: Daemon, caplog: pytest.LogCaptureFixture):
+    # A name whose note cannot be written (here: it names a subdirectory rejected/ lacks)
+    # is that file's problem: reject() logs it and returns; the next file is handled.
+    (tree.spool / "sub").mkdir()
+    (tree.spool / "sub" / "x.json").write_text("[]")
+    daemon.spool.reject("sub/x.json", "a reason\nwith a newline", NOW)
+    assert (tree.spool / "sub" / "x.json").exists()
+    message = next(r.getMessage() for r in caplog.records if "could not be moved" in r.getMessage())
+    assert "sub/x.json" in message and "a reason\\nwith a newline" in message
+    assert "\n" not in message
+    tree.drop(GOOD)
+    settle(daemon)
+    assert event_ids(tree) == ["etl/after-the-hostile-ones/SUCCEEDED"]
+
+
+def test_rejected_dir_removed_by_an_operator_comes_back(tree: Tree, daemon: Daemon):
+    daemon.spool.close()
+    for entry in (tree.spool / "rejected").iterdir():
+        entry.unlink()
+    (tree.spool / "rejected").rmdir()
+    (tree.spool / "a.json").write_text("[]")
+    daemon.spool.reject("a.json", "top level must be a JSON object", NOW)
+    assert "top level" in error_note(tree, "a.json")
+
+
+def test_an_unusable_rejected_dir_raises(tree: Tree, daemon: Daemon):
+    daemon.spool.close()
+    for entry in (tree.spool / "rejected").iterdir():
+        entry.unlink()
+    (tree.spool / "rejected").rmdir()
+    (tree.spool / "rejected").write_text("not a directory")
+    (tree.spool / "a.json").write_text("[]")
+    with pytest.raises(OSError):
+        daemon.spool.reject("a.json", "top level must be a JSON object", NOW)
+    assert (tree.spool / "a.json").exists()
+
+
+def test_rejected_files_past_retention_are_pruned_with_their_notes(tree: Tree, daemon: Daemon):
+    now = datetime.utcnow()
+    rejected_dir = tree.spool / "rejected"
+    for name in ("old.json", "new.json", "a" * 250 + ".json"):
+        (tree.spool / name).write_text("[]")
+        daemon.spool.reject(name, "not an object", now)
+    daemon.spool.mark_handling(["x.json"])  # the marker of files in hand is never pruned
+    long_kept = next(n for n, _ in daemon.spool.rejected_files() if n.startswith("aaa"))
+    old = (now - timedelta(days=200)).replace(tzinfo=UTC).timestamp()
+    for path in (rejected_dir / "old.json.error", rejected_dir / f"{long_kept}.error"):
+        os.utime(path, (old, old))
+    (rejected_dir / ".crashed.json.error.0123abcd").write_text("a draft a crash left")
+    assert daemon.spool.prune_rejected(now, 183) == 4
+    assert sorted(os.listdir(rejected_dir)) == sorted(
+        [".crashed.json.error.0123abcd", daemon.spool.handling.name, "new.json",
+         "new.json.error"])
+    # a year on, the rest is past retention too (the draft by its own change time)
+    assert daemon.spool.prune_rejected(now + timedelta(days=365), 183) == 3
+    assert os.listdir(rejected_dir) == [daemon.spool.handling.name]
