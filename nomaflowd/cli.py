@@ -307,6 +307,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg = load_config(args, decrypt=False)
     db.open_database(cfg.database)
     removed = db.prune(db.utcnow(), cfg.retention_days)
+    from nomaflowd.spool import Spool
+
+    removed["rejected files"] = Spool(cfg.spool_dir).prune_rejected(db.utcnow(),
+                                                                  cfg.retention_days)
     print("removed " + ", ".join(f"{n} {table}" for table, n in removed.items())
           + f" (older than {cfg.retention_days} days)")
     return 0

@@ -89,13 +89,19 @@ class Ingest:
         """Read a batch of files, commit their events and claims in one transaction, then send."""
         accepted: list[tuple[str, events.Event]] = []
         self.spool.mark_handling(names)
+        cat = self.policy.current()
         for name in names:
             if CRASH_ON and CRASH_ON in name:
                 os._exit(70)
             try:
                 raw = self.spool.read(name)
-                if raw is not None:
-                    accepted.append((name, events.parse(raw, name, now)))
+                if raw is None:
+                    continue
+                event = events.parse(raw, name, now)
+                refused = cat.may_write(event.job_id, raw.uid, raw.gid)
+                if refused:
+                    raise Rejected(refused)
+                accepted.append((name, event))
             except Rejected as exc:
                 self.reject(name, str(exc), now)
             except OSError as exc:  # the file's own trouble (EIO, EACCES...)

@@ -27,17 +27,22 @@ class Policy:
 
     def __init__(self, cfg: Config) -> None:
         self.config = cfg
-        self.router = Router(cfg.transports, cfg.routing)
+        self.router = Router.from_config(cfg)
         self.catalogue = WatchedCatalogue(cfg.jobs_file)  # ConfigError when jobs.toml is bad
 
     def current(self) -> Catalogue:
         return self.catalogue.refresh()
 
     def route(self, alert: Alert, eff: Effective, notice_to: list[str] | None = None) -> Routed:
+        """Recipients an event file named (a NOTICE's, its own alerts block's) must be known
+        or allowed by daemon.event_recipients: a runner cannot send anywhere it likes."""
+        cat = self.current()
         if notice_to:
-            plan = self.router.plan(notice_to, (), use_rules=False)
+            plan = self.router.plan(notice_to, (), use_rules=False, from_event=True,
+                                    catalogue=cat)
         else:
-            plan = self.router.plan(eff.alerts.recipients, eff.tags)
+            plan = self.router.plan(eff.alerts.recipients, eff.tags,
+                                    from_event=eff.alerts_origin == "event", catalogue=cat)
         return Routed(alert, eff, incidents.fit(plan, alert.kind, self.config.transports))
 
     def for_event(self, event: events.Event, eff: Effective) -> list[Routed]:
@@ -59,4 +64,6 @@ class Policy:
                       url=self.config.run_url(run.run_id),
                       started_at=started.strftime("%Y-%m-%dT%H:%M:%SZ") if started else None,
                       minutes=minutes, usual_minutes=run.usual_minutes)
-        return Routed(alert, eff, self.router.plan(eff.alerts.recipients, eff.tags))
+        return Routed(alert, eff, self.router.plan(
+            eff.alerts.recipients, eff.tags, from_event=eff.alerts_origin == "event",
+            catalogue=self.current()))

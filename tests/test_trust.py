@@ -150,11 +150,8 @@ def test_check_warns_when_a_writer_group_is_the_spools_setgid_group(tree: Tree, 
 
 # The daemon's ingest loop and Policy are being moved on another branch; these two say what
 # they must do once wired (strict: they fail loudly when the wiring lands, to drop the mark).
-WRITERS_WIRED = pytest.mark.xfail(strict=True, reason="ingest does not call may_write yet")
-FROM_EVENT_WIRED = pytest.mark.xfail(strict=True, reason="Policy does not pass from_event yet")
 
 
-@WRITERS_WIRED
 def test_daemon_rejects_a_file_whose_owner_may_not_write_for_its_job(tree: Tree, inproc):
     tree.write_config("")
     tree.write_jobs('[jobs.etl]\nwriters = ["root"]\n')
@@ -254,7 +251,6 @@ def test_one_notice_cannot_fan_out_to_a_webhook(tree: Tree, http, inproc):
     assert len(http.requests) == 1
 
 
-@FROM_EVENT_WIRED
 def test_daemon_records_a_recipient_an_event_may_not_name_as_failed(tree: Tree, http, inproc):
     tree.write_config(tree.slack("slack", http.url("/slack")) + tree.webhook("hook", http.url()),
                       daemon='event_recipients = ["#ops-*"]')
