@@ -104,10 +104,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+class OneLineFormatter(logging.Formatter):
+    """One record per line: control characters in a message (a newline in a recipient or a
+    job name from an event file) are escaped, so no value can forge a record. A traceback
+    appended by logger.exception keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        from nomaflowd.spool import escape
+
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging() -> None:
     level = logging.DEBUG if os.environ.get("NOMAFLOWD_DEBUG") else logging.INFO
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
 

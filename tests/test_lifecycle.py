@@ -154,3 +154,17 @@ def test_a_restart_is_not_mistaken_for_a_twin(tree, http, daemon_factory):
     wait_until(lambda: second.output().count("notification") >= 1, what="a notification")
     assert "also used by another live daemon" not in second.output()
     assert second.stop() == 0
+
+
+def test_a_newline_in_a_recipient_cannot_forge_a_log_record(tree, http, daemon_factory):
+    forged = "#x\n2026-05-26 02:00:00,000 INFO nomaflowd.dispatch: notification failed" \
+             " job=payroll run=r1 transport=slack recipient=#ceo outcome=SENT"
+    tree.write_config(tree.webhook("ops", http.url()),
+                      daemon='event_recipients = ["#*"]')
+    d = daemon_factory()
+    tree.drop({**FAILED, "alerts": {"recipients": [forged]}})
+    wait_until(lambda: len(tree.notifications()) == 1, what="the audit row")
+    assert d.stop() == 0
+    lines = d.output().splitlines()
+    assert not any(line.startswith("2026-05-26 02:00:00,000") for line in lines)
+    assert any("recipient=#x\\n2026-05-26" in line for line in lines)
