@@ -109,7 +109,7 @@ class OneLineFormatter(logging.Formatter):
     job name from an event file) are escaped, so no value can forge a record. A traceback
     appended by logger.exception keeps its lines."""
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+    def formatMessage(self, record: logging.LogRecord) -> str:
         from nomaflowd.spool import escape
 
         record.message = escape(record.message)

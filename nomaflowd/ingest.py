@@ -142,7 +142,8 @@ class Ingest:
 
     def reject(self, name: str, reason: str, now: datetime) -> None:
         try:
-            self.spool.reject(name, reason, now)
+            if not self.spool.reject(name, reason, now):
+                self.stuck.add(name)  # said once by reject(); not read again until restart
         except OSError as exc:
             self.set_aside(name, f"cannot be moved to rejected/ ({exc.strerror or exc})")
 

@@ -149,17 +149,17 @@ class Spool:
         finally:
             os.close(fd)
 
-    def reject(self, name: str, reason: str, now: datetime) -> None:
+    def reject(self, name: str, reason: str, now: datetime) -> bool:
         """Move the file to rejected/ with a `.error` note beside it; never overwrite another.
 
         An OSError that belongs to this one file (its name, a race, its permissions) is
-        logged and swallowed: one file must never stall the others. Only a rejected/
-        that is unusable for every file raises.
+        logged and swallowed (returns False: the file stays): one file must never stall
+        the others. Only a rejected/ that is unusable for every file raises.
         """
         for attempt in (1, 2):
             try:
                 self._reject(name, reason, now)
-                return
+                return True
             except OSError as exc:
                 if attempt == 1 and not os.path.isdir(self.rejected):
                     # Removed by an operator: make it again. If that fails (a file took
@@ -171,7 +171,8 @@ class Spool:
                 logger.error("spool file %s could not be moved to rejected/ (%s); it stays in"
                              " the spool. It was rejected because: %s", escape(name),
                              escape(exc.strerror or str(exc)), escape(reason))
-                return
+                return False
+        return False
 
     def _reject(self, name: str, reason: str, now: datetime) -> None:
         target = quarantine_name(name)
