@@ -222,8 +222,9 @@ def parse(data: dict[str, Any], where: str = "jobs.toml") -> Catalogue:
         if not isinstance(jobs, dict):
             raise ValueError("jobs must be a table of jobs")
         for job_id, job in jobs.items():
-            if not isinstance(job, dict):
-                continue
+            if not isinstance(job, dict):  # a typo such as `jobs.etl = "x"`: say so
+                raise ValueError(f"jobs.{job_id} must be a table ([jobs.{job_id}]), not a"
+                                 f" {type(job).__name__}")
             if "alerts" in job:
                 cat.jobs_alerts[job_id] = parse_alerts(job["alerts"], f"jobs.{job_id}.alerts")
             if "tags" in job:

@@ -236,3 +236,13 @@ def test_explain_shows_block_origin_rules_dedup_and_payload(tree, http, capsys, 
     assert '"channel": "#data-team"' in out
     assert "x &lt; y" in out
     assert http.requests == []
+
+
+def test_a_job_that_is_not_a_table_is_refused_naming_the_key(tree, capsys):
+    from nomaflowd.cli import main
+
+    tree.write_config("")
+    tree.write_jobs('[jobs]\netl = "nightly"\n')
+    assert main(["check", "--config", str(tree.config_path)]) in (1, 2)
+    out = capsys.readouterr()
+    assert "jobs.etl must be a table" in out.out + out.err
