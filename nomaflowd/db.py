@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import fcntl
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 proxy = pw.DatabaseProxy()
 PRUNE_BATCH = 5000
+# pg_advisory_xact_lock key that serialises schema creation and migration across replicas
+# ("nomaflow" in ASCII, so another application's key is unlikely to collide with it).
+SCHEMA_LOCK = int.from_bytes(b"nomaflow", "big")
 
 
 class Model(pw.Model):
@@ -221,13 +228,15 @@ def heartbeat(replica: str) -> datetime:
 
 def open_database(url: str) -> pw.Database:
     """Connect, create or migrate the tables, and bind the models."""
+    path: Path | None = None
     try:
         if url.startswith("sqlite:///"):
-            path = url[len("sqlite:///"):]
-            if path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            name = url[len("sqlite:///"):]
+            if name != ":memory:":
+                path = Path(name)
+                path.parent.mkdir(parents=True, exist_ok=True)
             db: pw.Database = pw.SqliteDatabase(
-                path,
+                name,
                 pragmas={"journal_mode": "wal", "synchronous": "full", "busy_timeout": 10000,
                          "foreign_keys": 0},
                 timeout=10,
@@ -243,17 +252,52 @@ def open_database(url: str) -> pw.Database:
             " pip install 'nomaflowd[postgres]'"
         ) from None
     proxy.initialize(db)
-    db.connect(reuse_if_open=True)
-    create_or_migrate(db)
+    with _startup_lock(path):
+        db.connect(reuse_if_open=True)
+        create_or_migrate(db)
     return db
 
 
+@contextmanager
+def _startup_lock(path: Path | None) -> Iterator[None]:
+    """Serialise the processes of one host that open the same SQLite file.
+
+    Switching a new file to WAL needs an exclusive lock, and SQLite answers "database is
+    locked" at once (no busy wait) when another process is switching it too. The lock is a
+    flock on the directory: a descriptor on the database file itself must not be closed
+    while SQLite holds its POSIX locks in this process, since closing any descriptor of a
+    file drops them all.
+    """
+    if path is None:
+        yield
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def create_or_migrate(db: pw.Database) -> None:
-    """Create missing tables; add the columns and indexes that a newer version introduced."""
+    """Create missing tables; add the columns and indexes that a newer version introduced.
+
+    Safe when a whole fleet starts at once: each replica does its look-and-create under one
+    lock, so the second finds the tables the first made instead of racing it to the catalog.
+    """
     schema = None
     if isinstance(db, pw.PostgresqlDatabase):  # introspection defaults to "public"
         schema = db.execute_sql("SELECT current_schema()").fetchone()[0]
-    with db.atomic():
+        transaction = db.atomic()
+    else:
+        # BEGIN IMMEDIATE: a deferred transaction reads the schema, then fails with "database
+        # is locked" when it tries to write after another process already did.
+        transaction = db.atomic(lock_type="IMMEDIATE")
+    with transaction:
+        if isinstance(db, pw.PostgresqlDatabase):
+            # DDL is transactional in PostgreSQL, so the lock held to COMMIT covers it all;
+            # without it two replicas both see no table and one dies on pg_type's unique key.
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
         existing = set(db.get_tables(schema=schema))
         migrator = SchemaMigrator.from_database(db)
         for model in MODELS:

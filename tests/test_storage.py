@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from datetime import datetime, timedelta
+from typing import Any
 
 import peewee as pw
 import pytest
@@ -19,7 +21,8 @@ def backend(request, tree: Tree):
         return
     tree.database = request.getfixturevalue("pg_schema")  # skips without a server
     yield tree
-    db.proxy.close()
+    if db.proxy.obj is not None:
+        db.proxy.close()
 
 
 def count(model) -> int:
@@ -124,3 +127,45 @@ def _url(tree: Tree) -> str:
     from nomaflowd import config
 
     return config.load(tree.config_path).database
+
+
+FLEET = 6
+
+
+def _start_replica(url: str, barrier: Any, results: Any) -> None:
+    """One replica's start, in its own process: open (create or migrate) the database."""
+    from nomaflowd import db as child_db
+
+    barrier.wait(timeout=60)  # the whole fleet starts at the same moment
+    try:
+        child_db.open_database(url).close()
+        results.put("ok")
+    except Exception as exc:  # reported to the test, which names it
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_a_fleet_starting_at_once_on_a_new_database_all_start(backend):
+    backend.write_config()
+    url = _url(backend)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(FLEET), ctx.Queue()
+    fleet = [ctx.Process(target=_start_replica, args=(url, barrier, results))
+             for _ in range(FLEET)]
+    for p in fleet:
+        p.start()
+    outcomes = [results.get(timeout=60) for _ in fleet]
+    for p in fleet:
+        p.join(timeout=30)
+    assert outcomes == ["ok"] * FLEET
+    database = db.open_database(url)
+    try:
+        assert {m._meta.table_name for m in db.MODELS} <= set(database.get_tables(
+            schema=_schema(database)))
+    finally:
+        database.close()
+
+
+def _schema(database: pw.Database) -> str | None:
+    if isinstance(database, pw.PostgresqlDatabase):
+        return str(database.execute_sql("SELECT current_schema()").fetchone()[0])
+    return None
