@@ -253,6 +253,8 @@ def open_database(url: str) -> pw.Database:
         ) from None
     proxy.initialize(db)
     with _startup_lock(path):
+        if path is not None:
+            _create_private(path)
         db.connect(reuse_if_open=True)
         create_or_migrate(db)
     return db
@@ -277,6 +279,18 @@ def _startup_lock(path: Path | None) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the flock
+
+
+def _create_private(path: Path) -> None:
+    """A new database file is 0600: audit rows and payloads are not for every local user.
+
+    SQLite gives the -wal and -shm files the database file's own mode, so they follow.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return  # an existing file keeps the mode its operator chose
+    os.close(fd)
 
 
 def create_or_migrate(db: pw.Database) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import stat
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -169,3 +171,20 @@ def _schema(database: pw.Database) -> str | None:
     if isinstance(database, pw.PostgresqlDatabase):
         return str(database.execute_sql("SELECT current_schema()").fetchone()[0])
     return None
+
+
+def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path):
+    path = tmp_path / "lib" / "nomaflowd.db"
+    old = os.umask(0o022)  # a typical service umask, which would leave the file world-readable
+    try:
+        database = db.open_database(f"sqlite:///{path}")
+    finally:
+        os.umask(old)
+    try:
+        db.EventRow.insert(event_id="e", received_at=db.utcnow(), job_id="j", state="FAILED",
+                           payload="{}").execute()
+        files = [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+        modes = {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files}
+        assert modes == {f.name: "0o600" for f in files}
+    finally:
+        database.close()
