@@ -8,7 +8,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +185,7 @@ def insert_new(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
 
 def utcnow() -> datetime:
     """Now, naive UTC: the database's convention for every timestamp."""
-    return datetime.utcnow()
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def stamp(value: datetime) -> datetime | str:

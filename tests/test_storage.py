@@ -5,7 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import stat
-from datetime import datetime, timedelta
+import warnings
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import peewee as pw
@@ -78,10 +79,10 @@ def test_long_run_claim_is_won_once(backend, http):
     backend.write_jobs("[jobs.etl.alerts]\non_long_run_minutes = 10\n")
     d = InProcess(backend)
     try:
-        started = (datetime.utcnow() - timedelta(minutes=11)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        started = (db.utcnow() - timedelta(minutes=11)).strftime("%Y-%m-%dT%H:%M:%SZ")
         backend.drop({"job_id": "etl", "run_id": "r", "state": "RUNNING", "started_at": started})
         d.pump()
-        later = datetime.utcnow() + timedelta(seconds=1)
+        later = db.utcnow() + timedelta(seconds=1)
         total = sum(d.daemon.poll_long_runs(later) for _ in range(3))
         d.pump()
         assert total <= 1
@@ -96,14 +97,14 @@ def test_prune_removes_only_rows_past_retention(backend, http):
     try:
         backend.drop({"job_id": "j", "run_id": "new", "state": "FAILED"})
         d.pump()
-        old = datetime.utcnow() - timedelta(days=200)
+        old = db.utcnow() - timedelta(days=200)
         db.NotificationRow.insert(created_at=old, job_id="j", run_id="old", alert="failed",
                                   level="high", transport="hook", transport_type="webhook",
                                   recipient="hook", outcome="SENT", detail="",
                                   replica="x").execute()
         db.EventRow.insert(event_id="old", received_at=old, job_id="j", run_id="old",
                            state="FAILED", payload="{}").execute()
-        removed = db.prune(datetime.utcnow(), 183)
+        removed = db.prune(db.utcnow(), 183)
         assert removed["notifications"] == 1 and removed["events"] == 1
         assert [r.run_id for r in db.NotificationRow.select()] == ["new"]
     finally:
@@ -188,3 +189,11 @@ def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path):
         assert modes == {f.name: "0o600" for f in files}
     finally:
         database.close()
+
+
+def test_utcnow_is_naive_utc_and_not_deprecated():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # datetime.utcnow() warns from Python 3.12 on
+        now = db.utcnow()
+    assert now.tzinfo is None
+    assert abs(now - datetime.now(UTC).replace(tzinfo=None)) < timedelta(seconds=5)
