@@ -34,7 +34,9 @@ class Model(pw.Model):
 
 
 class EventRow(Model):
-    event_id = pw.CharField(max_length=300, unique=True)
+    # Unique per job, not overall (SPEC §15): one job reusing another's id must not
+    # suppress that job's event. The plain index serves look-ups by id alone.
+    event_id = pw.CharField(max_length=300, index=True)
     received_at = pw.DateTimeField(index=True)
     job_id = pw.CharField(max_length=300)
     run_id = pw.CharField(max_length=300, null=True)
@@ -43,6 +45,7 @@ class EventRow(Model):
 
     class Meta:
         table_name = "events"
+        indexes = ((("job_id", "event_id"), True),)
 
 
 class RunRow(Model):
@@ -329,7 +332,23 @@ def create_or_migrate(db: pw.Database) -> None:
             if operations:
                 logger.info("adding %d column(s) to %s", len(operations), table)
                 migrate(*operations)
+            _drop_changed_indexes(db, model, schema)
             model._schema.create_indexes(safe=True)
+
+
+def _drop_changed_indexes(db: pw.Database, model: type[Model], schema: str | None) -> None:
+    """Drop our indexes whose uniqueness changed, so create_indexes() makes them anew.
+
+    CREATE INDEX IF NOT EXISTS goes by name alone: without this, a database from before
+    event ids became per job would keep `events_event_id` unique forever.
+    """
+    table = model._meta.table_name
+    declared = {index._name: index._unique for index in model._meta.fields_to_index()}
+    for index in db.get_indexes(table, schema=schema):
+        if index.name in declared and index.unique != declared[index.name]:
+            logger.info("rebuilding index %s of %s (%s)", index.name, table,
+                        "now unique" if declared[index.name] else "no longer unique")
+            db.execute_sql(f'DROP INDEX "{index.name}"')
 
 
 def prune(now: datetime, retention_days: int) -> dict[str, int]:

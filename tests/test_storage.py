@@ -197,3 +197,80 @@ def test_utcnow_is_naive_utc_and_not_deprecated():
         now = db.utcnow()
     assert now.tzinfo is None
     assert abs(now - datetime.now(UTC).replace(tzinfo=None)) < timedelta(seconds=5)
+
+
+class _OldEventRow(pw.Model):
+    """The events table as versions before per-job event ids made it."""
+
+    event_id = pw.CharField(max_length=300, unique=True)
+    received_at = pw.DateTimeField(index=True)
+    job_id = pw.CharField(max_length=300)
+    run_id = pw.CharField(max_length=300, null=True)
+    state = pw.CharField(max_length=16)
+    payload = pw.TextField()
+
+    class Meta:
+        table_name = "events"
+        legacy_table_names = False  # index names as db.Model makes them: events_event_id
+
+
+def _insert_events(*rows: tuple[str, str]) -> list[tuple[str, str]]:
+    """Events in, as ingest stores them; returns the (job_id, event_id) of those kept."""
+    now = db.stamp(db.utcnow())
+    return [tuple(r) for r in db.insert_new(
+        "events", ("event_id", "received_at", "job_id", "run_id", "state", "payload"),
+        [(event_id, now, job, None, "FAILED", "{}") for job, event_id in rows],
+        conflict=("job_id", "event_id"), returning=("job_id", "event_id"))]
+
+
+def test_an_event_id_is_unique_per_job_only(backend):
+    backend.write_config()
+    database = db.open_database(_url(backend))
+    try:
+        assert _insert_events(("etl", "deploy-1"), ("billing", "deploy-1")) == [
+            ("etl", "deploy-1"), ("billing", "deploy-1")]
+        assert _insert_events(("billing", "deploy-1")) == []  # the same event again
+        assert sorted(database.execute_sql("SELECT job_id, event_id FROM events").fetchall()
+                      ) == [("billing", "deploy-1"), ("etl", "deploy-1")]
+    finally:
+        database.close()
+
+
+def test_an_old_database_is_migrated_to_per_job_event_ids(backend):
+    backend.write_config()
+    url = _url(backend)
+    old = db.open_database(url)  # to get a connection of the right kind; tables replaced
+    old.execute_sql("DROP TABLE events")
+    _OldEventRow.bind(old)
+    old.create_tables([_OldEventRow])
+    _OldEventRow.create(event_id="deploy-1", received_at=db.utcnow(), job_id="etl",
+                        state="FAILED", payload="{}")
+    old.close()
+
+    database = db.open_database(url)
+    try:
+        assert _insert_events(("billing", "deploy-1"), ("etl", "deploy-1")) == [
+            ("billing", "deploy-1")]
+        assert sorted(database.execute_sql("SELECT job_id, event_id FROM events").fetchall()
+                      ) == [("billing", "deploy-1"), ("etl", "deploy-1")]
+        unique = {tuple(i.columns) for i in database.get_indexes(
+            "events", schema=_schema(database)) if i.unique}
+        assert unique - {("id",)} == {("job_id", "event_id")}  # PostgreSQL lists the key
+        db.create_or_migrate(database)  # a second start finds nothing left to do
+    finally:
+        database.close()
+
+
+@pytest.mark.parametrize("state", ["FAILED", "NOTICE"])
+def test_an_event_id_reused_by_another_job_still_alerts(backend, http, state):
+    backend.write_config(backend.webhook("hook", http.url()))
+    d = InProcess(backend)
+    try:
+        for job in ("etl", "billing"):
+            backend.drop({"job_id": job, "run_id": "r1", "event_id": "deploy-1",
+                          "state": state, "message": f"{job} deployed", "error": "x"})
+        d.pump()
+        assert sorted(r.json()["job_id"] for r in http.requests) == ["billing", "etl"]
+        assert sorted(r.job_id for r in db.NotificationRow.select()) == ["billing", "etl"]
+    finally:
+        d.close()
