@@ -148,7 +148,7 @@ def from_event(kind: str, event: Any, url: str, *, minutes: float | None = None)
     if event.run_id and kind not in ("notice",):
         key = f"{event.job_id}/{event.run_id}/{kind}"
     else:
-        key = f"{event.event_id}/{kind}"
+        key = f"{event.job_id}/{event.event_id}/{kind}"  # event ids are per job
     details = {k: event.get(k) for k in DETAIL_FIELDS if event.get(k)}
     return Alert(
         kind=kind,

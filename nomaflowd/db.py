@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
+import fcntl
 import logging
+import os
 import sqlite3
-from datetime import datetime, timedelta
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 proxy = pw.DatabaseProxy()
 PRUNE_BATCH = 5000
+# pg_advisory_xact_lock key that serialises schema creation and migration across replicas
+# ("nomaflow" in ASCII, so another application's key is unlikely to collide with it).
+SCHEMA_LOCK = int.from_bytes(b"nomaflow", "big")
 
 
 class Model(pw.Model):
@@ -28,7 +35,9 @@ class Model(pw.Model):
 
 
 class EventRow(Model):
-    event_id = pw.CharField(max_length=300, unique=True)
+    # Unique per job, not overall (SPEC §15): one job reusing another's id must not
+    # suppress that job's event. The plain index serves look-ups by id alone.
+    event_id = pw.CharField(max_length=300, index=True)
     received_at = pw.DateTimeField(index=True)
     job_id = pw.CharField(max_length=300)
     run_id = pw.CharField(max_length=300, null=True)
@@ -37,6 +46,7 @@ class EventRow(Model):
 
     class Meta:
         table_name = "events"
+        indexes = ((("job_id", "event_id"), True),)
 
 
 class RunRow(Model):
@@ -99,7 +109,8 @@ class NotificationRow(Model):
 class DeliveryRow(Model):
     """One (alert, transport, recipient): inserted claimed, so it is attempted exactly once."""
 
-    alert_key = pw.CharField(max_length=400)
+    # job/run/kind or job/event/kind: 200 + 200 + the kind, with room to spare.
+    alert_key = pw.CharField(max_length=512)
     transport = pw.CharField(max_length=200)
     recipient = pw.CharField(max_length=400)
     event_id = pw.CharField(max_length=300, null=True)
@@ -182,7 +193,7 @@ def insert_new(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
 
 def utcnow() -> datetime:
     """Now, naive UTC: the database's convention for every timestamp."""
-    return datetime.utcnow()
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def stamp(value: datetime) -> datetime | str:
@@ -249,13 +260,15 @@ def executemany(sql: str, rows: list[tuple[Any, ...]]) -> None:
 
 def open_database(url: str) -> pw.Database:
     """Connect, create or migrate the tables, and bind the models."""
+    path: Path | None = None
     try:
         if url.startswith("sqlite:///"):
-            path = url[len("sqlite:///"):]
-            if path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            name = url[len("sqlite:///"):]
+            if name != ":memory:":
+                path = Path(name)
+                path.parent.mkdir(parents=True, exist_ok=True)
             db: pw.Database = pw.SqliteDatabase(
-                path,
+                name,
                 pragmas={"journal_mode": "wal", "synchronous": "full", "busy_timeout": 10000,
                          "foreign_keys": 0},
                 timeout=10,
@@ -271,17 +284,66 @@ def open_database(url: str) -> pw.Database:
             " pip install 'nomaflowd[postgres]'"
         ) from None
     proxy.initialize(db)
-    db.connect(reuse_if_open=True)
-    create_or_migrate(db)
+    with _startup_lock(path):
+        if path is not None:
+            _create_private(path)
+        db.connect(reuse_if_open=True)
+        create_or_migrate(db)
     return db
 
 
+@contextmanager
+def _startup_lock(path: Path | None) -> Iterator[None]:
+    """Serialise the processes of one host that open the same SQLite file.
+
+    Switching a new file to WAL needs an exclusive lock, and SQLite answers "database is
+    locked" at once (no busy wait) when another process is switching it too. The lock is a
+    flock on the directory: a descriptor on the database file itself must not be closed
+    while SQLite holds its POSIX locks in this process, since closing any descriptor of a
+    file drops them all.
+    """
+    if path is None:
+        yield
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _create_private(path: Path) -> None:
+    """A new database file is 0600: audit rows and payloads are not for every local user.
+
+    SQLite gives the -wal and -shm files the database file's own mode, so they follow.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return  # an existing file keeps the mode its operator chose
+    os.close(fd)
+
+
 def create_or_migrate(db: pw.Database) -> None:
-    """Create missing tables; add the columns and indexes that a newer version introduced."""
+    """Create missing tables; add the columns and indexes that a newer version introduced.
+
+    Safe when a whole fleet starts at once: each replica does its look-and-create under one
+    lock, so the second finds the tables the first made instead of racing it to the catalog.
+    """
     schema = None
     if isinstance(db, pw.PostgresqlDatabase):  # introspection defaults to "public"
         schema = db.execute_sql("SELECT current_schema()").fetchone()[0]
-    with db.atomic():
+        transaction = db.atomic()
+    else:
+        # BEGIN IMMEDIATE: a deferred transaction reads the schema, then fails with "database
+        # is locked" when it tries to write after another process already did.
+        transaction = db.atomic(lock_type="IMMEDIATE")
+    with transaction:
+        if isinstance(db, pw.PostgresqlDatabase):
+            # DDL is transactional in PostgreSQL, so the lock held to COMMIT covers it all;
+            # without it two replicas both see no table and one dies on pg_type's unique key.
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
         existing = set(db.get_tables(schema=schema))
         migrator = SchemaMigrator.from_database(db)
         for model in MODELS:
@@ -299,7 +361,40 @@ def create_or_migrate(db: pw.Database) -> None:
             if operations:
                 logger.info("adding %d column(s) to %s", len(operations), table)
                 migrate(*operations)
+            if schema is not None:
+                _widen_columns(db, model, schema)
+            _drop_changed_indexes(db, model, schema)
             model._schema.create_indexes(safe=True)
+
+
+def _widen_columns(db: pw.Database, model: type[Model], schema: str) -> None:
+    """PostgreSQL enforces varchar lengths (SQLite does not): a column a newer version made
+    wider is altered, or values within the documented limits would be refused."""
+    table = model._meta.table_name
+    lengths = dict(db.execute_sql(
+        "SELECT column_name, character_maximum_length FROM information_schema.columns"
+        " WHERE table_schema = %s AND table_name = %s", (schema, table)).fetchall())
+    for f in model._meta.sorted_fields:
+        have = lengths.get(f.column_name)
+        if isinstance(f, pw.CharField) and have is not None and have < f.max_length:
+            logger.info("widening %s.%s to %d characters", table, f.column_name, f.max_length)
+            db.execute_sql(f'ALTER TABLE "{table}" ALTER COLUMN "{f.column_name}"'
+                           f" TYPE varchar({f.max_length})")
+
+
+def _drop_changed_indexes(db: pw.Database, model: type[Model], schema: str | None) -> None:
+    """Drop our indexes whose uniqueness changed, so create_indexes() makes them anew.
+
+    CREATE INDEX IF NOT EXISTS goes by name alone: without this, a database from before
+    event ids became per job would keep `events_event_id` unique forever.
+    """
+    table = model._meta.table_name
+    declared = {index._name: index._unique for index in model._meta.fields_to_index()}
+    for index in db.get_indexes(table, schema=schema):
+        if index.name in declared and index.unique != declared[index.name]:
+            logger.info("rebuilding index %s of %s (%s)", index.name, table,
+                        "now unique" if declared[index.name] else "no longer unique")
+            db.execute_sql(f'DROP INDEX "{index.name}"')
 
 
 def prune(now: datetime, retention_days: int) -> dict[str, int]:

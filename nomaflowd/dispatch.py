@@ -292,6 +292,10 @@ class Dispatcher:
         """Send once, now, on the calling thread (`nomaflowd test`, the transport tests)."""
         return attempt_once(self.transports.get(attempt.transport), attempt)
 
+    def execute(self, attempt: Attempt) -> list[Result]:
+        """One alert or a digest, now, on the calling thread (the transport tests)."""
+        return execute(self.transports[attempt.transport], attempt, paced=False)
+
 
 # Hand-written: the audit insert is on the hot path, where peewee's query builder cost
 # more per row than SQLite.

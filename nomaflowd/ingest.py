@@ -196,17 +196,17 @@ class Ingest:
     def commit_events(self, batch: list[events.Event], now: datetime) -> list[Attempt]:
         """Inside the caller's transaction: events, runs rows and claims of one batch."""
         stamp = db.stamp(now)  # the batch's one timestamp, converted once
-        fresh_ids = {row[0] for row in db.insert_new(
+        fresh = {(row[0], row[1]) for row in db.insert_new(
             "events", ("event_id", "received_at", "job_id", "run_id", "state", "payload"),
             [(e.event_id, stamp, e.job_id, e.run_id, e.state, e.payload) for e in batch],
-            conflict=("event_id",), returning=("event_id",))}
+            conflict=("job_id", "event_id"), returning=("job_id", "event_id"))}
         cat = self.policy.current()
         routed: list[Routed] = []
         inserts, finishes, recorded = [], [], []
         for e in batch:
-            if e.event_id not in fresh_ids:
+            if (e.job_id, e.event_id) not in fresh:
                 continue  # a duplicate: recorded once already, alerts once already
-            fresh_ids.discard(e.event_id)
+            fresh.discard((e.job_id, e.event_id))
             metrics.count_event(e.state)
             self.last_event_at = time.monotonic()
             eff = cat.effective(e.job_id, e.alerts, e.tags)

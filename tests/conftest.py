@@ -35,8 +35,16 @@ def child_processes() -> set[int]:
                 fields = fh.read().rsplit(b")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == me and fields[0] != b"Z":
-            found.add(int(entry))
+        if int(fields[1]) != me or fields[0] == b"Z":
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+        except OSError:
+            continue
+        if b"resource_tracker" in cmdline or b"forkserver" in cmdline:
+            continue  # multiprocessing's helpers live as long as the test process, by design
+        found.add(int(entry))
     return found
 
 

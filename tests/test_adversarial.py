@@ -59,6 +59,8 @@ def hostile(tree: Tree) -> list[str]:
                "alerts": {"recipients": ["ceo@elsewhere.example"]}})      # not allowed
     tree.drop({"job_id": "victim", "run_id": "r3", "state": "FAILED",
                "alerts": {"recipients": [f"hook:{i}" for i in range(200)]}})  # fan-out
+    for job in ("victim", "bystander"):  # one event id, two jobs: both are recorded
+        tree.drop({"job_id": job, "state": "NOTICE", "message": "m", "event_id": "same-id"})
     return []
 
 
@@ -102,8 +104,15 @@ def test_no_hostile_file_stalls_the_spool(backend: Tree, http, daemon_factory):
         return [r for r in http.requests if r.json().get("run_id") == "r3"]
 
     wait_until(fan_out, what="the fan-out event's POST")
+    notices = wait_until(lambda: len([r for r in http.requests
+                                      if r.json().get("state") == "NOTICE"]) == 2,
+                         what="both jobs' notices")
+    longest = wait_until(lambda: [r for r in http.requests
+                                  if r.json().get("job_id") == "j" * 200],
+                         what="the event with the longest ids")
     assert d.stop() == 0
     assert len(fan_out()) == 1  # hook:0 ... hook:199 is one webhook
+    assert notices and longest[0].json()["run_id"] == "r" * 200
     assert "database unavailable" not in d.output()
     assert "Traceback" not in d.output()
     assert (tree.spool / "directory.json").is_dir()

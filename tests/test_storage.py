@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import multiprocessing
+import os
+import stat
+import warnings
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import peewee as pw
 import pytest
@@ -19,7 +24,8 @@ def backend(request, tree: Tree):
         return
     tree.database = request.getfixturevalue("pg_schema")  # skips without a server
     yield tree
-    db.proxy.close()
+    if db.proxy.obj is not None:
+        db.proxy.close()
 
 
 def count(model) -> int:
@@ -73,10 +79,10 @@ def test_long_run_claim_is_won_once(backend, http):
     backend.write_jobs("[jobs.etl.alerts]\non_long_run_minutes = 10\n")
     d = InProcess(backend)
     try:
-        started = (datetime.utcnow() - timedelta(minutes=11)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        started = (db.utcnow() - timedelta(minutes=11)).strftime("%Y-%m-%dT%H:%M:%SZ")
         backend.drop({"job_id": "etl", "run_id": "r", "state": "RUNNING", "started_at": started})
         d.pump()
-        later = datetime.utcnow() + timedelta(seconds=1)
+        later = db.utcnow() + timedelta(seconds=1)
         total = sum(d.daemon.poll_long_runs(later) for _ in range(3))
         d.pump()
         assert total <= 1
@@ -91,14 +97,14 @@ def test_prune_removes_only_rows_past_retention(backend, http):
     try:
         backend.drop({"job_id": "j", "run_id": "new", "state": "FAILED"})
         d.pump()
-        old = datetime.utcnow() - timedelta(days=200)
+        old = db.utcnow() - timedelta(days=200)
         db.NotificationRow.insert(created_at=old, job_id="j", run_id="old", alert="failed",
                                   level="high", transport="hook", transport_type="webhook",
                                   recipient="hook", outcome="SENT", detail="",
                                   replica="x").execute()
         db.EventRow.insert(event_id="old", received_at=old, job_id="j", run_id="old",
                            state="FAILED", payload="{}").execute()
-        removed = db.prune(datetime.utcnow(), 183)
+        removed = db.prune(db.utcnow(), 183)
         assert removed["notifications"] == 1 and removed["events"] == 1
         assert [r.run_id for r in db.NotificationRow.select()] == ["new"]
     finally:
@@ -124,3 +130,163 @@ def _url(tree: Tree) -> str:
     from nomaflowd import config
 
     return config.load(tree.config_path).database
+
+
+FLEET = 6
+
+
+def _start_replica(url: str, barrier: Any, results: Any) -> None:
+    """One replica's start, in its own process: open (create or migrate) the database."""
+    from nomaflowd import db as child_db
+
+    barrier.wait(timeout=60)  # the whole fleet starts at the same moment
+    try:
+        child_db.open_database(url).close()
+        results.put("ok")
+    except Exception as exc:  # reported to the test, which names it
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_a_fleet_starting_at_once_on_a_new_database_all_start(backend):
+    backend.write_config()
+    url = _url(backend)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(FLEET), ctx.Queue()
+    fleet = [ctx.Process(target=_start_replica, args=(url, barrier, results))
+             for _ in range(FLEET)]
+    for p in fleet:
+        p.start()
+    outcomes = [results.get(timeout=60) for _ in fleet]
+    for p in fleet:
+        p.join(timeout=30)
+    assert outcomes == ["ok"] * FLEET
+    database = db.open_database(url)
+    try:
+        assert {m._meta.table_name for m in db.MODELS} <= set(database.get_tables(
+            schema=_schema(database)))
+    finally:
+        database.close()
+
+
+def _schema(database: pw.Database) -> str | None:
+    if isinstance(database, pw.PostgresqlDatabase):
+        return str(database.execute_sql("SELECT current_schema()").fetchone()[0])
+    return None
+
+
+def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path):
+    path = tmp_path / "lib" / "nomaflowd.db"
+    old = os.umask(0o022)  # a typical service umask, which would leave the file world-readable
+    try:
+        database = db.open_database(f"sqlite:///{path}")
+    finally:
+        os.umask(old)
+    try:
+        db.EventRow.insert(event_id="e", received_at=db.utcnow(), job_id="j", state="FAILED",
+                           payload="{}").execute()
+        files = [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+        modes = {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files}
+        assert modes == {f.name: "0o600" for f in files}
+    finally:
+        database.close()
+
+
+def test_utcnow_is_naive_utc_and_not_deprecated():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # datetime.utcnow() warns from Python 3.12 on
+        now = db.utcnow()
+    assert now.tzinfo is None
+    assert abs(now - datetime.now(UTC).replace(tzinfo=None)) < timedelta(seconds=5)
+
+
+class _OldEventRow(pw.Model):
+    """The events table as versions before per-job event ids made it."""
+
+    event_id = pw.CharField(max_length=300, unique=True)
+    received_at = pw.DateTimeField(index=True)
+    job_id = pw.CharField(max_length=300)
+    run_id = pw.CharField(max_length=300, null=True)
+    state = pw.CharField(max_length=16)
+    payload = pw.TextField()
+
+    class Meta:
+        table_name = "events"
+        legacy_table_names = False  # index names as db.Model makes them: events_event_id
+
+
+def _insert_events(*rows: tuple[str, str]) -> list[tuple[str, str]]:
+    """Events in, as ingest stores them; returns the (job_id, event_id) of those kept."""
+    now = db.stamp(db.utcnow())
+    return [tuple(r) for r in db.insert_new(
+        "events", ("event_id", "received_at", "job_id", "run_id", "state", "payload"),
+        [(event_id, now, job, None, "FAILED", "{}") for job, event_id in rows],
+        conflict=("job_id", "event_id"), returning=("job_id", "event_id"))]
+
+
+def test_an_event_id_is_unique_per_job_only(backend):
+    backend.write_config()
+    database = db.open_database(_url(backend))
+    try:
+        assert _insert_events(("etl", "deploy-1"), ("billing", "deploy-1")) == [
+            ("etl", "deploy-1"), ("billing", "deploy-1")]
+        assert _insert_events(("billing", "deploy-1")) == []  # the same event again
+        assert sorted(database.execute_sql("SELECT job_id, event_id FROM events").fetchall()
+                      ) == [("billing", "deploy-1"), ("etl", "deploy-1")]
+    finally:
+        database.close()
+
+
+def test_an_old_database_is_migrated_to_per_job_event_ids(backend):
+    backend.write_config()
+    url = _url(backend)
+    old = db.open_database(url)  # to get a connection of the right kind; tables replaced
+    old.execute_sql("DROP TABLE events")
+    _OldEventRow.bind(old)
+    old.create_tables([_OldEventRow])
+    _OldEventRow.create(event_id="deploy-1", received_at=db.utcnow(), job_id="etl",
+                        state="FAILED", payload="{}")
+    old.close()
+
+    database = db.open_database(url)
+    try:
+        assert _insert_events(("billing", "deploy-1"), ("etl", "deploy-1")) == [
+            ("billing", "deploy-1")]
+        assert sorted(database.execute_sql("SELECT job_id, event_id FROM events").fetchall()
+                      ) == [("billing", "deploy-1"), ("etl", "deploy-1")]
+        unique = {tuple(i.columns) for i in database.get_indexes(
+            "events", schema=_schema(database)) if i.unique}
+        assert unique - {("id",)} == {("job_id", "event_id")}  # PostgreSQL lists the key
+        db.create_or_migrate(database)  # a second start finds nothing left to do
+    finally:
+        database.close()
+
+
+@pytest.mark.parametrize("state", ["FAILED", "NOTICE"])
+def test_an_event_id_reused_by_another_job_still_alerts(backend, http, state):
+    backend.write_config(backend.webhook("hook", http.url()))
+    d = InProcess(backend)
+    try:
+        for job in ("etl", "billing"):
+            backend.drop({"job_id": job, "run_id": "r1", "event_id": "deploy-1",
+                          "state": state, "message": f"{job} deployed", "error": "x"})
+        d.pump()
+        assert sorted(r.json()["job_id"] for r in http.requests) == ["billing", "etl"]
+        assert sorted(r.job_id for r in db.NotificationRow.select()) == ["billing", "etl"]
+    finally:
+        d.close()
+
+
+@pytest.mark.postgres
+def test_a_column_made_wider_is_widened_on_an_existing_postgresql_database(pg_schema):
+    database = db.open_database(pg_schema)
+    database.execute_sql("ALTER TABLE deliveries ALTER COLUMN alert_key TYPE varchar(400)")
+    database.close()
+    database = db.open_database(pg_schema)
+    try:
+        (length,) = database.execute_sql(
+            "SELECT character_maximum_length FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = 'deliveries'"
+            " AND column_name = 'alert_key'").fetchone()
+        assert length == 512
+    finally:
+        database.close()

@@ -253,3 +253,20 @@ def test_email_ca_file_resolves_against_the_config(rig_factory, certs, tree):
     local.write_bytes(certs.ca_file.read_bytes())
     rig = rig_factory(2525, 'ca_file = "private-ca.pem"\n')
     assert rig.transport.settings["ca_file"] == local
+
+
+@pytest.mark.parametrize("jobs", [40, 2000])
+def test_email_digest_names_every_job(smtp_factory, rig_factory, jobs):
+    smtp = smtp_factory()
+    rig = rig_factory(smtp.port, 'tls = "none"\n')
+    batch = [make_alert("failed", job_id=f"nightly-{j:04d}-sync", run_id=f"r{j}")
+             for j in range(jobs)]
+    members = tuple(Attempt(a, "mail", "data-team@corp.test") for a in batch)
+    results = rig.dispatcher.execute(Attempt(batch[0], "mail", "data-team@corp.test",
+                                             members=members, digest_id="digest-0000abcd"))
+    assert {r.outcome for r in results} == {SENT}, results[0].detail
+    [mail] = smtp.wait_for(1)
+    assert mail.message["Subject"] == f"[Nomaflow] DIGEST {jobs} alerts"
+    for part in ("text/plain", "text/html"):
+        body = mail.part(part)
+        assert [j for j in range(jobs) if f"nightly-{j:04d}-sync" not in body] == [], part

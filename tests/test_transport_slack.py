@@ -229,3 +229,74 @@ def test_slack_multiline_error_stays_one_line(rig, http):
     text = http.wait_for(1)[0].json()["text"]
     assert "\n" not in text and "\r" not in text
     assert "first line second line third" in text
+
+
+# --- digests: every job named, within Slack's limits --------------------------------------
+
+# https://api.slack.com/changelog/2018-04-truncating-really-long-messages and the Block Kit
+# reference: text past 40,000 characters is cut off; at most 100 attachments, 50 blocks.
+SLACK_TEXT_LIMIT = 40_000
+DIGEST_ID = "digest-0000abcd"
+
+
+def storm_alerts(jobs: int, per_job: int = 1) -> list[Alert]:
+    return [make_alert("failed", job_id=f"nightly-{j:04d}-sync", run_id=f"r{j}-{k}")
+            for k in range(per_job) for j in range(jobs)]
+
+
+def send_digest(rig: SlackRig, batch: list[Alert], recipient: str = "#data-oncall") -> list:
+    members = tuple(Attempt(a, "slack", recipient) for a in batch)
+    return rig.dispatcher.execute(Attempt(batch[0], "slack", recipient, members=members,
+                                          digest_id=DIGEST_ID))
+
+
+def assert_within_slack_limits(body: dict[str, Any]) -> None:
+    assert len(body["text"]) <= SLACK_TEXT_LIMIT
+    assert len(body.get("attachments", [])) <= 100
+    assert len(body.get("blocks", [])) <= 50
+
+
+@pytest.mark.parametrize(("jobs", "per_job"), [(40, 3), (2000, 1)])
+def test_slack_digest_names_every_job(rig, http, jobs, per_job):
+    batch = storm_alerts(jobs, per_job)
+    results = send_digest(rig, batch)
+    assert {r.outcome for r in results} == {SENT} and len(results) == jobs * per_job
+    bodies = [r.json() for r in http.requests]
+    for body in bodies:
+        assert_within_slack_limits(body)
+        assert body["channel"] == "#data-oncall"
+    channel = "\n".join(b["text"] for b in bodies)
+    missing = [j for j in range(jobs) if f"nightly-{j:04d}-sync" not in channel]
+    assert missing == []
+    assert f"{jobs * per_job} alerts held back" in bodies[0]["text"]
+    assert all(DIGEST_ID in json.dumps(b) for b in bodies)  # each part says what it is part of
+    if per_job > 1:
+        assert f"\u00d7{per_job}" in channel  # jobs past the readable part: `job x3`
+
+
+def test_slack_digest_that_fits_is_one_message(rig, http):
+    results = send_digest(rig, storm_alerts(40, 3))
+    assert len(http.requests) == 1
+    assert results[0].detail.endswith("HTTP 200 ok")
+
+
+def test_slack_digest_part_refused_fails_the_whole_digest_and_names_the_part(rig, http):
+    answers = iter([Reply(200, b"ok"), Reply(400, b"invalid_payload")])
+    http.default = Reply(200, b"ok")
+    http.replies[HOOK_PATH] = lambda request: next(answers, Reply(200, b"ok"))
+    results = send_digest(rig, storm_alerts(2000))
+    assert len(http.requests) == 2  # no part is sent after one was refused
+    assert {r.outcome for r in results} == {FAILED_DELIVERY}
+    assert all("part 2 of" in r.detail and "invalid_payload" in r.detail for r in results)
+
+
+def test_slack_digest_of_long_errors_stays_within_slack_limits(rig, http):
+    # Each error is clipped to MAX_PIECE before escaping, which can make it five times longer.
+    batch = [make_alert("failed", job_id=f"nightly-{j:04d}-sync", run_id=f"r{j}",
+                        error="OperationalError: " + "<&>" * 2000) for j in range(60)]
+    assert {r.outcome for r in send_digest(rig, batch)} == {SENT}
+    bodies = [r.json() for r in http.requests]
+    for body in bodies:
+        assert_within_slack_limits(body)
+    channel = "\n".join(b["text"] for b in bodies)
+    assert [j for j in range(60) if f"nightly-{j:04d}-sync" not in channel] == []

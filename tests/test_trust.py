@@ -34,11 +34,6 @@ def backend(request: pytest.FixtureRequest, tree: Tree):
 
 def test_ids_at_the_limit_are_stored_on_both_backends(backend: Tree, http,
                                                      request: pytest.FixtureRequest):
-    if backend.database.startswith("postgres"):
-        # deliveries.alert_key is varchar(400) and a run alert's key is job/run/kind (411
-        # characters at the limit): PostgreSQL refuses the batch. The fix belongs in db.py
-        # (widen alert_key); drop this marker with it.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="alert_key varchar(400)"))
     backend.write_config(backend.webhook("hook", http.url()))
     d = InProcess(backend)
     try:

@@ -8,9 +8,22 @@ from urllib.parse import quote
 
 from nomaflowd.alerts import SEVERITY, Alert, digest_by_job, digest_headline, digest_line
 from nomaflowd.routing import SLACK_DEFAULT
-from nomaflowd.transports.base import HttpTransport, host_of, retry_after
+from nomaflowd.transports.base import (
+    DeliveryError,
+    HttpTransport,
+    RateLimited,
+    TransportError,
+    host_of,
+    retry_after,
+)
 
-DIGEST_LINES = 30  # a digest longer than this stops being read
+DIGEST_LINES = 30  # jobs with a full line in a digest; a longer list stops being read
+COMPACT_WIDTH = 400  # characters of `job xN` entries (a times sign for x) on a digest line
+# Slack cuts a message's text off past 40,000 characters
+# (https://api.slack.com/changelog/2018-04-truncating-really-long-messages) and reads
+# poorly long before; a digest part stays well under, headline included.
+MAX_TEXT = 12_000
+HEAD_ROOM = 1_000  # for a part's first line: the headline or "digest-… continued (part k of n)"
 COLOURS = {"failed": "#d00000", "long_run": "#f2c744", "succeeded": "#2eb67d",
            "recovered": "#2eb67d"}
 
@@ -79,33 +92,62 @@ class Slack(HttpTransport):
         return payload
 
     def render_digest(self, alerts: list[Alert], recipient: str, digest_id: str
-                      ) -> dict[str, Any]:
-        """One message: the headline, a line per job (worst first), capped for readability."""
+                      ) -> list[dict[str, Any]]:
+        """The messages of one digest, which name every job.
+
+        The headline, a full line for each of the first DIGEST_LINES jobs (worst first),
+        then `job xN` (a times sign) for every other job. What does not fit one message
+        within Slack's limits goes on in another: a name is never folded into a count.
+        """
         groups = digest_by_job(alerts)
-        lines = [f":package: *{escape(digest_headline(alerts))}*"]
-        for job, group in groups[:DIGEST_LINES]:
-            icon, pieces = digest_line(job, group)
-            line = " \u00b7 ".join(escape(one_line(p)) for p in pieces)
-            latest = group[-1]
-            if latest.url:
-                line += f" {link(latest.url, latest.link_text)}"
-            lines.append(f"{icon} {line}")
-        if len(groups) > DIGEST_LINES:
-            rest = groups[DIGEST_LINES:]
-            lines.append(f"\u2026 and {len(rest)} more jobs"
-                         f" ({sum(len(g) for _, g in rest)} alerts)")
-        payload = self.render(alerts[0], recipient)
-        payload["text"] = "\n".join(lines)
+        lines = [self._digest_line(job, group) for job, group in groups[:DIGEST_LINES]]
+        rest = groups[DIGEST_LINES:]
+        if rest:
+            lines.append(f"_{len(rest)} more jobs ({sum(len(g) for _, g in rest)} alerts):_")
+            lines += _compact_lines(rest)
+        parts = _pack(lines, MAX_TEXT - HEAD_ROOM)
+        headline = digest_headline(alerts)
         worst = min(alerts, key=lambda a: SEVERITY.index(a.kind) if a.kind in SEVERITY else 99)
-        payload.pop("attachments", None)
-        if worst.kind in COLOURS:
-            payload["attachments"] = [{"color": COLOURS[worst.kind],
-                                       "fallback": digest_headline(alerts),
-                                       "text": escape(digest_id)}]
-        return payload
+        base = self.render(alerts[0], recipient)
+        base.pop("attachments", None)
+        payloads = []
+        for k, part in enumerate(parts, 1):
+            of = f" (part {k} of {len(parts)})" if len(parts) > 1 else ""
+            # Only the first part states the count, so the parts never add up to more.
+            head = escape(headline) if k == 1 else f"{escape(digest_id)} continued"
+            payload = {**base, "text": "\n".join([f":package: *{head}*{of}", *part])}
+            if worst.kind in COLOURS:
+                payload["attachments"] = [{"color": COLOURS[worst.kind],
+                                           "fallback": headline + of,
+                                           "text": escape(digest_id) + of}]
+            payloads.append(payload)
+        return payloads
+
+    def _digest_line(self, job: str, group: list[Alert]) -> str:
+        icon, pieces = digest_line(job, group)
+        line = " \u00b7 ".join(escape(one_line(p)) for p in pieces)
+        latest = group[-1]
+        if latest.url:
+            line += f" {link(latest.url, latest.link_text)}"
+        return f"{icon} {line}"
 
     def send_digest(self, alerts: list[Alert], recipient: str, digest_id: str) -> str:
-        return self._post(self.render_digest(alerts, recipient, digest_id))
+        """Each part is a complete message; SENT only when Slack accepted every one.
+
+        A refused part stops the rest and fails the whole digest, naming the part. A 429
+        stays a RateLimited, so the dispatcher holds every alert of the digest for the next
+        one: the parts already shown come again, but no name is lost.
+        """
+        payloads = self.render_digest(alerts, recipient, digest_id)
+        detail = ""
+        for k, payload in enumerate(payloads, 1):
+            try:
+                detail = self._post(payload)
+            except (TransportError, DeliveryError) as exc:
+                if len(payloads) == 1:
+                    raise
+                raise _in_part(exc, k, len(payloads)) from None
+        return detail if len(payloads) == 1 else f"{detail} ({len(payloads)} messages)"
 
     def describe_refusal(self, status: int, data: bytes, headers: Any) -> str:
         token = data[:100].decode("utf-8", "replace").strip().splitlines()
@@ -120,3 +162,42 @@ class Slack(HttpTransport):
         if status == 200 and data.strip() == b"ok":
             return "HTTP 200 ok"
         raise self.refusal(status, data, headers)
+
+
+def _compact_lines(groups: list[tuple[str, list[Alert]]]) -> list[str]:
+    """`job-a x7 · job-b · job-c x3` (a times sign for x; no count for a single alert),
+    wrapped at about COMPACT_WIDTH characters."""
+    lines: list[str] = []
+    line = ""
+    for job, group in groups:
+        entry = escape(one_line(job)) + (f" \u00d7{len(group)}" if len(group) > 1 else "")
+        if line and len(line) + 3 + len(entry) > COMPACT_WIDTH:
+            lines.append(line)
+            line = ""
+        line = f"{line} \u00b7 {entry}" if line else entry
+    if line:
+        lines.append(line)
+    return lines
+
+
+def _pack(lines: list[str], budget: int) -> list[list[str]]:
+    """Whole lines into as few parts as fit `budget` characters each (a line is never split:
+    each is far shorter, MAX_PIECE per piece)."""
+    parts: list[list[str]] = [[]]
+    size = 0
+    for line in lines:
+        if parts[-1] and size + 1 + len(line) > budget:
+            parts.append([])
+            size = 0
+        parts[-1].append(line)
+        size += 1 + len(line)
+    return parts
+
+
+def _in_part(exc: TransportError | DeliveryError, k: int, n: int
+             ) -> TransportError | DeliveryError:
+    """The same verdict, its detail naming which message of the digest met it."""
+    detail = f"part {k} of {n}: {exc}"
+    if isinstance(exc, RateLimited):
+        return RateLimited(detail, exc.retry_after)
+    return type(exc)(detail)
