@@ -65,3 +65,29 @@ def test_run_is_quiet_about_a_0600_key_file(tree, http, daemon_factory):
     d = daemon_factory()
     assert d.stop() == 0
     assert "readable by others" not in d.output()
+
+
+# --- /metrics and /healthz -------------------------------------------------------------------
+
+def test_metrics_on_an_ephemeral_port_answer_whatever_is_asked(tree, http, daemon_factory):
+    import re
+    import urllib.error
+    import urllib.request
+
+    from tests.servers import wait_until
+
+    tree.write_config(tree.webhook("ops", http.url()), daemon='metrics_listen = "127.0.0.1:0"')
+    d = daemon_factory()
+    found = wait_until(lambda: re.search(r"metrics listening on http://127\.0\.0\.1:(\d+)/metrics",
+                                         d.output()), what="the metrics log line")
+    base = f"http://127.0.0.1:{found.group(1)}"
+    answers = {}
+    for path in ("/metrics", "/healthz", "/metrics?x=%ff&" + "y=1&" * 50, "/%ff", "//[x"):
+        try:
+            with urllib.request.urlopen(base + path, timeout=5) as resp:
+                answers[path] = resp.status
+        except urllib.error.HTTPError as exc:
+            answers[path] = exc.code
+    assert d.stop() == 0
+    assert list(answers.values()) == [200, 200, 200, 404, 404]
+    assert "Traceback" not in d.output()
