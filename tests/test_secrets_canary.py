@@ -16,12 +16,15 @@ CANARY = "CANARY7f3a9"
 
 def test_canary_secret_appears_nowhere(tree, http, daemon_factory, capsys, tmp_path):
     http.replies["/bad"] = Reply(500, b"upstream says no")
+    http.replies["/echo"] = echo
     dead = closed_port()
     tree.write_config(
         tree.webhook("good", http.url(f"/good/{CANARY}"),
                      f'headers = {{ Authorization = "{tree.enc("Bearer " + CANARY)}" }}\n'
                      f'signing_secret = "{tree.enc(CANARY)}"')
         + tree.webhook("bad", http.url(f"/bad/{CANARY}"))
+        + tree.webhook("echo", http.url(f"/echo/{CANARY}"),
+                       f'headers = {{ X-Api-Key = "{tree.enc(CANARY + "-key")}" }}')
         + tree.webhook("dead", f"http://{CANARY}.invalid:{dead}/{CANARY}")
         + tree.webhook("weird", f"http://127.0.0.1:notaport/{CANARY}")
         + tree.slack("slack", http.url(f"/services/T0/{CANARY}"))
@@ -30,8 +33,8 @@ def test_canary_secret_appears_nowhere(tree, http, daemon_factory, capsys, tmp_p
         + f'password = "{tree.enc(CANARY)}"\n')
     d = daemon_factory()
     tree.drop({"job_id": "j", "run_id": "r", "state": "FAILED", "error": "boom"})
-    rows = wait_until(lambda: len(tree.notifications()) == 6 and tree.notifications(),
-                      timeout=20, what="six audit rows")
+    rows = wait_until(lambda: len(tree.notifications()) == 7 and tree.notifications(),
+                      timeout=20, what="seven audit rows")
     assert d.stop() == 0
     assert {r["outcome"] for r in rows} == {"SENT", "FAILED_DELIVERY", "FAILED_TRANSPORT"}
     outputs = [d.output(), json.dumps(rows)]
@@ -43,13 +46,15 @@ def test_canary_secret_appears_nowhere(tree, http, daemon_factory, capsys, tmp_p
     event.write_text(json.dumps({"job_id": "j", "run_id": "r2", "state": "FAILED"}))
     for argv in (["transports"], ["audit"], ["audit", "--format", "json"],
                  ["audit", "--format", "csv"], ["check"], ["explain", str(event)],
-                 ["test", "dead"], ["test", "weird"], ["test", "mail"], ["test", "bad"]):
+                 ["test", "dead"], ["test", "weird"], ["test", "mail"], ["test", "bad"],
+                 ["test", "echo"]):
         main([*argv, "--config", cfg])
         captured = capsys.readouterr()
         outputs.append(captured.out + captured.err)
     for text in outputs:
         assert CANARY not in text
     assert any(CANARY in r.path for r in http.requests)  # it was really used
+    assert any(r["transport"] == "echo" and "****" in r["detail"] for r in rows)
 
 
 def echo(request) -> Reply:
