@@ -6,8 +6,9 @@ import argparse
 import json
 import logging
 import os
+import stat
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -145,11 +146,29 @@ def open_history(cfg: Config) -> tuple[Any, str | None]:
 
 # --- commands ------------------------------------------------------------------------
 
+def utcnow() -> datetime:
+    """Naive UTC, as events and the database expect."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def warn_loose_key(path: Path) -> None:
+    """A key others can read decrypts every secret in the config: say so once, at start."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return  # no key file: a config without secrets needs none
+    if mode & 0o077:
+        logging.getLogger("nomaflowd").warning(
+            "key file %s is readable by others (mode %04o); run `chmod 600 %s`",
+            path, mode, path)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from nomaflowd.daemon import Daemon
 
     cfg = load_config(args)
     setup_logging()
+    warn_loose_key(crypto.key_path(cfg.key_file))
     daemon = Daemon(cfg)
     daemon.install_signals()
     return daemon.run()
@@ -159,11 +178,15 @@ def cmd_emit(args: argparse.Namespace) -> int:
     from nomaflowd.client import drop
 
     cfg = load_config(args, decrypt=False)
+    for flag, values in (("--job", [args.job]), ("--state", [args.state]), ("--run", [args.run]),
+                         ("--error", [args.error]), ("--step", [args.step]), ("--by", [args.by]),
+                         ("--triggered-by", [args.triggered_by]), ("--notice", [args.notice]),
+                         ("--tag", args.tags or []), ("--to", args.to or [])):
+        for value in values:
+            if value is not None and not is_utf8(value):
+                raise UsageError(f"{flag} is not valid UTF-8 text")
     if args.json:
-        try:
-            raw = sys.stdin.buffer.read() if args.json == "-" else Path(args.json).read_bytes()
-        except OSError as exc:
-            raise UsageError(f"--json {args.json}: {exc.strerror}") from None
+        raw = read_event_file(args.json)
         try:
             event, _ = events.decode(raw)
         except Rejected as exc:
@@ -185,11 +208,11 @@ def cmd_emit(args: argparse.Namespace) -> int:
         if args.to:
             event["recipients"] = args.to
         if state in events.RUN_STATES:
-            now = datetime.utcnow().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            now = utcnow().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             event["at"] = now
             event.setdefault("started_at" if state == "RUNNING" else "finished_at", now)
     try:
-        events.parse(json.dumps(event).encode(), "emit", datetime.utcnow())
+        events.parse(json.dumps(event).encode(), "emit", utcnow())
     except Rejected as exc:
         raise UsageError(f"the event would be rejected: {exc}") from None
     try:
@@ -198,6 +221,31 @@ def cmd_emit(args: argparse.Namespace) -> int:
         raise NomaflowError(f"cannot write into {cfg.spool_dir}: {exc.strerror}") from None
     print(f"dropped {path}")
     return 0
+
+
+def is_utf8(value: str) -> bool:
+    """False for an argument whose bytes were not UTF-8 (Python keeps them as surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def read_event_file(name: str) -> bytes:
+    """`--json FILE` (or - for stdin), read no further than the event size limit allows."""
+    try:
+        if name == "-":
+            raw = sys.stdin.buffer.read(events.MAX_BYTES + 1)
+        else:
+            with open(name, "rb") as fh:  # /dev/zero or a FIFO never ends: read a bound
+                raw = fh.read(events.MAX_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"--json {name}: {exc.strerror}") from None
+    if len(raw) > events.MAX_BYTES:
+        raise UsageError(f"--json {name}: larger than the event limit of {events.MAX_BYTES}"
+                         " bytes")
+    return raw
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -338,7 +386,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"{args.event}: {exc.strerror}") from None
     try:
-        event = events.parse(raw, Path(args.event).name, datetime.utcnow())
+        event = events.parse(raw, Path(args.event).name, utcnow())
     except Rejected as exc:
         print(f"the daemon would reject this file: {exc}")
         return 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
@@ -85,6 +87,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} cannot be read ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # tomllib decodes before it parses: not a TOMLDecodeError
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+                          ) from None
 
 
 # --- a tiny typed reader -------------------------------------------------------------
@@ -106,7 +111,9 @@ class Table:
     def key(self, name: str) -> str:
         return f"{self.where}.{name}" if self.where else name
 
-    def get(self, name: str, kind: type, default: Any = None, *, required: bool = False) -> Any:
+    def get(self, name: str, kind: type, default: Any = None, *, required: bool = False,
+            secret: bool = False) -> Any:
+        """The value, type-checked; `secret` keeps a wrongly typed value out of the message."""
         self.seen.add(name)
         if name not in self.data:
             if required:
@@ -119,7 +126,11 @@ class Table:
         if kind is list:
             ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         if not ok:
-            raise ConfigError(f"{self.key(name)} must be {_TYPE_NAMES[kind]}, not {value!r}")
+            shown = "" if secret else f", not {value!r}"
+            raise ConfigError(f"{self.key(name)} must be {_TYPE_NAMES[kind]}{shown}")
+        if kind is float and not math.isfinite(value):
+            # TOML has nan and inf; either would pass `> 0` checks and break a timer later.
+            raise ConfigError(f"{self.key(name)} must be a finite number, not {value!r}")
         return value
 
     def positive(self, name: str, kind: type, default: Any) -> Any:
@@ -178,10 +189,21 @@ def _email(t: Table, secret: SecretReader, base: Path) -> dict[str, Any]:
         "tls": tls,
         "username": t.get("username", str),
         "password": secret(t, "password", False),
-        "default_from": t.get("default_from", str, required=True),
-        "default_recipient": t.get("default_recipient", str),
+        "default_from": _address(t, "default_from", required=True),
+        "default_recipient": _address(t, "default_recipient"),
         "ca_file": _resolve(base, ca_file) if ca_file else None,
     }
+
+
+def _address(t: Table, name: str, *, required: bool = False) -> str | None:
+    """An email address (`a@b.c` or `Name <a@b.c>`); else the default recipient is garbage."""
+    from nomaflowd.routing import email_address  # routing imports this module
+
+    value: str | None = t.get(name, str, required=required)
+    if value is not None and email_address(value) is None:
+        raise ConfigError(f"{t.key(name)} must be an email address such as"
+                          f" \"nomaflow@corp.local\", not {value!r}")
+    return value
 
 
 PRESET_URLS = {
@@ -211,13 +233,14 @@ def _pacing(t: Table, kind: str) -> dict[str, Any]:
 
 def _webhook(t: Table, secret: SecretReader) -> dict[str, Any]:
     headers: dict[str, Secret | str] = {}
-    raw = Table(t.get("headers", dict, {}), t.key("headers"))
+    raw = Table(t.get("headers", dict, {}, secret=True), t.key("headers"))
     for name in list(raw.data):
-        value = raw.get(name, str)
+        value = raw.get(name, str, secret=True)
         if value.startswith(crypto.PREFIX) or name.lower() not in PLAIN_HEADERS:
             headers[name] = secret(raw, name, True)  # type: ignore[assignment]
         else:
             headers[name] = value
+        _check_header(raw.key(name), name, headers[name])
     raw.finish()
     preset = t.get("preset", str)
     if preset is not None and preset not in PRESET_URLS:
@@ -238,6 +261,24 @@ def _webhook(t: Table, secret: SecretReader) -> dict[str, Any]:
 
 
 TRANSPORT_TYPES = ("slack", "email", "webhook")
+# What http.client refuses in a header (it would raise with the whole value in the message).
+_BAD_HEADER_VALUE = re.compile(r"[\r\n\0]")
+_HEADER_NAME = re.compile(r"[^:\s][^:\r\n]*")
+
+
+def _check_header(key: str, name: str, value: Secret | str) -> None:
+    """Refuse at load what would fail every send; the message never shows the value."""
+    if not name.isascii() or not _HEADER_NAME.fullmatch(name):
+        raise ConfigError(f"{key}: {name!r} is not a valid HTTP header name")
+    text = value.reveal() if isinstance(value, Secret) else value
+    if _BAD_HEADER_VALUE.search(text):
+        raise ConfigError(f"{key} has an invalid character (CR/LF); encrypt the value again"
+                          " without the line break")
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{key} has a character HTTP headers cannot carry (not Latin-1)"
+                          ) from None
 
 
 def _listen(d: Table, name: str) -> tuple[str, int] | None:
@@ -246,7 +287,8 @@ def _listen(d: Table, name: str) -> tuple[str, int] | None:
         return None
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # Port 0 binds a free port; the server logs the one it got.
+    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"daemon.{name} must be HOST:PORT, e.g. \"127.0.0.1:8787\"")
     return host, int(port)
 
@@ -282,7 +324,7 @@ def load(path: Path, *, decrypt: bool = True) -> Config:
     keys: list[Any] = []  # loaded lazily: a config without secrets needs no key
 
     def secret(t: Table, name: str, required: bool) -> Secret | None:
-        value = t.get(name, str, required=required)
+        value = t.get(name, str, required=required, secret=True)
         if value is None:
             return None
         if not value.startswith(crypto.PREFIX):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,6 +12,8 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from nomaflowd.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,11 @@ class Live(Collector):
         self.source = source
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        values = self.source()
+        try:
+            values = self.source()
+        except Exception:  # a scrape must still answer with the counters
+            logger.warning("metrics: live gauges unavailable", exc_info=True)
+            return
         for name, help_text in (
             ("spool_backlog", "Spool files seen but not yet ingested"),
             ("running_runs", "Runs in state RUNNING"),
@@ -60,6 +67,10 @@ class Live(Collector):
                 yield GaugeMetricFamily(f"nomaflowd_{name}", help_text, value=values[name])
 
 
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 class MetricsServer:
     def __init__(self, address: tuple[str, int], gauges: Callable[[], dict[str, float]],
                  healthy: Callable[[], bool]) -> None:
@@ -68,14 +79,19 @@ class MetricsServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self.path.split("?")[0] == "/metrics":
-                    body, status, kind = generate_latest(REGISTRY), 200, CONTENT_TYPE_LATEST
-                elif self.path.split("?")[0] == "/healthz":
-                    ok = healthy()
-                    body = b"ok\n" if ok else b"main loop stalled\n"
-                    status, kind = (200 if ok else 503), "text/plain"
-                else:
-                    body, status, kind = b"not found\n", 404, "text/plain"
+                path = self.path.split("?")[0]
+                try:
+                    if path == "/metrics":
+                        body, status, kind = generate_latest(REGISTRY), 200, CONTENT_TYPE_LATEST
+                    elif path == "/healthz":
+                        ok = healthy()
+                        body = b"ok\n" if ok else b"main loop stalled\n"
+                        status, kind = (200 if ok else 503), "text/plain"
+                    else:
+                        body, status, kind = b"not found\n", 404, "text/plain"
+                except Exception:  # a scraper gets an answer it can alert on, never a reset
+                    logger.exception("metrics: GET %s failed", path)
+                    body, status, kind = b"unavailable; see the daemon's log\n", 503, "text/plain"
                 self.send_response(status)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
@@ -85,12 +101,21 @@ class MetricsServer:
             def log_message(self, format: str, *args: object) -> None:
                 pass  # scrapes are not news
 
-        self.server = ThreadingHTTPServer(address, Handler)
+        server_class = _Server6 if ":" in address[0] else ThreadingHTTPServer
+        try:
+            self.server = server_class(address, Handler)
+        except OSError as exc:
+            REGISTRY.unregister(self.collector)
+            raise ConfigError(f"daemon.metrics_listen {address[0]}:{address[1]}: cannot listen"
+                              f" ({exc.strerror or exc}); pick another address or port"
+                              ) from None
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="metrics",
                                        daemon=True)
         self.thread.start()
-        logger.info("metrics on http://%s:%d/metrics", *self.server.server_address[:2])
+        host, port = str(self.server.server_address[0]), int(self.server.server_address[1])
+        self.url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+        logger.info("metrics listening on %smetrics", self.url)
 
     def close(self) -> None:
         self.server.shutdown()

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import heapq
 import hmac
 import html
 import logging
+import os
+import re
 import secrets
 import socket
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
@@ -35,9 +40,14 @@ logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 50
 RUNS_SHOWN = 100
-REJECTED_SHOWN = 100
+REJECTED_SHOWN = 50
+NOTE_BYTES = 2048  # of a rejected file's .error note: the reason is its first line
 MAX_FORM_BYTES = 4096
 MAX_FILTER_CHARS = 300
+MAX_QUERY_FIELDS = 20
+TESTS_KEPT = 256  # Test results a visitor may still come back to (one per press)
+# A keyset bound or an offset: digits only, small enough for a 64-bit integer column.
+NUMBER = re.compile(r"[0-9]{1,18}")
 OUTCOMES = ("SENT", "FAILED_TRANSPORT", "FAILED_DELIVERY")
 DB_ERRORS = (pw.PeeweeException, OSError)
 
@@ -76,6 +86,67 @@ def when(value: datetime | None) -> str:
     return f"{value:%Y-%m-%d %H:%M:%S}Z" if value else ""
 
 
+def url_of(address: tuple[Any, ...]) -> str:
+    """http://host:port/ of a bound socket address (IPv6 in brackets)."""
+    host, port = str(address[0]), int(address[1])
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+class BadRequest(Exception):
+    """A request the page answers with 400 and this one-line message."""
+
+
+def parse_query(query: str) -> dict[str, str]:
+    """The page's query fields (first value of each, clipped); BadRequest on abuse."""
+    try:
+        fields = parse_qs(query, max_num_fields=MAX_QUERY_FIELDS)
+    except ValueError:
+        raise BadRequest(f"too many query fields (at most {MAX_QUERY_FIELDS})") from None
+    out = {k: v[0][:MAX_FILTER_CHARS] for k, v in fields.items()}
+    if any("\0" in v for v in out.values()):
+        raise BadRequest("a query value holds a NUL character")
+    for name in ("before", "rejected"):
+        if out.get(name) and not NUMBER.fullmatch(out[name]):
+            raise BadRequest(f"{name} must be a row number")
+    return out
+
+
+def shown_name(name: str) -> str:
+    """A file name for the page: bytes that are not UTF-8 shown as U+FFFD."""
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
+def rejected_notes(directory: Path, skip: int, count: int) -> tuple[int, list[tuple[str, str]]]:
+    """(how many rejected files, [(name, reason)] of `count` newest after `skip`).
+
+    One scandir and a stat per note; only the notes shown are read, so twenty thousand
+    rejected files cost milliseconds.
+    """
+    notes: list[tuple[int, str]] = []
+    try:
+        with os.scandir(directory) as it:
+            for entry in it:
+                # Dot names are a reject in progress (.NAME.error.XXXX) or a replica's state.
+                if entry.name.endswith(".error") and not entry.name.startswith("."):
+                    try:
+                        notes.append((entry.stat(follow_symlinks=False).st_mtime_ns,
+                                      entry.name))
+                    except OSError:
+                        continue  # pruned between the listing and the stat
+    except FileNotFoundError:
+        return 0, []
+    out = []
+    for _, note in heapq.nlargest(skip + count, notes)[skip:]:
+        try:
+            with open(os.path.join(directory, note), "rb") as fh:
+                text = fh.read(NOTE_BYTES).decode("utf-8", "replace")
+        except OSError:
+            text = "(note not readable)"
+        lines = text.strip().splitlines()
+        out.append((shown_name(note[:-len(".error")]), lines[0] if lines else ""))
+    return len(notes), out
+
+
 class WebServer:
     """The page's HTTP server on a daemon thread; `config` returns the current config."""
 
@@ -88,7 +159,9 @@ class WebServer:
         self.loopback = is_loopback(address[0])
         # A reload that drops web_password must not leave a non-loopback socket open to all.
         self.start_password = config().web_password
-        self.tests: dict[str, Result] = {}
+        # Test results by an unguessable id carried in the Test button's redirect: only the
+        # visitor who pressed it sees its banner.
+        self.tests: OrderedDict[str, tuple[str, Result]] = OrderedDict()
         self._built: tuple[Config, dict[str, Transport]] | None = None
         self._lock = threading.Lock()
         self._sending = 0
@@ -104,7 +177,8 @@ class WebServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="web",
                                        kwargs={"poll_interval": 0.2}, daemon=True)
         self.thread.start()
-        logger.info("notifications page on http://%s:%d/", *address)
+        self.url = url_of(self.httpd.server_address)
+        logger.info("web page listening on %s", self.url)
 
     def close(self, timeout: float = 15.0) -> None:
         """Stop accepting requests, then let a Test send in flight finish and record its row."""
@@ -116,7 +190,8 @@ class WebServer:
 
     # --- Test ------------------------------------------------------------------------
 
-    def run_test(self, name: str) -> Result:
+    def run_test(self, name: str) -> str:
+        """Send a test through `name`; returns the id under which its result is shown."""
         with self._lock:
             self._sending += 1
         try:
@@ -125,9 +200,12 @@ class WebServer:
             with self._idle:
                 self._sending -= 1
                 self._idle.notify_all()
+        ident = secrets.token_urlsafe(16)
         with self._lock:
-            self.tests[name] = result
-        return result
+            self.tests[ident] = (name, result)
+            while len(self.tests) > TESTS_KEPT:
+                self.tests.popitem(last=False)
+        return ident
 
     # --- the page --------------------------------------------------------------------
 
@@ -147,16 +225,17 @@ class WebServer:
         parts += self.render_transports(cfg)
         parts += self.render_notifications(cfg, query)
         parts += self.render_runs()
-        parts += self.render_rejected()
+        parts += self.render_rejected(query)
         parts.append("</body></html>")
         return "".join(parts)
 
-    def render_banner(self, name: str) -> str:
+    def render_banner(self, ident: str) -> str:
         with self._lock:
-            result = self.tests.get(name)
-        if result is None:
-            return (f"<div class='banner bad' id=banner>No test result for {e(name)} on this"
-                    " page (the daemon may have restarted); press Test again.</div>")
+            found = self.tests.get(ident)
+        if found is None:
+            return ("<div class='banner bad' id=banner>This test result is no longer kept"
+                    " (the daemon may have restarted); press Test again.</div>")
+        name, result = found
         cls = "ok" if result.outcome == SENT else "bad"
         return (f"<div class='banner {cls}' id=banner>Test via <b>{e(name)}</b> to"
                 f" {e(result.attempt.recipient)}: <span class={e(result.outcome)}>"
@@ -217,7 +296,7 @@ class WebServer:
                 # index, job before transport before outcome (most selective first).
                 conditions.append(column.concat("") == value)
         before = query.get("before", "")
-        if before.isdigit():
+        if before:  # digits only, below 10**18: parse_query() saw to it
             conditions.append(n.id < int(before))
         select = n.select().order_by(n.id.desc()).limit(PAGE_SIZE + 1)
         if conditions:
@@ -291,18 +370,32 @@ class WebServer:
             out.append(f"<p class=empty>Showing the {RUNS_SHOWN} most recently updated.</p>")
         return out
 
-    def render_rejected(self) -> list[str]:
-        files = self.spool.rejected_files()
-        out = ["<h2>Rejected spool files</h2>"]
-        if not files:
+    def render_rejected(self, query: dict[str, str]) -> list[str]:
+        out = ["<h2 id=rejected-files>Rejected spool files</h2>"]
+        skip = int(query.get("rejected") or 0)
+        try:
+            total, files = rejected_notes(self.spool.rejected, skip, REJECTED_SHOWN)
+        except OSError as exc:  # not the database: a 503 "database unavailable" would mislead
+            return [*out, f"<p class=empty>{e(self.spool.rejected)} cannot be read"
+                          f" ({e(exc.strerror)}).</p>"]
+        if not total:
             return [*out, "<p class=empty>None.</p>"]
-        out.append("<table id=rejected><tr><th>File<th>Reason</tr>")
-        for name, reason in files[-REJECTED_SHOWN:]:
-            out.append(f"<tr><td>{e(name)}<td>{e(reason)}</tr>")
-        out.append("</table>")
-        if len(files) > REJECTED_SHOWN:
-            out.append(f"<p class=empty>{len(files) - REJECTED_SHOWN} more in"
-                       f" {e(self.spool.rejected)}.</p>")
+        first, last = min(skip + 1, total), min(skip + len(files), total)
+        out.append(f"<p class=meta id=rejected-count>{total} in {e(self.spool.rejected)};"
+                   f" showing {first} to {last}, newest first.</p>")
+        if files:
+            out.append("<table id=rejected><tr><th>File<th>Reason</tr>")
+            out += [f"<tr><td>{e(name)}<td>{e(reason)}</tr>" for name, reason in files]
+            out.append("</table>")
+        keep = {k: v for k, v in query.items() if k in ("job", "outcome", "transport", "before")}
+        links = []
+        if skip:
+            links.append(f"<a href='/?{e(urlencode(keep))}#rejected-files'>newest</a>")
+        if skip + len(files) < total:
+            older = urlencode({**keep, "rejected": skip + REJECTED_SHOWN})
+            links.append(f"<a id=rejected-older href='/?{e(older)}#rejected-files'>older →</a>")
+        if links:
+            out.append(f"<p class=pager>{' '.join(links)}</p>")
         return out
 
     # --- request checks --------------------------------------------------------------
@@ -340,7 +433,10 @@ class WebServer:
         source = origin if origin is not None else referer
         if not source or source == "null":
             return False
-        parts = urlsplit(source)
+        try:
+            parts = urlsplit(source)
+        except ValueError:  # "http://[" and the like
+            return False
         return parts.scheme in ("http", "https") and parts.netloc.lower() == host.lower()
 
     def token_ok(self, token: str) -> bool:
@@ -381,6 +477,8 @@ class _Handler(BaseHTTPRequestHandler):
                            {"WWW-Authenticate": 'Basic realm="nomaflowd", charset="UTF-8"'})
             else:
                 handler(web)
+        except BadRequest as exc:
+            self.reply(400, "text/plain", f"{exc}\n")
         except DB_ERRORS as exc:
             logger.error("notifications page: database unavailable: %s", exc)
             self.reply(503, "text/plain", "database unavailable; see the daemon's log\n")
@@ -391,13 +489,14 @@ class _Handler(BaseHTTPRequestHandler):
             db.proxy.close()  # this thread's connection: none is kept between requests
 
     def get(self, web: WebServer) -> None:
-        parts = urlsplit(self.path)
+        try:
+            parts = urlsplit(self.path)
+        except ValueError:
+            raise BadRequest("malformed request path") from None
         if parts.path != "/":
             self.reply(404, "text/plain", "not found\n")
             return
-        query = {k: v[0][:MAX_FILTER_CHARS]
-                 for k, v in parse_qs(parts.query, max_num_fields=20).items()}
-        self.reply(200, "text/html; charset=utf-8", web.render(query))
+        self.reply(200, "text/html; charset=utf-8", web.render(parse_query(parts.query)))
 
     def post(self, web: WebServer) -> None:
         path = urlsplit(self.path).path
@@ -420,7 +519,11 @@ class _Handler(BaseHTTPRequestHandler):
         if length > MAX_FORM_BYTES:
             self.reply(413, "text/plain", "form too large\n")
             return
-        form = parse_qs(self.rfile.read(length).decode("utf-8", "replace"), max_num_fields=10)
+        try:
+            form = parse_qs(self.rfile.read(length).decode("utf-8", "replace"),
+                            max_num_fields=10)
+        except ValueError:
+            raise BadRequest("too many form fields") from None
         if not web.token_ok(form.get("csrf", [""])[0]):
             self.reply(403, "text/plain", "missing or stale form token; reload the page\n")
             return
@@ -430,12 +533,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         logger.info("notifications page: Test of transport %s from %s", name,
                     self.client_address[0])
-        web.run_test(name)
-        self.reply(303, "text/plain", "sent\n", {"Location": f"/?tested={quote(name, safe='')}"})
+        ident = web.run_test(name)
+        self.reply(303, "text/plain", "sent\n", {"Location": f"/?tested={ident}"})
 
     def reply(self, status: int, kind: str, text: str,
               headers: dict[str, str] | None = None) -> None:
-        body = text.encode("utf-8")
+        body = text.encode("utf-8", "replace")  # a lone surrogate must not cost the answer
         self.send_response(status)
         for key, value in {**SECURITY_HEADERS, **(headers or {})}.items():
             self.send_header(key, value)

@@ -124,3 +124,50 @@ def test_secret_never_prints_itself():
     s = crypto.Secret("CANARY-123")
     assert "CANARY" not in str(s) and "CANARY" not in repr(s) and "CANARY" not in f"{s}"
     assert "CANARY" not in repr({"k": s})
+
+
+@pytest.mark.parametrize(("daemon", "key"), [
+    ("poll_seconds = nan", "daemon.poll_seconds"),
+    ("send_timeout_seconds = inf", "daemon.send_timeout_seconds"),
+    ("rescan_seconds = -inf", "daemon.rescan_seconds"),
+])
+def test_nan_and_inf_are_refused_naming_the_key(tree, capsys, daemon, key):
+    tree.write_config(daemon=daemon)
+    assert main(["run", "--config", str(tree.config_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{key} must be a finite number" in err
+    assert "internal error" not in err
+
+
+def test_a_binary_config_file_is_refused_in_one_line(tree, capsys):
+    tree.config_path.write_bytes(b"[daemon]\nspool_dir = \"\xff\xfe\"\n")
+    assert main(["run", "--config", str(tree.config_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not UTF-8 text" in err and str(tree.config_path) in err
+
+
+@pytest.mark.parametrize("value", ["nobody", "", "Nomaflow <>", "a@b"])
+def test_default_from_without_an_address_is_refused(tree, value):
+    with pytest.raises(ConfigError) as info:
+        load(tree, f'[transports.mail]\ntype = "email"\nhost = "h"\nport = 25\n'
+                   f'default_from = "{value}"\n')
+    assert "transports.mail.default_from must be an email address" in str(info.value)
+
+
+def test_default_from_with_a_display_name_is_accepted(tree):
+    from nomaflowd.routing import default_recipient
+
+    cfg = load(tree, '[transports.mail]\ntype = "email"\nhost = "h"\nport = 25\n'
+                     'default_from = "Nomaflow <Nomaflow@Corp.local>"\n')
+    assert default_recipient(cfg.transports["mail"]) == "nomaflow@corp.local"
+
+
+def test_listen_port_0_is_accepted(tree):
+    cfg = load(tree, daemon='web_listen = "127.0.0.1:0"\nmetrics_listen = "[::1]:0"')
+    assert cfg.web_listen == ("127.0.0.1", 0) and cfg.metrics_listen == ("::1", 0)
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:65536", "127.0.0.1:\u00b2", "127.0.0.1:", ":80"])
+def test_a_bad_listen_address_is_refused(tree, value):
+    with pytest.raises(ConfigError, match=r"daemon\.web_listen must be HOST:PORT"):
+        load(tree, daemon=f'web_listen = "{value}"')

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
+
+import pytest
 
 from nomaflowd.cli import main
 from tests.servers import Reply, closed_port, wait_until
@@ -13,12 +16,15 @@ CANARY = "CANARY7f3a9"
 
 def test_canary_secret_appears_nowhere(tree, http, daemon_factory, capsys, tmp_path):
     http.replies["/bad"] = Reply(500, b"upstream says no")
+    http.replies["/echo"] = echo
     dead = closed_port()
     tree.write_config(
         tree.webhook("good", http.url(f"/good/{CANARY}"),
                      f'headers = {{ Authorization = "{tree.enc("Bearer " + CANARY)}" }}\n'
                      f'signing_secret = "{tree.enc(CANARY)}"')
         + tree.webhook("bad", http.url(f"/bad/{CANARY}"))
+        + tree.webhook("echo", http.url(f"/echo/{CANARY}"),
+                       f'headers = {{ X-Api-Key = "{tree.enc(CANARY + "-key")}" }}')
         + tree.webhook("dead", f"http://{CANARY}.invalid:{dead}/{CANARY}")
         + tree.webhook("weird", f"http://127.0.0.1:notaport/{CANARY}")
         + tree.slack("slack", http.url(f"/services/T0/{CANARY}"))
@@ -27,8 +33,8 @@ def test_canary_secret_appears_nowhere(tree, http, daemon_factory, capsys, tmp_p
         + f'password = "{tree.enc(CANARY)}"\n')
     d = daemon_factory()
     tree.drop({"job_id": "j", "run_id": "r", "state": "FAILED", "error": "boom"})
-    rows = wait_until(lambda: len(tree.notifications()) == 6 and tree.notifications(),
-                      timeout=20, what="six audit rows")
+    rows = wait_until(lambda: len(tree.notifications()) == 7 and tree.notifications(),
+                      timeout=20, what="seven audit rows")
     assert d.stop() == 0
     assert {r["outcome"] for r in rows} == {"SENT", "FAILED_DELIVERY", "FAILED_TRANSPORT"}
     outputs = [d.output(), json.dumps(rows)]
@@ -40,10 +46,131 @@ def test_canary_secret_appears_nowhere(tree, http, daemon_factory, capsys, tmp_p
     event.write_text(json.dumps({"job_id": "j", "run_id": "r2", "state": "FAILED"}))
     for argv in (["transports"], ["audit"], ["audit", "--format", "json"],
                  ["audit", "--format", "csv"], ["check"], ["explain", str(event)],
-                 ["test", "dead"], ["test", "weird"], ["test", "mail"], ["test", "bad"]):
+                 ["test", "dead"], ["test", "weird"], ["test", "mail"], ["test", "bad"],
+                 ["test", "echo"]):
         main([*argv, "--config", cfg])
         captured = capsys.readouterr()
         outputs.append(captured.out + captured.err)
     for text in outputs:
         assert CANARY not in text
     assert any(CANARY in r.path for r in http.requests)  # it was really used
+    assert any(r["transport"] == "echo" and "****" in r["detail"] for r in rows)
+
+
+def echo(request) -> Reply:
+    """A proxy or upstream that answers 400 quoting the whole request back, in plain text."""
+    head = "\n".join(f"{k}: {v}" for k, v in request.headers.items())
+    # Padding puts the secret across the 200-character cut of a plain-text refusal.
+    text = f"{'x' * 150} bad request: POST {request.path}\n{head}\n\n"
+    return Reply(400, text.encode() + request.body, {"Content-Type": "text/plain"})
+
+
+def echo_json(request) -> Reply:
+    """PagerDuty's error shape, with the request quoted into the error list."""
+    body = {"status": "invalid event", "message": "Event object is invalid",
+            "errors": [f"routing_key {request.json().get('routing_key')} is not valid",
+                       f"request {request.path} {request.headers.get('Authorization')}"]}
+    return Reply(400, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+
+def test_an_upstream_that_echoes_the_request_never_shows_the_secret(tree, http, capsys):
+    http.replies["/json"] = echo_json
+    http.replies["/"] = echo  # after /json: the first matching prefix answers
+    tree.write_config(
+        tree.webhook("hook", http.url(f"/hook/{CANARY}?token={CANARY}x"),
+                     f'headers = {{ Authorization = "{tree.enc("Bearer " + CANARY)}" }}\n'
+                     f'signing_secret = "{tree.enc(CANARY)}"')
+        + tree.slack("slack", http.url(f"/services/T0/{CANARY}"))
+        + tree.webhook("pd", http.url(f"/pd/{CANARY}"),
+                       f'preset = "pagerduty"\nrouting_key = "{tree.enc(CANARY + "rk")}"')
+        + tree.webhook("pdjson", http.url(f"/json/{CANARY}"),
+                       f'preset = "pagerduty"\nrouting_key = "{tree.enc(CANARY + "rk")}"')
+        + tree.webhook("og", http.url(f"/og/{CANARY}"),
+                       f'preset = "opsgenie"\napi_key = "{tree.enc(CANARY + "key")}"'))
+    cfg = str(tree.config_path)
+    outputs = []
+    for name in ("hook", "slack", "pd", "pdjson", "og"):
+        assert main(["test", name, "--config", cfg]) == 1
+        captured = capsys.readouterr()
+        assert captured.out.startswith(f"FAILED_DELIVERY {name} ->")
+        outputs.append(captured.out + captured.err)
+    for argv in (["audit"], ["audit", "--format", "json"], ["transports"]):
+        main([*argv, "--config", cfg])
+        captured = capsys.readouterr()
+        outputs.append(captured.out + captured.err)
+    rows = tree.notifications()
+    assert len(rows) == 5 and all("400" in r["detail"] for r in rows)
+    assert any("****" in r["detail"] for r in rows)
+    outputs.append(json.dumps(rows))
+    # No piece either: the secret cut in two by a clipped detail leaves its first half.
+    for text in outputs:
+        assert "CANARY" not in text
+    assert sum(CANARY in r.body.decode() + r.path for r in http.requests) >= 5  # really sent
+
+
+def test_a_stray_cr_in_a_header_secret_is_refused_without_showing_it(tree, http, capsys):
+    token = tree.enc(f"Bearer {CANARY}\r\n")
+    tree.write_config(tree.webhook("hook", http.url(),
+                                   f'headers = {{ Authorization = "{token}" }}'))
+    cfg = str(tree.config_path)
+    assert main(["run", "--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "transports.hook.headers.Authorization has an invalid character (CR/LF)" in err
+    assert main(["check", "--config", cfg]) == 1
+    out = capsys.readouterr().out
+    assert "transports.hook.headers.Authorization" in out
+    assert "CANARY" not in err + out and "Invalid header" not in err + out
+
+
+def test_a_stray_cr_in_a_header_is_a_masked_failure_at_send(http):
+    from nomaflowd.alerts import test_alert
+    from nomaflowd.crypto import Secret
+    from nomaflowd.transports import TransportError
+    from nomaflowd.transports.webhook import Webhook
+
+    # Built directly: config refuses this value, but a send must never log it either.
+    hook = Webhook("hook", {"url": Secret(http.url()), "headers": {
+        "Authorization": Secret(f"Bearer {CANARY}\r")}}, timeout=2)
+    with pytest.raises(TransportError) as info:
+        hook.send(test_alert("https://nomaflow.test"), "hook")
+    assert str(info.value) == "header Authorization has an invalid character (CR/LF)"
+    hook = Webhook("hook", {"url": Secret(http.url(f"/{CANARY} x")), "headers": {}}, timeout=2)
+    with pytest.raises(TransportError) as info:
+        hook.send(test_alert("https://nomaflow.test"), "hook")
+    assert str(info.value) == "the URL is not valid (a space or control character)"
+    assert http.requests == []
+
+
+@pytest.mark.parametrize("field", [
+    f'webhook_url = ["{CANARY}"]',
+    f'webhook_url = {{ url = "{CANARY}" }}',
+    'webhook_url = 7731',
+])
+def test_a_wrongly_typed_secret_is_refused_without_showing_it(tree, capsys, field):
+    tree.write_config(f'[transports.slack]\ntype = "slack"\n{field}\n')
+    assert main(["run", "--config", str(tree.config_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == "nomaflowd: transports.slack.webhook_url must be a string\n"
+
+
+@pytest.mark.parametrize("field", [
+    f'headers = {{ Authorization = ["{CANARY}"] }}',
+    f'headers = "Bearer {CANARY}"',
+])
+def test_a_wrongly_typed_header_is_refused_without_showing_it(tree, http, capsys, field):
+    tree.write_config(tree.webhook("hook", http.url(), field))
+    assert main(["check", "--config", str(tree.config_path)]) == 1
+    out = capsys.readouterr().out
+    assert "transports.hook.headers" in out and "CANARY" not in out
+
+
+def test_a_reload_with_a_wrongly_typed_secret_logs_the_key_only(tree, http, daemon_factory):
+    tree.write_config(tree.webhook("hook", http.url()))
+    d = daemon_factory()
+    tree.write_config(f'[transports.hook]\ntype = "webhook"\nurl = {{ x = "{CANARY}" }}\n')
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in d.output(), what="the reload refusal")
+    assert d.stop() == 0
+    assert "transports.hook.url must be a string" in d.output()
+    assert CANARY not in d.output()

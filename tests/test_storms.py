@@ -9,7 +9,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import Reply, closed_port, wait_until
+from tests.servers import Reply, wait_until
 
 STORM = 1000
 JOBS = 50
@@ -65,7 +65,7 @@ def named_counts(text: str) -> dict[str, int]:
 
 def slack_config(tree, http) -> None:
     tree.write_config(tree.slack("slack", http.url("/slack"), "digest_after_seconds = 1"),
-                      daemon=f'metrics_listen = "127.0.0.1:{closed_port()}"')
+                      daemon='metrics_listen = "127.0.0.1:0"')
 
 
 def test_storm_to_slack_is_paced_into_digests_without_a_single_429(tree, http, daemon_factory):
@@ -131,7 +131,7 @@ def test_storm_to_an_unlimited_webhook_goes_alert_by_alert(tree, http, daemon_fa
 
 
 def scrape(d):
-    port = int(re.search(r"metrics on http://127.0.0.1:(\d+)", d.output()).group(1))
+    port = int(re.search(r"metrics listening on http://127.0.0.1:(\d+)/", d.output()).group(1))
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
         assert resp.status == 200
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:

@@ -33,10 +33,11 @@ README_SCREENSHOT = ROOT / "docs" / "notifications-page.png"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def bound_port(daemon: Any, what: str = "web page") -> int:
+    """The port a `...:0` listener got, from the daemon's log line (awaited, with a deadline)."""
+    pattern = re.compile(rf"{what} listening on http://[^ ]*:(\d+)/")
+    match = wait_until(lambda: pattern.search(daemon.output()), what=f"{what} log line")
+    return int(match.group(1))
 
 
 class Response:
@@ -74,14 +75,17 @@ def csrf_token(page: str) -> str:
 
 
 class Web:
-    """A daemon with the page on a free loopback port and one webhook transport `ops`."""
+    """A daemon with the page on an ephemeral loopback port and one webhook transport `ops`."""
 
     def __init__(self, tree: Any, http: Any, daemon_factory: Any, daemon: str = "") -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         tree.write_config(tree.webhook("ops", http.url(f"/hook/{CANARY}")),
-                          daemon=f'web_listen = "127.0.0.1:{self.port}"\n{daemon}')
+                          daemon=f'web_listen = "127.0.0.1:0"\n{daemon}')
+        self.start(daemon_factory)
+
+    def start(self, daemon_factory: Any) -> None:
         self.daemon = daemon_factory()
+        self.port = bound_port(self.daemon)
+        self.base = f"http://127.0.0.1:{self.port}"
 
     def get(self, path: str = "/", **kwargs: Any) -> Response:
         return fetch(self.base + path, **kwargs)
@@ -118,12 +122,13 @@ def test_test_button_sends_records_and_shows_the_outcome(web, tree, http):
     token = csrf_token(web.get().text)
     resp = web.post_test("ops", token, {"Origin": web.base})
     assert resp.status == 303
-    assert resp.headers["Location"] == "/?tested=ops"
+    location = resp.headers["Location"]
+    assert re.fullmatch(r"/\?tested=[A-Za-z0-9_-]{20,}", location)
     body = http.wait_for(1)[0].json()
     assert body["alert"] == "test"
     rows = tree.notifications()
     assert [(r["alert"], r["transport"], r["outcome"]) for r in rows] == [("test", "ops", "SENT")]
-    page = web.get("/?tested=ops").text
+    page = web.get(location).text
     assert re.search(r"id=banner>Test via <b>ops</b> to ops: <span class=SENT>SENT", page)
     assert "<span class=SENT>SENT</span>" in page  # the transport's last attempt
     assert CANARY not in page
@@ -192,11 +197,12 @@ def test_basic_auth_is_required_when_a_password_is_set(tree, http, daemon_factor
 
 def test_non_loopback_page_keeps_its_password_when_a_reload_drops_it(tree, http,
                                                                       daemon_factory):
-    port = free_port()
     webhook = tree.webhook("ops", http.url())
-    tree.write_config(webhook, daemon=f'web_listen = "0.0.0.0:{port}"\n'
+    tree.write_config(webhook, daemon='web_listen = "0.0.0.0:0"\n'
                                       f'web_password = "{tree.enc(PASSWORD)}"')
     d = daemon_factory()
+    port = bound_port(d)
+    assert f"web page listening on http://0.0.0.0:{port}/" in d.output()
     base = f"http://127.0.0.1:{port}/"
     assert fetch(base).status == 401
     assert fetch(base, headers={"Host": f"nomaflow.corp.example:{port}"},
@@ -208,7 +214,7 @@ def test_non_loopback_page_keeps_its_password_when_a_reload_drops_it(tree, http,
 
 def test_non_loopback_listen_without_password_is_refused_at_start(tree, http):
     tree.write_config(tree.webhook("ops", http.url()),
-                      daemon=f'web_listen = "0.0.0.0:{free_port()}"')
+                      daemon='web_listen = "0.0.0.0:0"')
     proc = subprocess.run(
         [sys.executable, "-m", "nomaflowd", "run", "--config", str(tree.config_path)],
         capture_output=True, text=True, timeout=30, cwd=tree.root)
@@ -280,7 +286,9 @@ def test_page_and_test_button_on_postgresql(tree, http, daemon_factory, pg_schem
     token = csrf_token(web.get().text)
     assert web.post_test("ops", token, {"Origin": web.base}).status == 303
     assert [r.json()["alert"] for r in http.wait_for(2)] == ["failed", "test"]
-    page = web.get("/?tested=ops").text
+    page = web.get(f"/?tested={CANARY}").text
+    assert "no longer kept" in page  # an id the page never gave out
+    page = web.get().text
     assert "<span class=SENT>SENT</span>" in page and "<td>warehouse-load<td>run_77<td>" in page
     filtered = web.get("/?job=reporting-nightly-sync&outcome=SENT&transport=ops").text
     assert filtered.count("<td>reporting-nightly-sync<td>run_a8c4d<td>") == 1
@@ -322,7 +330,7 @@ def test_page_stays_fast_with_a_million_audit_rows(tree, http, daemon_factory):
     started = time.monotonic()
     _insert_rows(tree.db_path, 1_000_000)
     print(f"\n1,000,000 rows inserted in {time.monotonic() - started:.1f}s")
-    web.daemon = daemon_factory()
+    web.start(daemon_factory)
     cases = {
         "/": "<td class=num>1000000<td>",
         "/?job=job-7": "<td>job-7<td>run-999007<td>",
@@ -394,7 +402,8 @@ def test_browser_clicks_test_and_sees_sent(tree, http, daemon_factory, tmp_path)
         banner = WebDriverWait(driver, 15).until(
             expected_conditions.presence_of_element_located((By.ID, "banner")))
         assert "SENT" in banner.text and "ops" in banner.text
-        assert driver.current_url == web.base + "/?tested=ops"
+        assert re.fullmatch(re.escape(web.base) + r"/\?tested=[A-Za-z0-9_-]+",
+                            driver.current_url)
         assert CANARY not in driver.page_source
         SCREENSHOT.parent.mkdir(exist_ok=True)
         driver.save_screenshot(str(SCREENSHOT))
@@ -407,3 +416,93 @@ def test_browser_clicks_test_and_sees_sent(tree, http, daemon_factory, tmp_path)
     assert SCREENSHOT.stat().st_size > 10_000
     if os.environ.get("NOMAFLOWD_UPDATE_SCREENSHOT"):
         shutil.copyfile(SCREENSHOT, README_SCREENSHOT)
+
+
+# --- what runners and visitors send: never a 500 ------------------------------------------
+
+def test_test_banner_is_shown_only_to_the_visitor_who_pressed_test(web, http):
+    token = csrf_token(web.get().text)
+    mine = web.post_test("ops", token, {"Origin": web.base}).headers["Location"]
+    http.wait_for(1)
+    assert "id=banner>Test via <b>ops</b>" in web.get(mine).text
+    # Another visitor, with the old form of the link or none, sees no one else's result.
+    for other in ("/?tested=ops", "/", "/?tested=" + mine.split("=", 1)[1][:-1]):
+        assert "Test via" not in web.get(other).text
+    again = web.post_test("ops", token, {"Origin": web.base}).headers["Location"]
+    assert again != mine
+    assert "Test via <b>ops</b>" in web.get(mine).text  # each press keeps its own banner
+
+
+def test_a_rejected_file_whose_name_is_not_utf8_is_listed(web, tree):
+    rejected = os.fsencode(tree.spool / "rejected")
+    with open(rejected + b"/run-\xff\xfe<b>.json", "wb") as fh:
+        fh.write(b"{not json")
+    with open(rejected + b"/run-\xff\xfe<b>.json.error", "wb") as fh:
+        fh.write(b"2026-05-01T00:00:00Z run-\xff\xfe.json: not JSON \xff\n")
+    page = web.get()
+    assert page.status == 200
+    assert "<td>run-\ufffd\ufffd&lt;b&gt;.json<td>2026-05-01T00:00:00Z" in page.text
+    assert "1 in " in page.text
+
+
+@pytest.mark.parametrize(("query", "message"), [
+    ("before=" + "9" * 400, "before must be a row number"),
+    ("before=%C2%B2", "before must be a row number"),                # "²" passes isdigit()
+    ("before=-1", "before must be a row number"),
+    ("rejected=" + "9" * 30, "rejected must be a row number"),
+    ("&".join(f"f{i}=x" for i in range(21)), "too many query fields (at most 20)"),
+    ("job=a%00b", "a query value holds a NUL character"),
+], ids=["huge-before", "unicode-digit", "negative", "huge-offset", "21-fields", "nul"])
+def test_an_abusive_query_is_a_short_400(web, query, message):
+    resp = web.get(f"/?{query}")
+    assert (resp.status, resp.text) == (400, f"{message}\n")
+    assert "Traceback" not in web.daemon.output()
+
+
+@pytest.mark.parametrize("path", [
+    "/?nonsense=%ff%fe&job=" + "x" * 5000,   # unknown fields ignored, filters clipped
+    "/?transport=%3Cb%3E&outcome=NOPE",
+    "/?before=",
+    "/?tested=" + "A" * 300,
+])
+def test_garbage_parameters_are_ignored(web, path):
+    resp = web.get(path)
+    assert resp.status == 200 and "<h1>Notifications</h1>" in resp.text
+
+
+def test_a_malformed_path_or_form_is_never_a_500(web):
+    raw = socket.create_connection(("127.0.0.1", web.port), timeout=10)
+    with raw:
+        raw.sendall(f"GET //[x HTTP/1.0\r\nHost: 127.0.0.1:{web.port}\r\n\r\n".encode())
+        answer = raw.makefile("rb").read().decode("utf-8", "replace")
+    assert answer.startswith("HTTP/1.0 404")  # not a netloc: "//" is folded to "/"
+    token = csrf_token(web.get().text)
+    resp = fetch(f"{web.base}/test/ops", data=("&".join(["a=b"] * 11) + f"&csrf={token}").encode(),
+                 headers={"Origin": web.base})
+    assert (resp.status, resp.text) == (400, "too many form fields\n")
+    resp = web.post_test("ops", token, {"Origin": "http://["})
+    assert resp.status == 403
+    assert "Traceback" not in web.daemon.output()
+
+
+def test_twenty_thousand_rejected_files_are_paged(web, tree):
+    rejected = tree.spool / "rejected"
+    base = time.time_ns() - 10**12
+    for i in range(20_000):
+        note = rejected / f"evt-{i:05d}.json.error"
+        note.write_text(f"2026-05-01T00:00:00Z evt-{i:05d}.json: reason {i}\n")
+        os.utime(note, ns=(base + i * 1000, base + i * 1000))  # evt-19999 is the newest
+    page = web.get()
+    assert page.status == 200
+    assert "id=rejected-count>20000 in " in page.text
+    assert "showing 1 to 50, newest first" in page.text
+    shown = re.findall(r"<td>(evt-\d{5})\.json<td>", page.text)
+    assert shown == [f"evt-{i:05d}" for i in range(19_999, 19_949, -1)]
+    older = re.search(r"id=rejected-older href='([^']+)'", page.text)
+    assert older
+    second = web.get(older.group(1).replace("&amp;", "&").split("#")[0]).text
+    assert "showing 51 to 100, newest first" in second
+    assert re.findall(r"<td>(evt-\d{5})\.json<td>", second)[0] == "evt-19949"
+    last = web.get("/?rejected=19990").text
+    assert "showing 19991 to 20000" in last and "id=rejected-older" not in last
+    assert "<td>evt-00000.json<td>" in last

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import heapq
 import http.client
 import itertools
+import re
 import select
 import socket
 import ssl
@@ -12,14 +14,22 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, ClassVar
-from urllib.parse import urlsplit
+from typing import Any, ClassVar, TypeVar
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from nomaflowd.alerts import Alert
+from nomaflowd.crypto import Secret
 
 MAX_RESPONSE = 64 * 1024
 IDLE_CHECK = 0.5  # seconds a keep-alive connection may sit before it is checked for EOF
 USER_AGENT = "nomaflowd"
+MASK = "****"
+# Shorter pieces of a secret are not masked on their own: "/v2" or "a" would mask half a
+# detail. A whole secret value is masked from MIN_SECRET characters, a piece from MIN_PIECE.
+MIN_SECRET = 4
+MIN_PIECE = 8
+# What http.client refuses in a header value (it raises with the whole value in the message).
+BAD_HEADER_VALUE = re.compile(r"[\r\n\0]")
 
 
 class TransportError(Exception):
@@ -110,6 +120,76 @@ class Deadlines:
 DEADLINES = Deadlines()
 
 
+def secret_pieces(value: str) -> set[str]:
+    """A secret and the parts of it an upstream might echo on their own.
+
+    A URL's path, query, query values, password and long path segments (a Slack webhook's
+    token is its last segment), each also percent-encoded and decoded; the credential of
+    an `Authorization: Bearer X` value.
+    """
+    pieces = {value}
+    parts = urlsplit(value) if "://" in value else None
+    if parts is not None and parts.netloc:
+        pieces.update((parts.path, parts.query, f"{parts.path}?{parts.query}",
+                       parts.password or "", parts.username or ""))
+        pieces.update(seg for seg in parts.path.split("/") if not (seg.isalpha() and seg.islower()))
+        pieces.update(v for _, v in parse_qsl(parts.query, keep_blank_values=True))
+    scheme, _, credential = value.partition(" ")
+    if credential and scheme.isalpha():
+        pieces.add(credential.strip())
+    pieces |= {unquote(p) for p in pieces} | {quote(p, safe="/") for p in pieces}
+    return {p for p in pieces if len(p) >= (MIN_SECRET if p == value else MIN_PIECE)}
+
+
+class Masker:
+    """Replaces every secret piece in a text (or bytes) with ****, longest piece first."""
+
+    def __init__(self, values: list[str]) -> None:
+        pieces = sorted({p for v in values for p in secret_pieces(v)}, key=len, reverse=True)
+        self.text = re.compile("|".join(map(re.escape, pieces))) if pieces else None
+        self.bytes = (re.compile(b"|".join(re.escape(p.encode("utf-8", "surrogatepass"))
+                                           for p in pieces)) if pieces else None)
+
+    def __call__(self, text: str) -> str:
+        return self.text.sub(MASK, text) if self.text is not None else text
+
+    def data(self, data: bytes) -> bytes:
+        return self.bytes.sub(MASK.encode(), data) if self.bytes is not None else data
+
+
+def revealed(settings: Mapping[str, Any]) -> list[str]:
+    """Every secret value in a transport's settings, also inside tables (header values)."""
+    out = []
+    for value in settings.values():
+        if isinstance(value, Secret):
+            out.append(value.reveal())
+        elif isinstance(value, Mapping):
+            out += revealed(value)
+    return [v for v in out if v]
+
+
+_Send = TypeVar("_Send", bound=Callable[..., str])
+
+
+def _masked(send: _Send) -> _Send:
+    """A send whose detail and exception messages have the transport's secrets masked.
+
+    This is the one place every detail passes on its way to the audit row, the log and
+    the CLI, so a transport cannot forget it (an upstream that echoes the request in its
+    error answer, an exception message that quotes a header value).
+    """
+    @functools.wraps(send)
+    def wrapper(self: Transport, *args: Any, **kwargs: Any) -> str:
+        try:
+            return self.mask(send(self, *args, **kwargs))
+        except Exception as exc:
+            if exc.args and isinstance(exc.args[0], str):
+                exc.args = (self.mask(exc.args[0]), *exc.args[1:])
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
 class Transport:
     """One configured transport. render() is pure; send() is the only I/O."""
 
@@ -123,6 +203,24 @@ class Transport:
         self.name = name
         self.settings = settings
         self.timeout = timeout
+        self._masker: Masker | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("send", "send_digest"):
+            if name in cls.__dict__:
+                setattr(cls, name, _masked(cls.__dict__[name]))
+
+    def mask(self, text: str) -> str:
+        """`text` with every secret of this transport (and its telling pieces) as ****."""
+        if self._masker is None:
+            self._masker = Masker(revealed(self.settings))
+        return self._masker(text)
+
+    def mask_data(self, data: bytes) -> bytes:
+        if self._masker is None:
+            self._masker = Masker(revealed(self.settings))
+        return self._masker.data(data)
 
     def default_recipient(self) -> str:
         raise NotImplementedError
@@ -163,6 +261,8 @@ def describe_exception(exc: BaseException) -> str:
         return f"DNS lookup failed: {exc.strerror}"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
+    if isinstance(exc, http.client.InvalidURL):  # its message quotes the URL
+        return "the URL is not valid (a space or control character)"
     if isinstance(exc, OSError) and exc.strerror:
         return f"{type(exc).__name__}: {exc.strerror}"
     return type(exc).__name__
@@ -219,14 +319,22 @@ class HttpTransport(Transport):
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes, Any]:
         """One POST bounded by the timeout as a whole; returns (status, first bytes, headers)."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:  # its message quotes the URL's text
+            raise TransportError("the URL is not valid (host or port)") from None
         if not parts.hostname:
             raise TransportError("the URL has no host")
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        conn = self._connection(parts.scheme, parts.hostname, parts.port)
+        conn = self._connection(parts.scheme, parts.hostname, port)
         deadline = time.monotonic() + self.timeout
         all_headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
                        "Connection": "keep-alive", **headers}
+        for name, value in all_headers.items():
+            # http.client would raise ValueError quoting the whole value (a credential).
+            if BAD_HEADER_VALUE.search(value):
+                raise TransportError(f"header {name} has an invalid character (CR/LF)")
         try:
             if conn.sock is None:
                 conn.connect()
@@ -246,6 +354,12 @@ class HttpTransport(Transport):
                 # Cut off mid-answer (a trickling server): no complete verdict within the bound.
                 conn.close()
                 raise TransportError(f"timed out after {self.timeout:g}s")
+        except ValueError as exc:
+            # http.client's refusals (a header value it cannot encode) quote the offending
+            # value: the type is all that is safe to say.
+            conn.close()
+            raise TransportError(f"request refused before sending: {type(exc).__name__}"
+                                 ) from None
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             if time.monotonic() >= deadline:
@@ -260,8 +374,12 @@ class HttpTransport(Transport):
         raise self.refusal(status, data, headers)
 
     def refusal(self, status: int, data: bytes, headers: Any) -> DeliveryError:
-        """The exception for a refusal: RateLimited for a 429, DeliveryError otherwise."""
-        detail = self.describe_refusal(status, data, headers)
+        """The exception for a refusal: RateLimited for a 429, DeliveryError otherwise.
+
+        The answer is masked before describe_refusal() cuts it short: a cut must not leave
+        the first half of a secret that the upstream echoed.
+        """
+        detail = self.mask(self.describe_refusal(status, self.mask_data(data), headers))
         if status == 429:
             return RateLimited(detail, parse_retry_after(headers))
         return DeliveryError(detail)
