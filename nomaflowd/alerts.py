@@ -6,39 +6,30 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-LEVELS = {
-    "failed": "high",
-    "long_run": "medium",
-    "succeeded": "low",
-    "cancelled": "low",
-    "enabled": "low",
-    "disabled": "low",
-    "notice": "low",
-    "recovered": "low",
-    "test": "low",
+
+@dataclass(frozen=True)
+class Kind:
+    """What every transport says about one kind of alert."""
+
+    level: str          # high | medium | low (SPEC section 5)
+    word: str           # the email subject's word: [Nomaflow] FAILED job
+    icon: str           # the summary line's first character
+    colour: str | None  # the chat message's side colour (None: the platform's own)
+
+
+KINDS: dict[str, Kind] = {
+    "failed": Kind("high", "FAILED", "\u274c", "#d00000"),
+    "long_run": Kind("medium", "LONG-RUNNING", "\u23f3", "#f2c744"),
+    "succeeded": Kind("low", "SUCCEEDED", "\u2705", "#2eb67d"),
+    "cancelled": Kind("low", "CANCELLED", "\U0001f6ab", None),
+    "enabled": Kind("low", "ENABLED", "\u25b6\ufe0f", None),
+    "disabled": Kind("low", "DISABLED", "\u23f8\ufe0f", None),
+    "notice": Kind("low", "NOTICE", "\U0001f4e3", None),
+    "recovered": Kind("low", "RECOVERED", "\U0001f7e2", "#2eb67d"),
+    "test": Kind("low", "TEST", "\U0001f514", None),
 }
-SUBJECT_WORDS = {
-    "failed": "FAILED",
-    "long_run": "LONG-RUNNING",
-    "succeeded": "SUCCEEDED",
-    "cancelled": "CANCELLED",
-    "enabled": "ENABLED",
-    "disabled": "DISABLED",
-    "notice": "NOTICE",
-    "recovered": "RECOVERED",
-    "test": "TEST",
-}
-ICONS = {
-    "failed": "\u274c",
-    "long_run": "\u23f3",
-    "succeeded": "\u2705",
-    "cancelled": "\U0001f6ab",
-    "enabled": "\u25b6\ufe0f",
-    "disabled": "\u23f8\ufe0f",
-    "notice": "\U0001f4e3",
-    "recovered": "\U0001f7e2",
-    "test": "\U0001f514",
-}
+
+
 # Event fields an alert carries to its transports (all optional strings).
 DETAIL_FIELDS = ("triggered_by", "step", "error", "traceback", "by", "message")
 
@@ -77,11 +68,15 @@ class Alert:
 
     @property
     def level(self) -> str:
-        return LEVELS[self.kind]
+        return KINDS[self.kind].level
+
+    @property
+    def colour(self) -> str | None:
+        return KINDS[self.kind].colour
 
     @property
     def subject_word(self) -> str:
-        return SUBJECT_WORDS[self.kind]
+        return KINDS[self.kind].word
 
     @property
     def link_text(self) -> str:
@@ -119,7 +114,7 @@ class Alert:
             pieces = [f"{job}: {self.get('message')}"]
         else:
             pieces = ["test from Nomaflow"]
-        return ICONS[self.kind], pieces
+        return KINDS[self.kind].icon, pieces
 
     def summary(self) -> str:
         icon, pieces = self.summary_parts()
@@ -212,4 +207,4 @@ def digest_line(job: str, alerts: list[Alert]) -> tuple[str, list[str]]:
     pieces = [f"{job}: {what}" + (f" (latest run {latest.run_id})" if latest.run_id else "")]
     if worst.get("error"):
         pieces.append(worst.get("error"))
-    return ICONS.get(worst.kind, ""), pieces
+    return KINDS[worst.kind].icon if worst.kind in KINDS else "", pieces

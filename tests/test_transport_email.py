@@ -239,7 +239,10 @@ def test_email_job_id_cannot_inject_headers():
      "data@corp.test"),
 ])
 def test_email_default_recipient(settings, expected):
-    assert Email("mail", settings, timeout=1).default_recipient() == expected
+    from nomaflowd.config import TransportConfig
+    from nomaflowd.routing import default_recipient
+
+    assert default_recipient(TransportConfig("mail", "email", settings)) == expected
 
 
 def test_email_destination_masks_the_password(rig_factory, tree, certs):

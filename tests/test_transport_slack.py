@@ -12,7 +12,7 @@ import pytest
 from nomaflowd import alerts, config, events
 from nomaflowd.alerts import Alert
 from nomaflowd.dispatch import FAILED_DELIVERY, FAILED_TRANSPORT, SENT, Attempt, Dispatcher
-from nomaflowd.routing import SLACK_DEFAULT
+from nomaflowd.routing import SLACK_DEFAULT, default_recipient
 from nomaflowd.transports import build
 from nomaflowd.transports.slack import Slack
 from tests.servers import Reply, closed_port
@@ -158,14 +158,14 @@ def test_slack_user_recipient_and_custom_username_icon(rig_factory, http):
 
 def test_slack_default_recipient_uses_default_channel(rig_factory, http):
     rig = rig_factory(http.url(HOOK_PATH), 'default_channel = "#nomaflow-alerts"\n')
-    recipient = rig.transport.default_recipient()
+    recipient = default_recipient(rig.cfg.transports["slack"])
     assert recipient == "#nomaflow-alerts"
     assert rig.attempt(make_alert("failed"), recipient).outcome == SENT
     assert http.wait_for(1)[0].json()["channel"] == "#nomaflow-alerts"
 
 
 def test_slack_default_recipient_without_default_channel_sends_no_channel(rig, http):
-    assert rig.transport.default_recipient() == SLACK_DEFAULT
+    assert default_recipient(rig.cfg.transports["slack"]) == SLACK_DEFAULT
     assert rig.attempt(make_alert("failed"), SLACK_DEFAULT).outcome == SENT
     assert "channel" not in http.wait_for(1)[0].json()
 

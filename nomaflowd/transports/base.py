@@ -222,9 +222,6 @@ class Transport:
             self._masker = Masker(revealed(self.settings))
         return self._masker.data(data)
 
-    def default_recipient(self) -> str:
-        raise NotImplementedError
-
     def destination(self) -> str:
         """Where it sends, safe to print (host only)."""
         raise NotImplementedError

@@ -25,10 +25,6 @@ from nomaflowd.transports.base import (
 class Email(Transport):
     type = "email"
 
-    def default_recipient(self) -> str:
-        s = self.settings
-        return parseaddr(s.get("default_recipient") or s["default_from"])[1].lower()
-
     def destination(self) -> str:
         s = self.settings
         return f"smtp://{s['host']}:{s['port']} ({s['tls']})"

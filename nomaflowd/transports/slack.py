@@ -24,8 +24,6 @@ COMPACT_WIDTH = 400  # characters of `job xN` entries (a times sign for x) on a 
 # poorly long before; a digest part stays well under, headline included.
 MAX_TEXT = 12_000
 HEAD_ROOM = 1_000  # for a part's first line: the headline or "digest-… continued (part k of n)"
-COLOURS = {"failed": "#d00000", "long_run": "#f2c744", "succeeded": "#2eb67d",
-           "recovered": "#2eb67d"}
 
 
 def escape(text: str) -> str:
@@ -57,9 +55,6 @@ def one_line(text: str) -> str:
 class Slack(HttpTransport):
     type = "slack"
 
-    def default_recipient(self) -> str:
-        return str(self.settings.get("default_channel") or SLACK_DEFAULT)
-
     def destination(self) -> str:
         return host_of(self.settings["webhook_url"].reveal())
 
@@ -79,7 +74,7 @@ class Slack(HttpTransport):
         channel = channel or self.settings.get("default_channel")
         if channel:
             payload["channel"] = channel
-        colour = COLOURS.get(alert.kind)
+        colour = alert.colour
         if colour:
             facts = [f"job {alert.job_id}"]
             if alert.run_id:
@@ -116,8 +111,8 @@ class Slack(HttpTransport):
             # Only the first part states the count, so the parts never add up to more.
             head = escape(headline) if k == 1 else f"{escape(digest_id)} continued"
             payload = {**base, "text": "\n".join([f":package: *{head}*{of}", *part])}
-            if worst.kind in COLOURS:
-                payload["attachments"] = [{"color": COLOURS[worst.kind],
+            if worst.colour:
+                payload["attachments"] = [{"color": worst.colour,
                                            "fallback": headline + of,
                                            "text": escape(digest_id) + of}]
             payloads.append(payload)

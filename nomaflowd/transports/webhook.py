@@ -32,9 +32,6 @@ def substitute(template: str, values: dict[str, str]) -> str:
 class Webhook(HttpTransport):
     type = "webhook"
 
-    def default_recipient(self) -> str:
-        return self.name
-
     def destination(self) -> str:
         return host_of(self.settings["url"].reveal())
 
