@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import sqlite3
 import statistics
@@ -53,7 +52,7 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from nomaflowd import crypto  # noqa: E402
+from tests.harness import DaemonProcess, Tree  # noqa: E402
 
 ORDER = "abcdefgh"
 FULL = {"a_files": 40_000, "b_files": 10_000, "c_rate": 200, "c_seconds": 30, "d_count": 5_000,
@@ -272,51 +271,36 @@ class Receiver:
                 self.proc.wait(5)
 
 
-class Tree:
-    """A throwaway install: etc/ (key, config, jobs.toml) and var/ (spool, database)."""
+class BenchTree(Tree):
+    """The harness's install with the bench's catalogue (on_failure for every job) and config."""
 
     def __init__(self, base: Path, name: str) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base))
-        self.etc = self.root / "etc"
-        self.etc.mkdir()
-        self.spool = self.root / "var" / "spool"
+        super().__init__(Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base)))
         (self.spool / "tmp").mkdir(parents=True)
-        self.db_path = self.root / "var" / "lib" / "nomaflowd.db"
-        self.key = self.etc / "nomaflowd.key"
-        crypto.write_key(self.key)
-        self.keys = crypto.load_keys(self.key)
-        self.config_path = self.etc / "nomaflowd.toml"
-        (self.etc / "jobs.toml").write_text(
-            "# bench catalogue: built-in policy (on_failure), recipients = every transport\n"
-            "[defaults.alerts]\non_failure = true\n", encoding="utf-8")
+        self.write_jobs("# bench catalogue: built-in policy (on_failure), recipients = every"
+                        " transport\n[defaults.alerts]\non_failure = true\n")
 
     @property
     def database_url(self) -> str:
         return f"sqlite:///{self.db_path}"
 
-    def write_config(self, hook_url: str, *, poll_seconds: float = 30) -> Path:
-        token = crypto.encrypt(self.keys, hook_url)
-        self.config_path.write_text(
-            "[daemon]\n"
+    def configure(self, hook_url: str, *, poll_seconds: float = 30) -> Path:
+        """One webhook transport (URL encrypted) to `hook_url`; relaxed timeouts and polls."""
+        return self.write_config(self.webhook(HOOK, hook_url), daemon=(
             'spool_dir = "../var/spool"\n'
-            'database = "sqlite:///../var/lib/nomaflowd.db"\n'
-            'jobs_file = "jobs.toml"\n'
-            'key_file = "nomaflowd.key"\n'
             'base_url = "https://nomaflow.bench"\n'
             'replica_id = "bench"\n'
             f"poll_seconds = {poll_seconds}\n"
-            "send_timeout_seconds = 10\n\n"
-            f'[transports.{HOOK}]\ntype = "webhook"\nurl = "{token}"\n',
-            encoding="utf-8")
-        return self.config_path
+            "send_timeout_seconds = 10\n"))
 
     def spool_left(self) -> int:
         return sum(1 for n in os.listdir(self.spool) if n.endswith(".json"))
 
-    def rejected(self) -> int:
+    def rejected_count(self) -> int:
+        """Files set aside in rejected/, without their .error notes and the daemon's dot-files."""
         d = self.spool / "rejected"
         if not d.is_dir():
-            return 0  # skip the daemon's own dot-files (e.g. .handling-<replica>) and reasons
+            return 0
         return sum(1 for n in os.listdir(d) if not n.endswith(".error") and not n.startswith("."))
 
     def remove(self) -> None:
@@ -348,69 +332,16 @@ class Counter:
             self.conn = None
 
 
-class DaemonProc:
-    """`python -m nomaflowd run --config ...` with $NOTIFY_SOCKET bound by us."""
+class BenchDaemon(DaemonProcess):
+    """The harness's daemon process as the bench runs it: abstract $NOTIFY_SOCKET, no debug
+    log, no READY in time is an incomplete run, a stop that hangs ends in SIGKILL (code -9)."""
 
-    def __init__(self, tree: Tree, tag: str) -> None:
-        self.tree = tree
-        self.log_path = tree.root / f"daemon-{tag}.log"
-        # An abstract socket ("@name", as systemd allows): no path length limit, no file left.
-        self.notify_name = f"nomaflowd-bench-{os.getpid()}-{tag}-{time.monotonic_ns()}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + self.notify_name)
-        self.sock.setblocking(False)
-        self.messages: list[str] = []
-        self.ready_at: float | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started = 0.0
-
-    def start(self) -> DaemonProc:
-        env = {**os.environ, "NOTIFY_SOCKET": "@" + self.notify_name}
-        env.pop("NOMAFLOWD_DEBUG", None)
-        self.logf = self.log_path.open("ab")
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nomaflowd", "run", "--config", str(self.tree.config_path)],
-            stdout=self.logf, stderr=subprocess.STDOUT, env=env, cwd=self.tree.root)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def check_alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.tail()}")
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def log_problems(self) -> int:
-        """ERROR/CRITICAL lines and tracebacks in the daemon's log (0 expected)."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return 0
-        return sum(1 for ln in text.splitlines()
-                   if " ERROR " in ln or " CRITICAL " in ln or ln.startswith("Traceback"))
-
-    def poll_ready(self) -> bool:
-        while self.ready_at is None:
-            try:
-                msg = self.sock.recv(4096).decode(errors="replace")
-            except BlockingIOError:
-                break
-            self.messages.append(msg)
-            if "READY=1" in msg:
-                self.ready_at = time.monotonic()
-        return self.ready_at is not None
+    def __init__(self, tree: BenchTree, tag: str) -> None:
+        super().__init__(tree, tag=tag, abstract_socket=True)
+        self.env.pop("NOMAFLOWD_DEBUG", None)
 
     def wait_ready(self, timeout: float = 60.0) -> float:
+        """Seconds from spawn to READY=1."""
         deadline = time.monotonic() + timeout
         while not self.poll_ready():
             self.check_alive()
@@ -420,38 +351,14 @@ class DaemonProc:
         assert self.ready_at is not None
         return self.ready_at - self.started
 
-    def status_kb(self, key: str) -> int:
-        with open(f"/proc/{self.pid}/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-        return 0
-
-    def cpu_ticks(self) -> int:
-        with open(f"/proc/{self.pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime (all threads)
-
     def stop(self, timeout: float = 60.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
         try:
-            code = self.proc.wait(timeout)
+            code = super().stop(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+            self.kill()
             code = -9
         self.close()
         return code
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        if not self.logf.closed:
-            self.logf.close()
-        self.sock.close()
 
 
 def iso(dt: datetime) -> str:
@@ -510,12 +417,12 @@ def write_one(spool: str, tmpdir: str, item: Item, fsync: bool) -> float:
     return time.monotonic()
 
 
-def write_all(tree: Tree, items: Iterable[Item], fsync: bool = False) -> list[float]:
+def write_all(tree: BenchTree, items: Iterable[Item], fsync: bool = False) -> list[float]:
     spool, tmpdir = str(tree.spool), str(tree.spool / "tmp")
     return [write_one(spool, tmpdir, item, fsync) for item in items]
 
 
-def stage(tree: Tree, items: list[Item]) -> list[tuple[str, str]]:
+def stage(tree: BenchTree, items: list[Item]) -> list[tuple[str, str]]:
     """Write every file under its temp name in spool/tmp/ (not watched, not *.json)."""
     out = []
     for name, body, _ in items:
@@ -540,7 +447,7 @@ def rename_all(staged: list[tuple[str, str]]) -> list[float]:
 
 
 def wait_count(counter: Callable[[], int], target: int, timeout: float,
-               daemon: DaemonProc | None = None, every: float = POLL,
+               daemon: BenchDaemon | None = None, every: float = POLL,
                on_poll: Callable[[int], None] | None = None) -> tuple[int, float | None]:
     """Poll until counter() >= target; returns (last count, monotonic time it got there)."""
     deadline = time.monotonic() + timeout
@@ -572,7 +479,7 @@ class Ctx:
     results: dict[str, Any] | None = None
 
 
-def finish_tree(ctx: Ctx, tree: Tree) -> None:
+def finish_tree(ctx: Ctx, tree: BenchTree) -> None:
     if not ctx.keep:
         tree.remove()
 
@@ -580,13 +487,13 @@ def finish_tree(ctx: Ctx, tree: Tree) -> None:
 def scenario_a(ctx: Ctx, rep: int) -> dict[str, Any]:
     assert ctx.receiver is not None
     n = ctx.sizes["a_files"]
-    tree = Tree(ctx.base, f"a{rep}")
-    tree.write_config(ctx.receiver.url(f"/a{rep}/nomaflowd"))
+    tree = BenchTree(ctx.base, f"a{rep}")
+    tree.configure(ctx.receiver.url(f"/a{rep}/nomaflowd"))
     items = lifecycle_events(f"a{rep}", n)
     t = time.monotonic()
     write_all(tree, items)
     fixture_writer_per_s = n / (time.monotonic() - t)  # the same writer with no daemon running
-    daemon = DaemonProc(tree, "a").start()
+    daemon = BenchDaemon(tree, "a").start(wait=False)
     counter = Counter(tree.db_path)
     first: list[float] = []
     rss_max = [0]
@@ -609,12 +516,12 @@ def scenario_a(ctx: Ctx, rep: int) -> dict[str, Any]:
         log_errors = daemon.log_problems()
         counter.close()
         final = Counter(tree.db_path)()
-        lost = n - final - tree.rejected() - tree.spool_left()
+        lost = n - final - tree.rejected_count() - tree.spool_left()
         seconds = done - daemon.started
         steady = ((n - first[1]) / (done - first[0])) if first and done > first[0] else None
         return {"files": n, "seconds": seconds, "events_per_s": n / seconds,
                 "steady_events_per_s": steady, "ready_s": ready_s, "lost": lost,
-                "rejected": tree.rejected(), "left_in_spool": tree.spool_left(),
+                "rejected": tree.rejected_count(), "left_in_spool": tree.spool_left(),
                 "peak_rss_mb": hwm / 1024, "rss_sampled_max_mb": rss_max[0] / 1024,
                 "daemon_cpu_pct": cpu_s / seconds * 100,
                 "fixture_writer_per_s": fixture_writer_per_s,
@@ -629,10 +536,10 @@ def scenario_a(ctx: Ctx, rep: int) -> dict[str, Any]:
 def scenario_b(ctx: Ctx, rep: int) -> dict[str, Any]:
     assert ctx.receiver is not None
     n = ctx.sizes["b_files"]
-    tree = Tree(ctx.base, f"b{rep}")
-    tree.write_config(ctx.receiver.url(f"/b{rep}/nomaflowd"))
+    tree = BenchTree(ctx.base, f"b{rep}")
+    tree.configure(ctx.receiver.url(f"/b{rep}/nomaflowd"))
     items = lifecycle_events(f"b{rep}", n)
-    daemon = DaemonProc(tree, "b").start()
+    daemon = BenchDaemon(tree, "b").start(wait=False)
     counter = Counter(tree.db_path)
     try:
         daemon.wait_ready()
@@ -646,12 +553,12 @@ def scenario_b(ctx: Ctx, rep: int) -> dict[str, Any]:
         log_errors = daemon.log_problems()
         counter.close()
         final = Counter(tree.db_path)()
-        lost = n - final - tree.rejected() - tree.spool_left()
+        lost = n - final - tree.rejected_count() - tree.spool_left()
         return {"files": n, "lost": lost, "ingest_s": done - times[0],
                 "events_per_s": n / (done - times[0]),
                 "writer_per_s": n / (times[-1] - t0), "writer_s": times[-1] - t0,
                 "lag_s": done - times[-1],  # last rename -> all in `events`
-                "rejected": tree.rejected(), "exit_code": code, "log_errors": log_errors}
+                "rejected": tree.rejected_count(), "exit_code": code, "log_errors": log_errors}
     finally:
         counter.close()
         daemon.close()
@@ -700,10 +607,10 @@ def scenario_c(ctx: Ctx, rep: int) -> dict[str, Any]:
     rate, seconds = ctx.sizes["c_rate"], ctx.sizes["c_seconds"]
     n = int(rate * seconds)
     path = f"/c{rep}/nomaflowd"
-    tree = Tree(ctx.base, f"c{rep}")
-    tree.write_config(ctx.receiver.url(path))
+    tree = BenchTree(ctx.base, f"c{rep}")
+    tree.configure(ctx.receiver.url(path))
     items = failure_events(f"c{rep}", n)
-    daemon = DaemonProc(tree, "c").start()
+    daemon = BenchDaemon(tree, "c").start(wait=False)
     try:
         daemon.wait_ready()
         spool, tmpdir = str(tree.spool), str(tree.spool / "tmp")
@@ -750,10 +657,10 @@ def scenario_d(ctx: Ctx, rep: int) -> dict[str, Any]:
     assert ctx.receiver is not None
     n = ctx.sizes["d_count"]
     path = f"/d{rep}/nomaflowd"
-    tree = Tree(ctx.base, f"d{rep}")
-    tree.write_config(ctx.receiver.url(path))
+    tree = BenchTree(ctx.base, f"d{rep}")
+    tree.configure(ctx.receiver.url(path))
     items = failure_events(f"d{rep}", n)
-    daemon = DaemonProc(tree, "d").start()
+    daemon = BenchDaemon(tree, "d").start(wait=False)
     notifications = Counter(tree.db_path, "notifications")
     try:
         daemon.wait_ready()
@@ -961,8 +868,8 @@ def scenario_f(ctx: Ctx, rep: int) -> dict[str, Any]:
     from nomaflowd.dispatch import utcnow
 
     n = ctx.sizes["f_runs"]
-    tree = Tree(ctx.base, f"f{rep}")
-    tree.write_config(ctx.receiver.url(f"/f{rep}/nomaflowd"))
+    tree = BenchTree(ctx.base, f"f{rep}")
+    tree.configure(ctx.receiver.url(f"/f{rep}/nomaflowd"))
     database = db.open_database(tree.database_url)
     database.returning_clause = True
     daemon = Daemon(nconfig.load(tree.config_path))
@@ -1049,7 +956,7 @@ FROM (SELECT i, printf('job-%04d', (i * 2654435761) % :jobs) AS job, (i * 7) % 1
 """
 
 
-def build_audit_db(ctx: Ctx, tree: Tree) -> dict[str, Any]:
+def build_audit_db(ctx: Ctx, tree: BenchTree) -> dict[str, Any]:
     """5M notification rows over 183 days, indexes dropped during the load and rebuilt after."""
     from nomaflowd import db
 
@@ -1087,8 +994,8 @@ def scenario_g(ctx: Ctx, rep: int) -> dict[str, Any]:
 
     shared = ctx.results.setdefault("_g", {}) if ctx.results is not None else {}
     if "tree" not in shared:
-        tree = Tree(ctx.base, "g")
-        tree.write_config("http://127.0.0.1:9/unused")
+        tree = BenchTree(ctx.base, "g")
+        tree.configure("http://127.0.0.1:9/unused")
         log(f"    building {ctx.sizes['g_rows']:,} notification rows ...")
         shared["tree"] = tree
         shared["build"] = build_audit_db(ctx, tree)
@@ -1134,9 +1041,9 @@ def scenario_g(ctx: Ctx, rep: int) -> dict[str, Any]:
 def scenario_h(ctx: Ctx, rep: int) -> dict[str, Any]:
     assert ctx.receiver is not None
     window = ctx.sizes["h_seconds"]
-    tree = Tree(ctx.base, f"h{rep}")
-    tree.write_config(ctx.receiver.url(f"/h{rep}/nomaflowd"))
-    daemon = DaemonProc(tree, "h").start()
+    tree = BenchTree(ctx.base, f"h{rep}")
+    tree.configure(ctx.receiver.url(f"/h{rep}/nomaflowd"))
+    daemon = BenchDaemon(tree, "h").start(wait=False)
     try:
         ready_s = daemon.wait_ready()
         time.sleep(1.0)  # let the scheduler's first poll and the first rescan pass

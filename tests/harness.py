@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from nomaflowd import crypto
 from nomaflowd.client import drop
@@ -134,7 +134,7 @@ class DaemonProcess:
         self.started = 0.0
         self.ready_at: float | None = None
 
-    def start(self, wait: bool = True) -> DaemonProcess:
+    def start(self, wait: bool = True) -> Self:
         self.log = self.log_path.open("ab")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
