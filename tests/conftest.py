@@ -1,11 +1,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from nomaflowd import crypto
-from nomaflowd.client import drop
-from tests.servers import HttpRecorder
+# Tree and DaemonProcess live in tests/harness.py (bench/ builds on them too); tests keep
+# importing them from here.
+from tests.harness import DaemonProcess, HttpRecorder, Tree
 
 PG_DSN = os.environ.get("NOMAFLOWD_TEST_PG_DSN", "")
 # Threads that live for the whole test process by design: the transports' one deadline
@@ -68,81 +63,6 @@ def no_leaks() -> Iterator[None]:
     assert not children, f"child processes left running: {sorted(children)}"
 
 
-class Tree:
-    """A throwaway install: etc/ with a key, config and catalogue; var/ with spool and database."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.etc = root / "etc"
-        self.etc.mkdir(parents=True)
-        self.spool = root / "var" / "spool"
-        self.db_path = root / "var" / "lib" / "nomaflowd.db"
-        self.key = self.etc / "nomaflowd.key"
-        crypto.write_key(self.key)
-        self.keys = crypto.load_keys(self.key)
-        self.config_path = self.etc / "nomaflowd.toml"
-        self.jobs_path = self.etc / "jobs.toml"
-        self.database = "sqlite:///../var/lib/nomaflowd.db"
-
-    def enc(self, value: str) -> str:
-        return crypto.encrypt(self.keys, value)
-
-    def write_config(self, body: str = "", *, daemon: str = "") -> Path:
-        """[daemon] with test-friendly settings (`daemon` lines override them) plus `body`."""
-        settings = {
-            "spool_dir": f'"{self.spool}"',
-            "database": f'"{self.database}"',
-            "jobs_file": '"jobs.toml"',
-            "key_file": '"nomaflowd.key"',
-            "base_url": '"https://nomaflow.test"',
-            "send_timeout_seconds": "2",
-            "poll_seconds": "0.2",
-        }
-        extra = []
-        for line in daemon.splitlines():
-            key, sep, value = line.partition("=")
-            if sep and key.strip() in settings:
-                settings[key.strip()] = value.strip()
-            elif line.strip():
-                extra.append(line)
-        lines = [f"{k} = {v}" for k, v in settings.items()] + extra
-        self.config_path.write_text("[daemon]\n" + "\n".join(lines) + f"\n\n{body}\n",
-                                    encoding="utf-8")
-        return self.config_path
-
-    def webhook(self, name: str, url: str, extra: str = "") -> str:
-        return f'[transports.{name}]\ntype = "webhook"\nurl = "{self.enc(url)}"\n{extra}\n'
-
-    def slack(self, name: str, url: str, extra: str = "") -> str:
-        return f'[transports.{name}]\ntype = "slack"\nwebhook_url = "{self.enc(url)}"\n{extra}\n'
-
-    def write_jobs(self, text: str) -> None:
-        tmp = self.jobs_path.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.jobs_path)
-
-    def drop(self, event: dict[str, Any]) -> Path:
-        self.spool.mkdir(parents=True, exist_ok=True)
-        (self.spool / "tmp").mkdir(exist_ok=True)
-        return drop(self.spool, event)
-
-    def spool_files(self) -> list[str]:
-        return sorted(p.name for p in self.spool.glob("*.json"))
-
-    def rejected(self) -> list[str]:
-        return sorted(p.name for p in (self.spool / "rejected").iterdir())
-
-    def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
-        with sqlite3.connect(self.db_path, timeout=10) as conn:
-            return conn.execute(query, params).fetchall()
-
-    def notifications(self) -> list[dict[str, Any]]:
-        with sqlite3.connect(self.db_path, timeout=10) as conn:
-            conn.row_factory = sqlite3.Row
-            rows = conn.execute("SELECT * FROM notifications ORDER BY id").fetchall()
-            return [dict(r) for r in rows]
-
-
 @pytest.fixture
 def tree(tmp_path: Path) -> Tree:
     return Tree(tmp_path)
@@ -153,71 +73,6 @@ def http() -> Iterator[HttpRecorder]:
     recorder = HttpRecorder()
     yield recorder
     recorder.close()
-
-
-class DaemonProcess:
-    """`python -m nomaflowd run` as a real process; READY is awaited over $NOTIFY_SOCKET."""
-
-    def __init__(self, tree: Tree, env: dict[str, str] | None = None) -> None:
-        self.tree = tree
-        self.log_path = tree.root / f"daemon-{time.monotonic_ns()}.log"
-        self.notify_path = tree.root / f"notify-{time.monotonic_ns()}.sock"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(self.notify_path))
-        self.env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.messages: list[str] = []
-
-    def start(self, wait: bool = True) -> DaemonProcess:
-        self.log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nomaflowd", "run", "--config", str(self.tree.config_path)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=self.tree.root)
-        if wait:
-            self.wait_message("READY=1")
-        return self
-
-    def wait_message(self, word: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(word in m for m in self.messages):
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.output()}")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no {word} from the daemon:\n{self.output()}")
-            self.sock.settimeout(min(remaining, 0.2))
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except TimeoutError:
-                continue
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 20.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self.log.close()
-        return code
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-        self.log.close()
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.sock.close()
 
 
 @pytest.fixture

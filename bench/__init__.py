@@ -1,0 +1,1 @@
+"""nomaflowd benchmark: `python bench/run.py` (see bench/README.md)."""
