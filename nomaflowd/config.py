@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from nomaflowd import crypto
 from nomaflowd.crypto import Secret
@@ -214,6 +215,29 @@ PRESET_URLS = {
 PACING = {"slack": (60.0, 20), "email": (120.0, 20), "webhook": (None, None)}
 
 
+def _http(t: Table, secret: SecretReader, base: Path) -> dict[str, Any]:
+    """What every HTTP transport may set: its own proxy (wins over $HTTPS_PROXY and co.) and
+    a CA file to trust (a private CA for an internal endpoint)."""
+    raw = t.get("proxy", str, secret=True)
+    proxy: Secret | str | None = raw
+    if raw is not None and raw.startswith(crypto.PREFIX):
+        proxy = secret(t, "proxy", False)  # credentials in the URL: keep it encrypted
+    if proxy is not None:
+        try:
+            parts = urlsplit(proxy.reveal() if isinstance(proxy, Secret) else proxy)
+            parts.port  # noqa: B018 (parses the port: a bad one raises ValueError)
+        except ValueError:
+            raise ConfigError(f"{t.key('proxy')} is not a valid URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{t.key('proxy')} must be an http:// or https:// URL with a"
+                              " host, e.g. http://proxy.corp.local:3128")
+        if parts.password and not isinstance(proxy, Secret):
+            raise ConfigError(f"{t.key('proxy')} holds a password in plaintext; run"
+                              " `nomaflowd secret encrypt` and paste the enc: token")
+    ca_file = t.get("ca_file", str)
+    return {"proxy": proxy, "ca_file": _resolve(base, ca_file) if ca_file else None}
+
+
 def _pacing(t: Table, kind: str) -> dict[str, Any]:
     rate, burst = PACING[kind]
     rate = t.get("rate_per_minute", float, rate)
@@ -379,6 +403,8 @@ def load(path: Path, *, decrypt: bool = True) -> Config:
             settings = _webhook(t, secret)
         else:
             raise ConfigError(f"{t.key('type')} must be one of slack, email, webhook; not {kind!r}")
+        if kind in ("slack", "webhook"):
+            settings.update(_http(t, secret, base))
         settings.update(_pacing(t, kind))
         t.finish()
         transports[name] = TransportConfig(name, kind, settings)

@@ -279,7 +279,9 @@ class HttpRecorder:
     throughput and timing, that only ever answers 200.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls: Any = None) -> None:
+        """`tls`: an ssl.SSLContext (server side) to answer https:// instead."""
+        self.tls = tls
         self.requests: list[Request] = []
         self.replies: dict[str, Reply | Callable[[Request], Reply]] = {}
         self.default = Reply()
@@ -341,14 +343,16 @@ class HttpRecorder:
                 pass  # clients cut off mid-request are part of the tests
 
         self.server = Server(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
                                        kwargs={"poll_interval": 0.05})
         self.thread.start()
 
-    def url(self, path: str = "/hook") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+    def url(self, path: str = "/hook", host: str = "127.0.0.1") -> str:
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}{path}"
 
     def reply_for(self, req: Request) -> Reply:
         for prefix, reply in self.replies.items():

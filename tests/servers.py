@@ -5,14 +5,18 @@ The recorder lives in tests/harness.py (bench/ shares it); its names are re-expo
 
 from __future__ import annotations
 
+import contextlib
+import select
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from tests.harness import HttpRecorder, Reply, Request
 
-__all__ = ["HttpRecorder", "Reply", "Request", "closed_port", "wait_until"]
+__all__ = ["ForwardProxy", "HttpRecorder", "Reply", "Request", "SilentTls", "closed_port",
+           "wait_until"]
 
 
 def closed_port() -> int:
@@ -32,3 +36,107 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+class ForwardProxy:
+    """A forward proxy on 127.0.0.1:0, as corporate hosts have: absolute-URI requests for
+    http:// and CONNECT tunnels for https://; records each request line. `refuse` answers
+    403 to everything, as a proxy that does not allow the destination."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.seen: list[str] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.closing = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.thread = threading.Thread(target=self._accept, name="proxy", daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self.closing.is_set():
+            if not select.select([self.listener], [], [], 0.05)[0]:
+                continue
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(client,), name="proxy-conn",
+                                 daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with client:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            self.seen.append(line)
+            method, target, _ = line.split(" ", 2)
+            if self.refuse:
+                client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                return
+            if method == "CONNECT":
+                host, port = target.rsplit(":", 1)
+                upstream = socket.create_connection((host, int(port)))
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                rest = b""
+            else:  # absolute URI: rewrite to origin form and pass the bytes on
+                url = target.split("://", 1)[1]
+                hostport, _, path = url.partition("/")
+                host, _, port = hostport.partition(":")
+                upstream = socket.create_connection((host, int(port or 80)))
+                rest = head.replace(target.encode(), b"/" + path.encode(), 1)
+            with upstream:
+                if rest:
+                    upstream.sendall(rest)
+                self._pipe(client, upstream)
+
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+        while not self.closing.is_set():
+            ready = select.select([a, b], [], [], 0.05)[0]
+            for sock in ready:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                (b if sock is a else a).sendall(data)
+
+    def close(self) -> None:
+        self.closing.set()
+        self.listener.close()
+        self.thread.join(5)
+        for t in self.threads:
+            t.join(5)
+
+
+class SilentTls:
+    """Accepts TCP connections and never answers: a TLS handshake that never completes."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self._accept, name="silent-tls", daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.closing.is_set():
+            if select.select([self.listener], [], [], 0.05)[0]:
+                with contextlib.suppress(OSError):
+                    self.held.append(self.listener.accept()[0])
+
+    def close(self) -> None:
+        self.closing.set()
+        self.thread.join(5)
+        self.listener.close()
+        for s in self.held:
+            s.close()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import http.client
 import itertools
 import re
-import select
 import socket
 import ssl
 import threading
@@ -17,11 +17,16 @@ from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
+import requests
+import requests.adapters
+import urllib3
+import urllib3.connection
+import urllib3.exceptions
+
 from nomaflowd.alerts import Alert
 from nomaflowd.crypto import Secret
 
 MAX_RESPONSE = 64 * 1024
-IDLE_CHECK = 0.5  # seconds a keep-alive connection may sit before it is checked for EOF
 USER_AGENT = "nomaflowd"
 MASK = "****"
 # Shorter pieces of a secret are not masked on their own: "/v2" or "a" would mask half a
@@ -107,14 +112,15 @@ class Deadlines:
                     continue
                 heapq.heappop(self._heap)
                 self._live[ident] = True
-                try:
-                    live = sock()
-                    if live is not None:
-                        # The plain socket's shutdown, also for TLS: SSLSocket.shutdown()
-                        # would tear down the SSL object under a reading thread.
-                        socket.socket.shutdown(live, socket.SHUT_RDWR)
-                except OSError:
-                    pass  # already closed by its owner: nothing left to interrupt
+                live = sock()
+                for one in live if isinstance(live, list) else [live]:
+                    if one is None:
+                        continue
+                    # The plain socket's shutdown, also for TLS: SSLSocket.shutdown() would
+                    # tear down the SSL object under a reading thread. OSError: already
+                    # closed by its owner, nothing left to interrupt.
+                    with contextlib.suppress(OSError):
+                        socket.socket.shutdown(one, socket.SHUT_RDWR)
 
 
 DEADLINES = Deadlines()
@@ -272,97 +278,223 @@ def retry_after(status: int, headers: Any) -> str:
     return f" (Retry-After {str(headers.get('Retry-After', '?'))[:40]}s)"
 
 
-class HttpTransport(Transport):
-    """POSTs over http.client with one keep-alive connection per worker thread.
+# The sockets of the request in progress on this thread, registered by the connection
+# classes below as soon as they exist (before TCP connect returns, before the TLS handshake,
+# when a pooled connection is reused), so the deadline thread can cut any phase short.
+_IN_FLIGHT = threading.local()
 
-    http.client rather than requests: the whole-request deadline needs the socket, and
-    the per-request cost is a third (see bench/). Redirects are never followed.
+
+def _register(sock: Any) -> None:
+    socks = getattr(_IN_FLIGHT, "socks", None)
+    if socks is not None and sock is not None:
+        socks.append(sock)
+
+
+class _Connection(urllib3.connection.HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _register(sock)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _register(self.sock)  # a reused keep-alive connection
+        super().request(*args, **kwargs)
+
+
+class _TlsConnection(urllib3.connection.HTTPSConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _register(sock)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _register(self.sock)
+        super().request(*args, **kwargs)
+
+
+class _Pool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TlsPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _TlsConnection
+
+
+def _watched(manager: Any) -> Any:
+    manager.pool_classes_by_scheme = {"http": _Pool, "https": _TlsPool}
+    manager.key_fn_by_scheme = dict(manager.key_fn_by_scheme)
+    return manager
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    """requests' adapter on connections whose sockets the deadline thread can shut down."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        _watched(self.poolmanager)
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        new = proxy not in self.proxy_manager
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        return _watched(manager) if new else manager
+
+
+def describe_request_error(exc: BaseException) -> str:
+    """One safe line for a failed request (requests' messages quote URLs and internals)."""
+    text = str(exc)
+    if isinstance(exc, requests.exceptions.ProxyError):
+        reason = "refused the connection" if "refused" in text.lower() else "failed"
+        if "407" in text:
+            reason = "asked for authentication (407)"
+        elif "Tunnel connection failed: " in text:
+            answer = text.split("Tunnel connection failed: ")[-1][:60].strip(" ')\"")
+            reason = f"refused to tunnel ({answer})"
+        return f"proxy {reason}"
+    if isinstance(exc, requests.exceptions.SSLError):
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            return "TLS error: certificate verify failed (set ca_file for a private CA)"
+        return "TLS error"
+    if isinstance(exc, requests.exceptions.Timeout):
+        return "timed out"
+    if "Name or service not known" in text or "NameResolutionError" in text \
+            or "Temporary failure in name resolution" in text:
+        return "DNS lookup failed"
+    if "Connection refused" in text:
+        return "connection refused"
+    if isinstance(exc, requests.exceptions.InvalidURL | requests.exceptions.MissingSchema
+                  | requests.exceptions.InvalidSchema):
+        return "the URL is not valid"
+    if isinstance(exc, requests.exceptions.InvalidHeader):
+        return "a header value is not valid"
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return "connection failed (reset or closed)"
+    return type(exc).__name__
+
+
+class HttpTransport(Transport):
+    """POSTs with requests: one pooled Session per sending thread, the whole request bounded.
+
+    requests' timeout bounds each socket operation, not the request: a server that trickles
+    a byte a second (or stalls a TLS handshake) would hold a send for ever. So the sockets
+    of each request are registered with one deadline thread that shuts them down when
+    send_timeout_seconds has passed (hand-written because no requests option does this; the
+    hostile-upstream tests measure it). Redirects are never followed; at most MAX_RESPONSE
+    bytes of an answer are read. Proxies: the transport's `proxy`, else $HTTPS_PROXY /
+    $HTTP_PROXY / $NO_PROXY; `ca_file` trusts a private CA.
     """
 
     def __init__(self, name: str, settings: Mapping[str, Any], *, timeout: float) -> None:
         super().__init__(name, settings, timeout=timeout)
         self._local = threading.local()
-        self._ssl = ssl.create_default_context()
-        # Every thread's connection, so that close() (another thread) can close them all.
-        self._conns: set[http.client.HTTPConnection] = set()
-        self._conns_lock = threading.Lock()
+        # Every thread's session, so that close() (another thread) can close them all.
+        self._sessions: set[requests.Session] = set()
+        self._lock = threading.Lock()
+        self._proxies: dict[str, dict[str, str]] = {}
+        ca_file = settings.get("ca_file")
+        self._verify: str | bool = str(ca_file) if ca_file else True
 
-    def _connection(self, scheme: str, host: str, port: int | None) -> http.client.HTTPConnection:
-        key = (scheme, host, port)
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
-        if conn is not None and self._local.key == key and conn.sock is not None:
-            # A pooled socket the server closed while idle reads as ready (EOF): drop it
-            # instead of sending into it, so keep-alive never costs a failed attempt.
-            # Servers close idle connections after seconds, so a socket used a moment ago
-            # skips the check (a syscall per request in a burst).
-            idle = time.monotonic() - self._local.used
-            if idle > IDLE_CHECK and select.select([conn.sock], [], [], 0)[0]:
-                conn.close()
-            return conn
-        if conn is not None:
-            conn.close()
-            with self._conns_lock:
-                self._conns.discard(conn)
-        if scheme == "https":
-            conn = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._ssl)
-        elif scheme == "http":
-            conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
-        else:
-            raise TransportError(f"unsupported URL scheme {scheme!r}")
-        self._local.conn, self._local.key, self._local.used = conn, key, 0.0
-        with self._conns_lock:
-            self._conns.add(conn)
-        return conn
+    def proxy_for(self, url: str) -> str | None:
+        """The proxy URL a request to `url` goes through (credentials included), or None."""
+        return self.proxies(url).get(urlsplit(url).scheme)
+
+    def proxies(self, url: str) -> dict[str, str]:
+        cached = self._proxies.get(url)
+        if cached is None:
+            own = self.settings.get("proxy")
+            if own is not None:
+                value = own.reveal() if isinstance(own, Secret) else str(own)
+                cached = {"http": value, "https": value}
+            else:  # read once: requests would parse the environment on every request
+                cached = dict(requests.utils.get_environ_proxies(url))
+            self._proxies[url] = cached
+        return cached
+
+    def endpoint(self) -> str:
+        """The URL it posts to (a secret: never print it)."""
+        raise NotImplementedError
+
+    def destination(self) -> str:
+        """Scheme and host, and the proxy's host when one is used: never a path or password."""
+        url = self.endpoint()
+        proxy = self.proxy_host(url)
+        return host_of(url) + (f" via proxy {proxy}" if proxy else "")
+
+    def proxy_host(self, url: str) -> str | None:
+        """The proxy as safe to print: host and port only."""
+        proxy = self.proxy_for(url)
+        return host_of(proxy) if proxy else None
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # proxies are resolved once, in proxies()
+            adapter = _Adapter(pool_connections=4, pool_maxsize=4, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers.update({"User-Agent": USER_AGENT})
+            self._local.session = session
+            with self._lock:
+                self._sessions.add(session)
+        return session
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes, Any]:
         """One POST bounded by the timeout as a whole; returns (status, first bytes, headers)."""
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError:  # its message quotes the URL's text
-            raise TransportError("the URL is not valid (host or port)") from None
-        if not parts.hostname:
-            raise TransportError("the URL has no host")
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        conn = self._connection(parts.scheme, parts.hostname, port)
-        deadline = time.monotonic() + self.timeout
-        all_headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
-                       "Connection": "keep-alive", **headers}
+        all_headers = {"Content-Type": "application/json", **headers}
         for name, value in all_headers.items():
-            # http.client would raise ValueError quoting the whole value (a credential).
+            # The HTTP library would raise quoting the whole value (a credential).
             if BAD_HEADER_VALUE.search(value):
                 raise TransportError(f"header {name} has an invalid character (CR/LF)")
+        if any(c.isspace() or not c.isprintable() for c in url):
+            # requests would quietly percent-encode it and send somewhere else.
+            raise TransportError("the URL is not valid (a space or control character)")
         try:
-            if conn.sock is None:
-                conn.connect()
-            assert conn.sock is not None
-            with DEADLINES.watch(lambda: conn.sock, deadline) as fired:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (a bad port raises ValueError, quoting the URL)
+        except ValueError:
+            raise TransportError("the URL is not valid (host or port)") from None
+        if parts.scheme not in ("http", "https"):
+            raise TransportError(f"unsupported URL scheme {parts.scheme!r}")
+        if not parts.hostname:
+            raise TransportError("the URL has no host")
+        session = self._session()
+        deadline = time.monotonic() + self.timeout
+        socks: list[Any] = []
+        _IN_FLIGHT.socks = socks
+        resp = None
+        try:
+            with DEADLINES.watch(lambda: socks, deadline) as fired:
                 try:
-                    conn.request("POST", path, body=body, headers=all_headers)
-                    resp = conn.getresponse()
-                    data = resp.read(MAX_RESPONSE)
-                    if not resp.isclosed() or resp.will_close:
-                        conn.close()  # unread rest (huge answers) or server wants it closed
-                except (OSError, http.client.HTTPException):
-                    conn.close()
-                    raise
-            self._local.used = time.monotonic()
-            if fired[0]:
-                # Cut off mid-answer (a trickling server): no complete verdict within the bound.
-                conn.close()
+                    left = max(0.001, deadline - time.monotonic())
+                    resp = session.post(url, data=body, headers=all_headers,
+                                        timeout=(left, left), allow_redirects=False,
+                                        stream=True, proxies=self.proxies(url),
+                                        verify=self._verify)
+                    data = resp.raw.read(MAX_RESPONSE + 1)
+                except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
+                        ValueError) as exc:
+                    if resp is not None:
+                        resp.close()
+                    if time.monotonic() >= deadline - 0.001:
+                        raise TransportError(f"timed out after {self.timeout:g}s") from None
+                    if isinstance(exc, ValueError) and not isinstance(
+                            exc, requests.RequestException):
+                        raise TransportError("request refused before sending:"
+                                             f" {type(exc).__name__}") from None
+                    raise TransportError(describe_request_error(exc)) from None
+            # Cut off mid-answer (a trickling server), the read ends early without an error:
+            # no complete verdict within the bound. An answer read whole stands, even if the
+            # deadline fired just after.
+            if fired[0] and resp.raw.length_remaining != 0 and len(data) <= MAX_RESPONSE:
+                resp.close()
                 raise TransportError(f"timed out after {self.timeout:g}s")
-        except ValueError as exc:
-            # http.client's refusals (a header value it cannot encode) quote the offending
-            # value: the type is all that is safe to say.
-            conn.close()
-            raise TransportError(f"request refused before sending: {type(exc).__name__}"
-                                 ) from None
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            if time.monotonic() >= deadline:
-                raise TransportError(f"timed out after {self.timeout:g}s") from None
-            raise TransportError(describe_exception(exc)) from None
-        return resp.status, data, resp.headers
+            if len(data) > MAX_RESPONSE:
+                data = data[:MAX_RESPONSE]
+                resp.raw.close()  # the unread rest of a huge answer: drop the connection
+            resp.close()  # back to the pool when it was read to its end
+        finally:
+            _IN_FLIGHT.socks = None
+        return resp.status_code, data, resp.headers
 
     def check_response(self, status: int, data: bytes, headers: Any) -> str:
         """2xx -> detail; anything else raises DeliveryError via describe_refusal()."""
@@ -387,8 +519,8 @@ class HttpTransport(Transport):
         return detail + retry_after(status, headers)
 
     def close(self) -> None:
-        """Close every thread's pooled connection (call it once no send is running)."""
-        with self._conns_lock:
-            conns, self._conns = self._conns, set()
-        for conn in conns:
-            conn.close()
+        """Close every thread's pooled connections (call it once no send is running)."""
+        with self._lock:
+            sessions, self._sessions = self._sessions, set()
+        for session in sessions:
+            session.close()

@@ -13,7 +13,6 @@ from nomaflowd.transports.base import (
     HttpTransport,
     RateLimited,
     TransportError,
-    host_of,
     retry_after,
 )
 
@@ -55,8 +54,8 @@ def one_line(text: str) -> str:
 class Slack(HttpTransport):
     type = "slack"
 
-    def destination(self) -> str:
-        return host_of(self.settings["webhook_url"].reveal())
+    def endpoint(self) -> str:
+        return str(self.settings["webhook_url"].reveal())
 
     def text(self, alert: Alert) -> str:
         icon, pieces = alert.summary_parts()

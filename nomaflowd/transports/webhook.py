@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from nomaflowd.alerts import Alert, digest_headline
-from nomaflowd.transports.base import HttpTransport, host_of
+from nomaflowd.transports.base import HttpTransport
 
 VARIABLE_RE = re.compile(r"\$\{([a-z_]+)\}")
 
@@ -32,8 +32,8 @@ def substitute(template: str, values: dict[str, str]) -> str:
 class Webhook(HttpTransport):
     type = "webhook"
 
-    def destination(self) -> str:
-        return host_of(self.settings["url"].reveal())
+    def endpoint(self) -> str:
+        return str(self.settings["url"].reveal())
 
     def render(self, alert: Alert, recipient: str) -> dict[str, Any]:
         """The body text, exactly as it will be sent."""

@@ -1,0 +1,132 @@
+"""HTTP transports on requests: proxies (the transport's own, the environment's), private
+CAs, and the whole-request deadline, against real local servers (SPEC section 14)."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+
+import pytest
+import trustme
+
+from nomaflowd import alerts, config
+from nomaflowd.cli import main
+from nomaflowd.dispatch import FAILED_TRANSPORT, SENT, Attempt, attempt_once
+from nomaflowd.transports import build
+from tests.servers import ForwardProxy, HttpRecorder, SilentTls
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def https(ca: trustme.CA) -> Iterator[HttpRecorder]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    server = HttpRecorder(tls=context)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def proxy() -> Iterator[ForwardProxy]:
+    p = ForwardProxy()
+    yield p
+    p.close()
+
+
+def send(tree, body: str, name: str = "hook"):
+    cfg = config.load(tree.write_config(body))
+    transports = build(cfg.transports, cfg.send_timeout_seconds)
+    try:
+        alert = alerts.test_alert("https://n.test")
+        return attempt_once(transports[name], Attempt(alert, name, name))
+    finally:
+        transports[name].close()
+
+
+def ca_file(tree, ca: trustme.CA) -> str:
+    path = tree.etc / "private-ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return f'ca_file = "{path}"\n'
+
+
+def test_a_private_ca_is_trusted_with_ca_file_and_refused_without(tree, https, ca):
+    refused = send(tree, tree.webhook("hook", https.url()))
+    assert refused.outcome == FAILED_TRANSPORT
+    assert "certificate verify failed" in refused.detail
+    assert https.requests == []
+    trusted = send(tree, tree.webhook("hook", https.url(), ca_file(tree, ca)))
+    assert trusted.outcome == SENT, trusted.detail
+    assert https.wait_for(1)[0].json()["alert"] == "test"
+
+
+def test_the_transports_own_proxy_carries_plain_http(tree, http, proxy):
+    result = send(tree, tree.webhook("hook", http.url("/via"), f'proxy = "{proxy.url}"'))
+    assert result.outcome == SENT, result.detail
+    assert http.wait_for(1)[0].path == "/via"
+    assert proxy.seen == [f"POST {http.url('/via')} HTTP/1.1"]
+
+
+def test_https_goes_through_the_proxy_as_a_connect_tunnel(tree, https, proxy, ca):
+    result = send(tree, tree.webhook("hook", https.url(),
+                                     f'proxy = "{proxy.url}"\n' + ca_file(tree, ca)))
+    assert result.outcome == SENT, result.detail
+    assert [line.rsplit(" ", 1)[0] for line in proxy.seen] == [f"CONNECT 127.0.0.1:{https.port}"]
+    assert len(https.wait_for(1)) == 1
+
+
+def test_proxies_come_from_the_environment_and_no_proxy_is_honoured(tree, http, proxy,
+                                                                    monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert send(tree, tree.webhook("hook", http.url("/env"))).outcome == SENT
+    assert proxy.seen == [f"POST {http.url('/env')} HTTP/1.1"]
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert send(tree, tree.webhook("hook", http.url("/direct"))).outcome == SENT
+    assert len(proxy.seen) == 1
+    assert [r.path for r in http.requests] == ["/env", "/direct"]
+
+
+def test_test_through_a_refusing_proxy_says_so_in_one_line(tree, https, capsys):
+    refusing = ForwardProxy(refuse=True)
+    try:
+        tree.write_config(tree.webhook("hook", https.url(), f'proxy = "{refusing.url}"'))
+        assert main(["test", "hook", "--config", str(tree.config_path)]) == 1
+    finally:
+        refusing.close()
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1
+    assert "FAILED_TRANSPORT" in out and "proxy refused to tunnel" in out
+
+
+def test_transports_shows_the_proxy_host_and_never_its_password(tree, http, proxy, capsys):
+    with_password = proxy.url.replace("http://", "http://ops:CANARYPROXYPASS@")
+    tree.write_config(tree.webhook("hook", http.url(), f'proxy = "{tree.enc(with_password)}"'))
+    assert main(["transports", "--config", str(tree.config_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"via proxy http://127.0.0.1:{proxy.port}" in out
+    assert "CANARYPROXYPASS" not in out and "ops" not in out.split("via proxy")[1]
+
+
+def test_a_plaintext_password_in_a_proxy_is_refused(tree, capsys):
+    tree.write_config(tree.webhook("hook", "http://127.0.0.1:1/x",
+                                   'proxy = "http://ops:CANARYPROXYPASS@proxy.corp.test:3128"'))
+    assert main(["check", "--config", str(tree.config_path)]) == 1
+    out = capsys.readouterr()
+    assert "transports.hook.proxy holds a password in plaintext" in out.out + out.err
+    assert "CANARYPROXYPASS" not in out.out + out.err
+
+
+def test_a_tls_handshake_that_never_completes_is_cut_at_the_send_timeout(tree):
+    silent = SilentTls()
+    try:
+        result = send(tree, tree.webhook("hook", f"https://127.0.0.1:{silent.port}/x"))
+    finally:
+        silent.close()
+    assert result.outcome == FAILED_TRANSPORT
+    assert "timed out" in result.detail
+    assert result.duration_ms < 4000  # send_timeout_seconds = 2 in the test tree
