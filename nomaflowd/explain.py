@@ -74,16 +74,8 @@ def explain(cfg: Config, event: Event, *, history: str | None = None,
             if transport is None:
                 out.append(f"  {t.transport} is no longer configured: NOT SENT")
                 continue
-            payload = transport.render(r.alert, t.recipient)
+            rendered = transport.render(r.alert, t.recipient)
             out.append(f"  payload for {t.transport} -> {t.recipient} "
                        f"(to {transport.destination()}):")
-            if isinstance(payload, dict) and "request" in payload:
-                out.append(f"    {payload['request']}")
-            if isinstance(payload, dict) and "body" in payload:
-                text = payload["body"]
-            elif isinstance(payload, dict):
-                text = json.dumps(payload, ensure_ascii=False, indent=2)
-            else:
-                text = payload.as_string()
-            out.extend("    " + line for line in text.splitlines())
+            out.extend("    " + line for line in rendered.show(transport.mask))
     return "\n".join(out)

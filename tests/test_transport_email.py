@@ -220,7 +220,7 @@ def test_email_timeout_bounds_the_whole_conversation(smtp_factory, rig_factory, 
 ])
 def test_email_subject_word_per_kind(kind, word):
     transport = Email("mail", {"default_from": "nomaflow@corp.test"}, timeout=1)
-    msg = transport.render(make_alert(kind, minutes=45, by="alice"), "a@corp.test")
+    msg = parsed(transport.render(make_alert(kind, minutes=45, by="alice"), "a@corp.test"))
     assert msg["Subject"] == f"[Nomaflow] {word} reporting-nightly-sync"
 
 
@@ -228,9 +228,17 @@ def test_email_job_id_cannot_inject_headers():
     transport = Email("mail", {"default_from": "nomaflow@corp.test"}, timeout=1)
     alert = make_alert("failed")
     alert = type(alert)(**{**alert.__dict__, "job_id": "x\r\nBcc: evil@x.test"})
-    msg = transport.render(alert, "a@corp.test")
+    msg = parsed(transport.render(alert, "a@corp.test"))
     assert msg["Bcc"] is None
     assert "\n" not in msg["Subject"] and "\r" not in msg["Subject"]
+
+
+def parsed(rendered: Any) -> Any:
+    """The rendered message as a mail client reads it."""
+    import email
+    import email.policy
+
+    return email.message_from_bytes(rendered.body, policy=email.policy.default)
 
 
 @pytest.mark.parametrize(("settings", "expected"), [

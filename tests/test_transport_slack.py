@@ -175,7 +175,7 @@ def test_slack_default_recipient_without_default_channel_sends_no_channel(rig, h
     ("cancelled", None), ("enabled", None), ("notice", None), ("test", None),
 ])
 def test_slack_colour_per_kind(kind, colour):
-    payload = Slack("s", {"username": "Nomaflow"}, timeout=1).render(
+    payload = Slack("s", {"username": "Nomaflow"}, timeout=1).payload(
         make_alert(kind, minutes=45, message="hi", by="alice"), "#x")
     if colour is None:
         assert "attachments" not in payload
@@ -201,7 +201,7 @@ def test_slack_colour_per_kind(kind, colour):
 ])
 def test_slack_wording_per_kind(kind, fields, text):
     minutes = fields.pop("minutes", None)
-    payload = Slack("s", {}, timeout=1).render(make_alert(kind, minutes, **fields), "#x")
+    payload = Slack("s", {}, timeout=1).payload(make_alert(kind, minutes, **fields), "#x")
     assert payload["text"] == text
 
 

@@ -7,6 +7,7 @@ import functools
 import heapq
 import http.client
 import itertools
+import json
 import re
 import socket
 import ssl
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
@@ -61,6 +63,33 @@ def parse_retry_after(headers: Any, default: float = 30.0) -> float:
     except (TypeError, ValueError):
         return default
     return min(max(seconds, 0.0), 3600.0)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One message as it goes on the wire: where, with which headers, what body.
+
+    render() and render_digest() make these (no I/O), send() delivers them, and `explain`
+    prints them unchanged but for masked secrets.
+    """
+
+    url: str                                   # a secret for most transports: show() masks it
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+    what: str = ""                             # a word for the audit detail ("trigger ...")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def show(self, mask: Callable[[str], str]) -> list[str]:
+        """The request as text, secrets masked: the first line, headers, then the body."""
+        lines = [f"POST {mask(self.url)}" if "://" in self.url and not
+                 self.url.startswith("smtp") else mask(self.url)]
+        lines += [f"{k}: {mask(v)}" for k, v in self.headers.items()]
+        text = self.body.decode("utf-8", "replace")
+        with contextlib.suppress(ValueError):  # not JSON (a template, an email): as it is
+            text = json.dumps(json.loads(text), ensure_ascii=False, indent=2)
+        return lines + [""] + [mask(line) for line in text.splitlines()]
 
 
 class Deadlines:
@@ -232,7 +261,12 @@ class Transport:
         """Where it sends, safe to print (host only)."""
         raise NotImplementedError
 
-    def render(self, alert: Alert, recipient: str) -> Any:
+    def render(self, alert: Alert, recipient: str) -> Rendered:
+        raise NotImplementedError
+
+    def render_digest(self, alerts: list[Alert], recipient: str, digest_id: str
+                      ) -> list[Rendered]:
+        """The message(s) of one digest; they name every alert in it."""
         raise NotImplementedError
 
     def send(self, alert: Alert, recipient: str) -> str:
@@ -496,11 +530,33 @@ class HttpTransport(Transport):
             _IN_FLIGHT.socks = None
         return resp.status_code, data, resp.headers
 
-    def check_response(self, status: int, data: bytes, headers: Any) -> str:
+    def deliver(self, request: Rendered) -> str:
+        """POST one rendered request; the verdict as a detail, or the typed exception."""
+        status, data, headers = self.post(request.url, request.body, request.headers)
+        return self.accept(status, data, headers, request)
+
+    def accept(self, status: int, data: bytes, headers: Any, request: Rendered) -> str:
         """2xx -> detail; anything else raises DeliveryError via describe_refusal()."""
         if 200 <= status < 300:
-            return f"HTTP {status}"
+            return f"HTTP {status}" + (f" {request.what}" if request.what else "")
         raise self.refusal(status, data, headers)
+
+    def send(self, alert: Alert, recipient: str) -> str:
+        return self.deliver(self.render(alert, recipient))
+
+    def send_digest(self, alerts: list[Alert], recipient: str, digest_id: str) -> str:
+        """Every message of the digest; SENT only when each was accepted. A refused one
+        stops the rest and fails the digest, naming which message met it."""
+        requests_ = self.render_digest(alerts, recipient, digest_id)
+        detail = ""
+        for k, request in enumerate(requests_, 1):
+            try:
+                detail = self.deliver(request)
+            except (TransportError, DeliveryError) as exc:
+                if len(requests_) == 1:
+                    raise
+                raise _in_part(exc, k, len(requests_)) from None
+        return detail if len(requests_) == 1 else f"{detail} ({len(requests_)} messages)"
 
     def refusal(self, status: int, data: bytes, headers: Any) -> DeliveryError:
         """The exception for a refusal: RateLimited for a 429, DeliveryError otherwise.
@@ -524,3 +580,12 @@ class HttpTransport(Transport):
             sessions, self._sessions = self._sessions, set()
         for session in sessions:
             session.close()
+
+
+def _in_part(exc: TransportError | DeliveryError, k: int, n: int
+             ) -> TransportError | DeliveryError:
+    """The same verdict, its detail naming which message of the digest met it."""
+    detail = f"part {k} of {n}: {exc}"
+    if isinstance(exc, RateLimited):
+        return RateLimited(detail, exc.retry_after)
+    return type(exc)(detail)

@@ -16,6 +16,7 @@ from nomaflowd.alerts import Alert, digest_by_job, digest_headline
 from nomaflowd.transports.base import (
     DEADLINES,
     DeliveryError,
+    Rendered,
     Transport,
     TransportError,
     describe_exception,
@@ -29,8 +30,18 @@ class Email(Transport):
         s = self.settings
         return f"smtp://{s['host']}:{s['port']} ({s['tls']})"
 
-    def render(self, alert: Alert, recipient: str) -> EmailMessage:
-        return self._message(alert, recipient)
+    def render(self, alert: Alert, recipient: str) -> Rendered:
+        """The message as an 8-bit server gets it (a 7-bit one gets it quoted-printable)."""
+        return self._rendered(self._message(alert, recipient), recipient)
+
+    def render_digest(self, alerts: list[Alert], recipient: str, digest_id: str
+                      ) -> list[Rendered]:
+        return [self._rendered(self._digest(alerts, recipient, digest_id), recipient)]
+
+    def _rendered(self, msg: EmailMessage, recipient: str) -> Rendered:
+        s = self.settings
+        where = f"smtp://{s.get('host')}:{s.get('port')} RCPT TO:<{recipient}>"
+        return Rendered(where, msg.as_bytes(), {k: str(msg[k]) for k in ("From", "To", "Subject")})
 
     def _message(self, alert: Alert, recipient: str, cte: str | None = None) -> EmailMessage:
         """The message; cte="quoted-printable" for a server that takes no 8-bit bodies."""

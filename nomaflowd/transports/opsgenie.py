@@ -6,13 +6,13 @@ https://docs.opsgenie.com/docs/alert-api
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import quote
 
 from nomaflowd.alerts import Alert
-from nomaflowd.incidents import INCIDENT_KINDS, clip, dedup_key, headline
-from nomaflowd.transports.base import TransportError, retry_after
-from nomaflowd.transports.webhook import Webhook
+from nomaflowd.incidents import clip, dedup_key, headline
+from nomaflowd.transports.base import Rendered, retry_after
+from nomaflowd.transports.incident import IncidentTransport
 
 # P1 is left to outages the operator declares; a failed job pages as P2 (PagerDuty: error,
 # one below critical), a long-run warning is P3, and the Test button P5.
@@ -24,23 +24,19 @@ NOTE_MAX = 25000
 TEST_ALIAS = "nomaflow/test"
 
 
-class Opsgenie(Webhook):
+class Opsgenie(IncidentTransport):
     """`type = "webhook"`, `preset = "opsgenie"`: one alert per job, aliased nomaflow/<job>."""
 
-    preset: ClassVar[str] = "opsgenie"
-    supports_digest = False  # an alert per job; a digest would merge several jobs' pages
-    ordered = True  # a resolve/close never overtakes the trigger/create it ends
+    preset = "opsgenie"
+    closed = "closed"
 
     def base(self) -> str:
         """The API root: `url` may be given as https://api.eu.opsgenie.com or …/v2/alerts."""
         url = str(self.settings["url"].reveal()).rstrip("/")
         return url[:-len("/v2/alerts")] if url.endswith("/v2/alerts") else url
 
-    def request(self, alert: Alert) -> tuple[str, dict[str, Any]]:
+    def api_call(self, alert: Alert) -> tuple[str, dict[str, Any]]:
         """(path, body) of the call this alert makes (pure)."""
-        if alert.kind not in INCIDENT_KINDS and alert.kind != "test":
-            raise TransportError(f"not sent: an opsgenie transport takes failed, long-run and"
-                                 f" recovered alerts, not {alert.kind}")
         alias = TEST_ALIAS if alert.kind == "test" else dedup_key(alert.job_id)
         if alert.kind == "recovered":
             return close_path(alias), {"source": "Nomaflow", "note": headline(alert, NOTE_MAX)}
@@ -65,30 +61,24 @@ class Opsgenie(Webhook):
         }
         return "/v2/alerts", body
 
-    def render(self, alert: Alert, recipient: str) -> dict[str, Any]:
-        """The call as made, without the API key (for `explain`)."""
-        path, body = self.request(alert)
-        return {"request": f"POST {path}",
-                "body": json.dumps(body, ensure_ascii=False, indent=2)}
-
-    def send(self, alert: Alert, recipient: str) -> str:
-        path, body = self.request(alert)
+    def call(self, alert: Alert) -> Rendered:
+        path, body = self.api_call(alert)
         alias = TEST_ALIAS if alert.kind == "test" else dedup_key(alert.job_id)
         action = "close" if alert.kind == "recovered" else "create"
-        detail = self._call(path, body, f"{action} {alias}")
-        if alert.kind == "test":  # the Test button must not leave an alert open
-            self._call(close_path(TEST_ALIAS), {"source": "Nomaflow", "note": "test"}, "close")
-            detail += ", closed at once"
-        return detail
+        return self._request(path, body, f"{action} {alias}")
 
-    def _call(self, path: str, body: dict[str, Any], what: str) -> str:
+    def close_test(self) -> Rendered:
+        return self._request(close_path(TEST_ALIAS), {"source": "Nomaflow", "note": "test"},
+                             "close")
+
+    def _request(self, path: str, body: dict[str, Any], what: str) -> Rendered:
         raw = json.dumps(body, ensure_ascii=False).encode("utf-8")
         headers = {**self.signed_headers(raw),
                    "Authorization": f"GenieKey {self.settings['api_key'].reveal()}"}
-        status, data, reply_headers = self.post(self.base() + path, raw, headers)
-        if 200 <= status < 300:
-            return f"HTTP {status} {what}{_request_id(data)}"
-        raise self.refusal(status, data, reply_headers)
+        return Rendered(self.base() + path, raw, headers, what)
+
+    def accept(self, status: int, data: bytes, headers: Any, request: Rendered) -> str:
+        return super().accept(status, data, headers, request) + _request_id(data)
 
     def describe_refusal(self, status: int, data: bytes, headers: Any) -> str:
         """`HTTP 422 Request body is not processable. Please check the errors. (…)`."""

@@ -6,12 +6,12 @@ https://developer.pagerduty.com/docs/events-api-v2/trigger-events/
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar
+from typing import Any
 
 from nomaflowd.alerts import Alert
-from nomaflowd.incidents import INCIDENT_KINDS, clip, dedup_key, headline
-from nomaflowd.transports.base import MASK, TransportError, retry_after
-from nomaflowd.transports.webhook import Webhook
+from nomaflowd.incidents import clip, dedup_key, headline
+from nomaflowd.transports.base import Rendered, retry_after
+from nomaflowd.transports.incident import IncidentTransport
 
 SEVERITIES = {"high": "error", "medium": "warning", "low": "info"}
 SUMMARY_MAX = 1024           # PagerDuty truncates the summary at 1024 characters
@@ -37,18 +37,14 @@ def details(alert: Alert) -> dict[str, Any]:
     return out
 
 
-class PagerDuty(Webhook):
+class PagerDuty(IncidentTransport):
     """`type = "webhook"`, `preset = "pagerduty"`: one incident per job, keyed nomaflow/<job>."""
 
-    preset: ClassVar[str] = "pagerduty"
-    supports_digest = False  # an incident per job; a digest would merge several jobs' pages
-    ordered = True  # a resolve/close never overtakes the trigger/create it ends
+    preset = "pagerduty"
+    closed = "resolved"
 
     def event(self, alert: Alert, routing_key: str) -> dict[str, Any]:
         """The Events API v2 body (pure)."""
-        if alert.kind not in INCIDENT_KINDS and alert.kind != "test":
-            raise TransportError(f"not sent: a pagerduty transport takes failed, long-run and"
-                                 f" recovered alerts, not {alert.kind}")
         key = TEST_KEY if alert.kind == "test" else dedup_key(alert.job_id)
         if alert.kind == "recovered":
             return {"routing_key": routing_key, "event_action": "resolve", "dedup_key": key}
@@ -69,27 +65,16 @@ class PagerDuty(Webhook):
             body["links"] = [{"href": alert.url, "text": alert.link_text}]
         return body
 
-    def render(self, alert: Alert, recipient: str) -> dict[str, Any]:
-        """The body as sent, routing key masked (for `explain`)."""
-        return {"request": "POST (Events API v2)",
-                "body": json.dumps(self.event(alert, MASK), ensure_ascii=False, indent=2)}
+    def call(self, alert: Alert) -> Rendered:
+        return self._enqueue(self.event(alert, self.settings["routing_key"].reveal()))
 
-    def send(self, alert: Alert, recipient: str) -> str:
-        routing_key = self.settings["routing_key"].reveal()
-        detail = self._enqueue(self.event(alert, routing_key))
-        if alert.kind == "test":  # the Test button must not leave an incident open
-            self._enqueue({"routing_key": routing_key, "event_action": "resolve",
-                           "dedup_key": TEST_KEY})
-            detail += ", resolved at once"
-        return detail
+    def close_test(self) -> Rendered:
+        return self._enqueue({"routing_key": self.settings["routing_key"].reveal(),
+                              "event_action": "resolve", "dedup_key": TEST_KEY})
 
-    def _enqueue(self, event: dict[str, Any]) -> str:
+    def _enqueue(self, event: dict[str, Any]) -> Rendered:
         body = json.dumps(event, ensure_ascii=False).encode("utf-8")
-        status, data, headers = self.post(self.settings["url"].reveal(), body,
-                                          self.signed_headers(body))
-        if 200 <= status < 300:
-            return f"HTTP {status} {event['event_action']} {event['dedup_key']}"
-        raise self.refusal(status, data, headers)
+        return self.request(body, what=f"{event['event_action']} {event['dedup_key']}")
 
     def describe_refusal(self, status: int, data: bytes, headers: Any) -> str:
         """`HTTP 400 invalid event: Event object is invalid: Length of 'routing_key' ...`."""

@@ -8,13 +8,7 @@ from urllib.parse import quote
 
 from nomaflowd.alerts import SEVERITY, Alert, digest_by_job, digest_headline, digest_line
 from nomaflowd.routing import SLACK_DEFAULT
-from nomaflowd.transports.base import (
-    DeliveryError,
-    HttpTransport,
-    RateLimited,
-    TransportError,
-    retry_after,
-)
+from nomaflowd.transports.base import HttpTransport, Rendered, retry_after
 
 DIGEST_LINES = 30  # jobs with a full line in a digest; a longer list stops being read
 COMPACT_WIDTH = 400  # characters of `job xN` entries (a times sign for x) on a digest line
@@ -62,7 +56,14 @@ class Slack(HttpTransport):
         line = " \u00b7 ".join(escape(one_line(p)) for p in pieces)
         return f"{icon} {line}" + (f" {link(alert.url, alert.link_text)}" if alert.url else "")
 
-    def render(self, alert: Alert, recipient: str) -> dict[str, Any]:
+    def render(self, alert: Alert, recipient: str) -> Rendered:
+        return self.request(self.payload(alert, recipient))
+
+    def request(self, payload: dict[str, Any]) -> Rendered:
+        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        return Rendered(self.endpoint(), body)
+
+    def payload(self, alert: Alert, recipient: str) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "text": self.text(alert),
             "username": self.settings.get("username") or "Nomaflow",
@@ -86,7 +87,7 @@ class Slack(HttpTransport):
         return payload
 
     def render_digest(self, alerts: list[Alert], recipient: str, digest_id: str
-                      ) -> list[dict[str, Any]]:
+                      ) -> list[Rendered]:
         """The messages of one digest, which name every job.
 
         The headline, a full line for each of the first DIGEST_LINES jobs (worst first),
@@ -102,7 +103,7 @@ class Slack(HttpTransport):
         parts = _pack(lines, MAX_TEXT - HEAD_ROOM)
         headline = digest_headline(alerts)
         worst = min(alerts, key=lambda a: SEVERITY.index(a.kind) if a.kind in SEVERITY else 99)
-        base = self.render(alerts[0], recipient)
+        base = self.payload(alerts[0], recipient)
         base.pop("attachments", None)
         payloads = []
         for k, part in enumerate(parts, 1):
@@ -114,7 +115,7 @@ class Slack(HttpTransport):
                 payload["attachments"] = [{"color": worst.colour,
                                            "fallback": headline + of,
                                            "text": escape(digest_id) + of}]
-            payloads.append(payload)
+            payloads.append(self.request(payload))
         return payloads
 
     def _digest_line(self, job: str, group: list[Alert]) -> str:
@@ -125,34 +126,12 @@ class Slack(HttpTransport):
             line += f" {link(latest.url, latest.link_text)}"
         return f"{icon} {line}"
 
-    def send_digest(self, alerts: list[Alert], recipient: str, digest_id: str) -> str:
-        """Each part is a complete message; SENT only when Slack accepted every one.
-
-        A refused part stops the rest and fails the whole digest, naming the part. A 429
-        stays a RateLimited, so the dispatcher holds every alert of the digest for the next
-        one: the parts already shown come again, but no name is lost.
-        """
-        payloads = self.render_digest(alerts, recipient, digest_id)
-        detail = ""
-        for k, payload in enumerate(payloads, 1):
-            try:
-                detail = self._post(payload)
-            except (TransportError, DeliveryError) as exc:
-                if len(payloads) == 1:
-                    raise
-                raise _in_part(exc, k, len(payloads)) from None
-        return detail if len(payloads) == 1 else f"{detail} ({len(payloads)} messages)"
-
     def describe_refusal(self, status: int, data: bytes, headers: Any) -> str:
         token = data[:100].decode("utf-8", "replace").strip().splitlines()
         return f"HTTP {status}" + (f" {token[0]}" if token else "") + retry_after(status, headers)
 
-    def send(self, alert: Alert, recipient: str) -> str:
-        return self._post(self.render(alert, recipient))
-
-    def _post(self, payload: dict[str, Any]) -> str:
-        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        status, data, headers = self.post(self.settings["webhook_url"].reveal(), body, {})
+    def accept(self, status: int, data: bytes, headers: Any, request: Rendered) -> str:
+        """Slack's incoming webhooks answer a bare `ok`; anything else is a refusal."""
         if status == 200 and data.strip() == b"ok":
             return "HTTP 200 ok"
         raise self.refusal(status, data, headers)
@@ -186,12 +165,3 @@ def _pack(lines: list[str], budget: int) -> list[list[str]]:
         parts[-1].append(line)
         size += 1 + len(line)
     return parts
-
-
-def _in_part(exc: TransportError | DeliveryError, k: int, n: int
-             ) -> TransportError | DeliveryError:
-    """The same verdict, its detail naming which message of the digest met it."""
-    detail = f"part {k} of {n}: {exc}"
-    if isinstance(exc, RateLimited):
-        return RateLimited(detail, exc.retry_after)
-    return type(exc)(detail)

@@ -7,10 +7,9 @@ import hmac
 import json
 import re
 import time
-from typing import Any
 
 from nomaflowd.alerts import Alert, digest_headline
-from nomaflowd.transports.base import HttpTransport
+from nomaflowd.transports.base import HttpTransport, Rendered
 
 VARIABLE_RE = re.compile(r"\$\{([a-z_]+)\}")
 
@@ -35,13 +34,13 @@ class Webhook(HttpTransport):
     def endpoint(self) -> str:
         return str(self.settings["url"].reveal())
 
-    def render(self, alert: Alert, recipient: str) -> dict[str, Any]:
-        """The body text, exactly as it will be sent."""
-        values = alert.variables()
+    def render(self, alert: Alert, recipient: str) -> Rendered:
         template = self.settings.get("body_template")
-        if template:
-            return {"body": substitute(template, values)}
-        return {"body": self._default_body(alert)}
+        body = substitute(template, alert.variables()) if template else self._default_body(alert)
+        return self.request(body.encode("utf-8"))
+
+    def request(self, body: bytes, url: str | None = None, what: str = "") -> Rendered:
+        return Rendered(url or self.endpoint(), body, self.signed_headers(body), what)
 
     def _default_body(self, alert: Alert) -> str:
         values = alert.variables()
@@ -65,22 +64,12 @@ class Webhook(HttpTransport):
             headers["X-Nomaflow-Signature"] = "sha256=" + mac.hexdigest()
         return headers
 
-    def render_digest(self, alerts: list[Alert], recipient: str, digest_id: str) -> str:
+    def render_digest(self, alerts: list[Alert], recipient: str, digest_id: str
+                      ) -> list[Rendered]:
         """One JSON body with an `alerts` array of default bodies (body_template not applied)."""
-        return json.dumps({
+        return [self.request(json.dumps({
             "digest": digest_id,
             "count": len(alerts),
             "summary": digest_headline(alerts),
             "alerts": [json.loads(self._default_body(a)) for a in alerts],
-        }, ensure_ascii=False, separators=(",", ":"))
-
-    def send_digest(self, alerts: list[Alert], recipient: str, digest_id: str) -> str:
-        return self._post(self.render_digest(alerts, recipient, digest_id).encode("utf-8"))
-
-    def send(self, alert: Alert, recipient: str) -> str:
-        return self._post(self.render(alert, recipient)["body"].encode("utf-8"))
-
-    def _post(self, body: bytes) -> str:
-        status, data, headers = self.post(self.settings["url"].reveal(), body,
-                                          self.signed_headers(body))
-        return self.check_response(status, data, headers)
+        }, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))]
