@@ -83,8 +83,10 @@ class Rendered:
 
     def show(self, mask: Callable[[str], str]) -> list[str]:
         """The request as text, secrets masked: the first line, headers, then the body."""
-        lines = [f"POST {mask(self.url)}" if "://" in self.url and not
-                 self.url.startswith("smtp") else mask(self.url)]
+        url = mask(self.url)
+        if url != self.url and self.url.startswith(("http://", "https://")):
+            url = f"{host_of(self.url)}/{MASK}"  # the host tells where; the path is the secret
+        lines = [url if self.url.startswith("smtp") else f"POST {url}"]
         lines += [f"{k}: {mask(v)}" for k, v in self.headers.items()]
         text = self.body.decode("utf-8", "replace")
         with contextlib.suppress(ValueError):  # not JSON (a template, an email): as it is
