@@ -5,11 +5,14 @@ from __future__ import annotations
 import shutil
 import signal
 import sqlite3
+import urllib.error
+import urllib.request
 from datetime import datetime
 
 from nomaflowd import events
 from nomaflowd.deliveries import HELD, NO_TRANSPORT
 from tests.servers import Reply, wait_until
+from tests.test_web import bound_port
 
 FAILED = {"job_id": "reporting-nightly-sync", "run_id": "run_a8c4d", "state": "FAILED",
           "error": "OperationalError: connection refused"}
@@ -134,14 +137,47 @@ def test_a_spool_io_error_is_not_called_a_database_outage(tree, http, inproc, ca
     assert (tree.spool / "0-bad.json").exists()  # nothing is lost: it waits for an operator
 
 
+def healthz(daemon) -> int:
+    port = bound_port(daemon, "metrics")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
 def test_two_daemons_with_one_replica_id_are_told_so(tree, http, daemon_factory):
-    tree.write_config(tree.webhook("ops", http.url()), daemon='replica_id = "twin"')
+    tree.write_config(tree.webhook("ops", http.url()),
+                      daemon='replica_id = "twin"\nmetrics_listen = "127.0.0.1:0"')
     first = daemon_factory()
+    assert healthz(first) == 200
     second = daemon_factory()
     wait_until(lambda: "also used by another live daemon" in first.output()
-               or "also used by another live daemon" in second.output(),
-               what="the duplicate replica id in a log")
+               and "also used by another live daemon" in second.output(),
+               what="the duplicate replica id in both logs")
+    assert "'twin'" in first.output().split("also used by another live daemon")[0][-200:]
+    wait_until(lambda: healthz(first) == 503 and healthz(second) == 503,
+               what="/healthz failing on both")
     assert first.stop() == 0 and second.stop() == 0
+
+
+def test_healthz_fails_while_the_database_is_away(tree, http, daemon_factory, pg_schema):
+    from playhouse.db_url import connect
+
+    tree.database = pg_schema
+    tree.write_config(tree.webhook("ops", http.url()), daemon='metrics_listen = "127.0.0.1:0"')
+    d = daemon_factory()
+    assert healthz(d) == 200
+    admin = connect(pg_schema)
+    admin.execute_sql("ALTER TABLE events RENAME TO events_away")
+    tree.drop(FAILED)
+    wait_until(lambda: "database unavailable" in d.output(), what="the outage logged")
+    assert healthz(d) == 503
+    admin.execute_sql("ALTER TABLE events_away RENAME TO events")
+    admin.close()
+    http.wait_for(1, timeout=15)  # the file waited in the spool and goes out now
+    wait_until(lambda: healthz(d) == 200, what="/healthz back to 200")
+    assert d.stop() == 0
 
 
 def test_a_restart_is_not_mistaken_for_a_twin(tree, http, daemon_factory):
