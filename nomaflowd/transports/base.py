@@ -474,6 +474,25 @@ class HttpTransport(Transport):
                 self._sessions.add(session)
         return session
 
+    def _prepare(self, url: str, headers: dict[str, str], body: bytes) -> requests.PreparedRequest:
+        """The request, from a per-URL template: preparing the URL (parsing, IDNA) once, and
+        going to the session's adapter directly, skips Session's per-request merging of
+        settings, cookies and hooks that this client never uses (half of requests' own
+        cost per POST, measured with cProfile; see bench/ scenario d)."""
+        templates: dict[str, requests.PreparedRequest] = self._local.__dict__.setdefault(
+            "templates", {})
+        template = templates.get(url)
+        if template is None:
+            template = requests.PreparedRequest()
+            template.prepare(method="POST", url=url, headers={"User-Agent": USER_AGENT})
+            templates[url] = template
+        request = template.copy()
+        assert request.headers is not None
+        request.headers.update(headers)
+        request.body = body
+        request.headers["Content-Length"] = str(len(body))
+        return request
+
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes, Any]:
         """One POST bounded by the timeout as a whole; returns (status, first bytes, headers)."""
         all_headers = {"Content-Type": "application/json", **headers}
@@ -481,7 +500,7 @@ class HttpTransport(Transport):
             # The HTTP library would raise quoting the whole value (a credential).
             if BAD_HEADER_VALUE.search(value):
                 raise TransportError(f"header {name} has an invalid character (CR/LF)")
-        if any(c.isspace() or not c.isprintable() for c in url):
+        if " " in url or not url.isprintable():
             # requests would quietly percent-encode it and send somewhere else.
             raise TransportError("the URL is not valid (a space or control character)")
         try:
@@ -502,10 +521,9 @@ class HttpTransport(Transport):
             with DEADLINES.watch(lambda: socks, deadline) as fired:
                 try:
                     left = max(0.001, deadline - time.monotonic())
-                    resp = session.post(url, data=body, headers=all_headers,
-                                        timeout=(left, left), allow_redirects=False,
-                                        stream=True, proxies=self.proxies(url),
-                                        verify=self._verify)
+                    resp = session.get_adapter(url).send(
+                        self._prepare(url, all_headers, body), stream=True,
+                        timeout=(left, left), verify=self._verify, proxies=self.proxies(url))
                     data = resp.raw.read(MAX_RESPONSE + 1)
                 except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
                         ValueError) as exc:
