@@ -92,6 +92,11 @@ class Alert:
         if self.kind == "failed":
             step = self.get("step")
             head = f"{job} run failed" + (f" at step {step}" if step else "")
+            attempt, most = self.get("attempt"), self.get("max_attempts")
+            if attempt and most and int(attempt) < int(most):
+                head += f" (attempt {attempt} of {most}; it will be retried)"
+            elif attempt and int(attempt) > 1:
+                head += f" after {attempt} attempts"
             pieces = [head] + ([self.get("error")] if self.get("error") else [])
         elif self.kind == "long_run" and self.usual_minutes is not None:
             pieces = [f"{job} run still running: usually {span(self.usual_minutes)},"
@@ -142,9 +147,13 @@ def from_event(kind: str, event: Any, url: str, *, minutes: float | None = None)
     """Build the alert of one kind for an events.Event."""
     if event.run_id and kind not in ("notice",):
         key = f"{event.job_id}/{event.run_id}/{kind}"
+        if getattr(event, "retrying", False):  # the final attempt keeps job/run/failed
+            key += f"/attempt-{event.get('attempt')}"
     else:
         key = f"{event.job_id}/{event.event_id}/{kind}"  # event ids are per job
     details = {k: event.get(k) for k in DETAIL_FIELDS if event.get(k)}
+    details.update({k: str(event.get(k)) for k in ("attempt", "max_attempts")
+                    if isinstance(event.get(k), int)})
     return Alert(
         kind=kind,
         key=key,

@@ -17,7 +17,10 @@ from nomaflowd.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 ALERT_KEYS = ("on_failure", "on_long_run_minutes", "on_success", "on_cancel", "on_toggle",
-              "on_recovery", "recipients")
+              "on_recovery", "recipients", "on_retry", "on_missed_minutes", "on_stale_hours",
+              "remind_every_minutes", "max_reminders")
+# Fractions allowed (on_missed_minutes = 0.5); each must be above 0.
+DURATION_KEYS = ("on_missed_minutes", "on_stale_hours", "remind_every_minutes")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,11 @@ class AlertsBlock:
     on_toggle: bool = False
     on_recovery: bool = False
     recipients: tuple[str, ...] = ()
+    on_retry: bool = False                        # alert on a FAILED attempt that is retried
+    on_missed_minutes: float | None = None        # schedules (SPEC §12)
+    on_stale_hours: float | None = None
+    remind_every_minutes: float | None = None
+    max_reminders: int = 3
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -45,7 +53,7 @@ def parse_alerts(raw: Any, where: str) -> AlertsBlock:
     if unknown:
         raise ValueError(f"{where}.{unknown[0]} is not a known alerts setting")
     values: dict[str, Any] = {}
-    for key in ("on_failure", "on_success", "on_cancel", "on_toggle", "on_recovery"):
+    for key in ("on_failure", "on_success", "on_cancel", "on_toggle", "on_recovery", "on_retry"):
         if key in raw:
             if not isinstance(raw[key], bool):
                 raise ValueError(f"{where}.{key} must be true or false")
@@ -57,6 +65,18 @@ def parse_alerts(raw: Any, where: str) -> AlertsBlock:
         if isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes <= 0:
             raise ValueError(f"{where}.on_long_run_minutes must be a number of minutes above 0")
         values["on_long_run_minutes"] = float(minutes)
+    for key in DURATION_KEYS:
+        value = raw.get(key)
+        if value is not None:
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not 0 < value <= 1e7):
+                raise ValueError(f"{where}.{key} must be a number above 0 (fractions allowed)")
+            values[key] = float(value)
+    if "max_reminders" in raw:
+        value = raw["max_reminders"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+            raise ValueError(f"{where}.max_reminders must be an integer from 1 to 1000")
+        values["max_reminders"] = value
     if "recipients" in raw:
         recipients = raw["recipients"]
         if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):

@@ -212,10 +212,13 @@ class Ingest:
             eff = cat.effective(e.job_id, e.alerts, e.tags)
             if e.run_id and e.state in events.RUN_STATES:
                 recorded.append(e)
+                # A retried attempt's FAILED keeps the run RUNNING (its long-run clock goes on
+                # from started_at; `at` is when the attempt failed, not when the run began).
+                run_state = "RUNNING" if e.retrying else e.state
                 started = e.started_at or (e.at if e.state == "RUNNING" else None)
                 deadline = None
                 minutes = eff.alerts.on_long_run_minutes
-                if e.state == "RUNNING" and isinstance(minutes, float) and started:
+                if run_state == "RUNNING" and isinstance(minutes, float) and started:
                     try:
                         deadline = started + timedelta(minutes=minutes)
                     except OverflowError:
@@ -225,8 +228,8 @@ class Ingest:
                     overrides["alerts"] = e.fields["alerts"]
                 if e.tags is not None:
                     overrides["tags"] = list(e.tags)
-                final = state.is_final(e.state)
-                inserts.append((e.job_id, e.run_id, e.state, started,
+                final = state.is_final(run_state)
+                inserts.append((e.job_id, e.run_id, run_state, started,
                                 (e.finished_at or e.at) if final else None, stamp, deadline,
                                 json.dumps(overrides) if overrides else None))
                 if final:
