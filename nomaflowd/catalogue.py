@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nomaflowd import timetable
 from nomaflowd.errors import ConfigError
+from nomaflowd.timetable import Schedule
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +173,7 @@ class Catalogue:
     default_tags: tuple[str, ...] | None = None
     jobs_writers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     default_writers: tuple[str, ...] | None = None
+    jobs_schedules: dict[str, Schedule] = field(default_factory=dict)
 
     def writers(self, job_id: str) -> tuple[str, ...] | None:
         """Who may write the job's events: its own list, else [defaults]; None: anyone."""
@@ -226,7 +229,8 @@ class Catalogue:
 
 
 def parse(data: dict[str, Any], where: str = "jobs.toml") -> Catalogue:
-    """Build a catalogue from jobs.toml data; only `tags`, `alerts` and `writers` matter."""
+    """Build a catalogue from jobs.toml data; only `tags`, `alerts`, `writers`, `schedule` and
+    `timezone` matter."""
     cat = Catalogue()
     try:
         defaults = data.get("defaults", {})
@@ -251,6 +255,9 @@ def parse(data: dict[str, Any], where: str = "jobs.toml") -> Catalogue:
                 cat.jobs_tags[job_id] = parse_tags(job["tags"], f"jobs.{job_id}.tags")
             if "writers" in job:
                 cat.jobs_writers[job_id] = parse_writers(job["writers"], f"jobs.{job_id}.writers")
+            if "schedule" in job:
+                cat.jobs_schedules[job_id] = timetable.parse(job["schedule"], job.get("timezone"),
+                                                             f"jobs.{job_id}")
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return cat
