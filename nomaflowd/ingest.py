@@ -15,7 +15,7 @@ import time
 from collections import deque
 from datetime import datetime, timedelta
 
-from nomaflowd import db, events, incidents, metrics, state
+from nomaflowd import db, events, incidents, metrics, schedules, state
 from nomaflowd.deliveries import Deliveries
 from nomaflowd.dispatch import Attempt
 from nomaflowd.errors import Rejected
@@ -202,11 +202,12 @@ class Ingest:
             conflict=("job_id", "event_id"), returning=("job_id", "event_id"))}
         cat = self.policy.current()
         routed: list[Routed] = []
-        inserts, finishes, recorded = [], [], []
+        inserts, finishes, recorded, accepted = [], [], [], []
         for e in batch:
             if (e.job_id, e.event_id) not in fresh:
                 continue  # a duplicate: recorded once already, alerts once already
             fresh.discard((e.job_id, e.event_id))
+            accepted.append(e)
             metrics.count_event(e.state)
             self.last_event_at = time.monotonic()
             eff = cat.effective(e.job_id, e.alerts, e.tags)
@@ -244,4 +245,5 @@ class Ingest:
         # Learned deadlines and recoveries read the runs rows just written (same transaction).
         routed.extend(Routed(*due) for due in incidents.after_runs_recorded(
             self.policy.config, recorded, cat, routed, now))
+        schedules.on_events(accepted, cat, now)
         return self.deliveries.claim(routed, stamp)

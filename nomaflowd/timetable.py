@@ -34,8 +34,8 @@ _DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 @dataclass(frozen=True)
 class Schedule:
     text: str
-    timezone: str = "UTC"
-    trigger: BaseTrigger = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+    timezone: str
+    trigger: BaseTrigger = field(compare=False, repr=False)
 
     @property
     def spec(self) -> str:

@@ -7,6 +7,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from nomaflowd import events
+from nomaflowd.alerts import KINDS
+from tests.servers import Reply
 
 
 def hook_rows(tree: Any) -> list[tuple[str, str | None, str]]:
@@ -131,3 +133,176 @@ def test_check_names_the_bad_schedule_key(tree, capsys):
         out = capsys.readouterr()
         lines = [ln for ln in (out.out + out.err).splitlines() if word in ln]
         assert len(lines) == 1, (jobs, out)
+
+
+# --- missed, stale, reminders (in-process, `now` passed in) ---------------------------------
+
+def stamp(dt: datetime) -> str:
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def alerts_of(tree: Any, kind: str) -> list[dict[str, Any]]:
+    return [r for r in tree.notifications() if r["alert"] == kind]
+
+
+def texts(http: Any, kind: str) -> list[str]:
+    return [r.json()["text"] for r in http.requests
+            if r.path.startswith("/slack") and KINDS[kind].icon in r.json()["text"]]
+
+
+def setup_slack(tree: Any, http: Any, jobs: str) -> None:
+    tree.write_config(tree.slack("slack", http.url("/slack")))
+    tree.write_jobs(jobs)
+
+
+def test_missed_once_per_time_and_one_alert_after_downtime(tree, http, inproc):
+    from nomaflowd import timetable
+    from nomaflowd.db import utcnow
+
+    block = 'schedule = "@every 10m"\n[jobs.{0}.alerts]\non_missed_minutes = 2\n' \
+            'recipients = ["#ops"]\n'
+    setup_slack(tree, http, "[jobs.quiet]\n" + block.format("quiet")
+                + "[jobs.busy]\n" + block.format("busy"))
+    d = inproc()
+    now0 = utcnow()
+    d.daemon.poll_schedules(now0)  # monitoring starts at the first time after now0
+    every = timetable.parse("@every 10m", None, "jobs.x")
+    t1 = every.next_after(now0)
+    times = expected(every, now0, 5)
+    assert times[0] == t1
+    tree.drop({"job_id": "busy", "run_id": "b1", "state": "RUNNING", "at": stamp(t1)})
+    d.pump()
+    assert d.daemon.poll_schedules(t1 + timedelta(minutes=1, seconds=59)) == 0
+    assert d.daemon.poll_schedules(t1 + timedelta(minutes=2)) == 1
+    assert d.daemon.poll_schedules(t1 + timedelta(minutes=3)) == 0  # once per time
+    d.pump(lambda: http.requests, what="missed alert")
+    (first,) = texts(http, "missed")
+    assert f"quiet did not run at {t1:%Y-%m-%d %H:%M:%S}Z: no run started within 2 min" in first
+    # the daemon is away for 45 min: t2..t5 pass; busy ran at each (a late event counts by
+    # its `at`), quiet at none of them
+    for i, t in enumerate(times[1:], 2):
+        tree.drop({"job_id": "busy", "run_id": f"b{i}", "state": "SUCCEEDED",
+                   "started_at": stamp(t + timedelta(seconds=30)), "at": stamp(t)})
+    d.pump()
+    assert d.daemon.poll_schedules(t1 + timedelta(minutes=45)) == 1
+    d.pump(lambda: len(http.requests) == 2, what="second missed alert")
+    second = texts(http, "missed")[1]
+    assert f"quiet missed 4 scheduled runs ({times[1]:%Y-%m-%d %H:%M:%S}Z to" \
+           f" {times[4]:%Y-%m-%d %H:%M:%S}Z)" in second
+    assert [(r["job_id"], r["level"]) for r in alerts_of(tree, "missed")] == [
+        ("quiet", "high"), ("quiet", "high")]
+    # a restart finds the row where it was left: nothing again for the same times
+    d.close()
+    d2 = inproc()
+    assert d2.daemon.poll_schedules(t1 + timedelta(minutes=45, seconds=30)) == 0
+
+
+def test_nothing_is_expected_while_the_job_is_disabled(tree, http, inproc):
+    from nomaflowd import timetable
+    from nomaflowd.db import utcnow
+
+    setup_slack(tree, http, '[jobs.etl]\nschedule = "@every 10m"\n[jobs.etl.alerts]\n'
+                'on_missed_minutes = 2\non_stale_hours = 1\nrecipients = ["#ops"]\n')
+    d = inproc()
+    now0 = utcnow()
+    d.daemon.poll_schedules(now0)
+    tree.drop({"job_id": "etl", "state": "DISABLED", "by": "alice"})
+    d.pump()
+    assert d.daemon.poll_schedules(now0 + timedelta(hours=5)) == 0
+    # enabled again: expected from the next scheduled time after it, not for the pause
+    tree.drop({"job_id": "etl", "state": "ENABLED", "at": stamp(now0 + timedelta(hours=5))})
+    d.pump()
+    every = timetable.parse("@every 10m", None, "jobs.x")
+    t = every.next_after(utcnow())
+    assert d.daemon.poll_schedules(t + timedelta(minutes=2)) == 1
+    assert [r["alert"] for r in tree.notifications()] == []  # not yet recorded
+    d.pump(lambda: tree.notifications(), what="missed alert")
+    assert [r["alert"] for r in tree.notifications()] == ["missed"]
+
+
+def test_stale_job_alerts_once_until_the_next_success(tree, http, inproc):
+    from nomaflowd.db import utcnow
+
+    setup_slack(tree, http, '[jobs.etl.alerts]\non_stale_hours = 1\nrecipients = ["#ops"]\n')
+    d = inproc()
+    now0 = utcnow()
+    d.daemon.poll_schedules(now0)  # monitoring starts: no success yet, counted from here
+    assert d.daemon.poll_schedules(now0 + timedelta(minutes=59)) == 0
+    assert d.daemon.poll_schedules(now0 + timedelta(minutes=61)) == 1
+    assert d.daemon.poll_schedules(now0 + timedelta(hours=5)) == 0  # once
+    d.pump(lambda: http.requests, what="stale alert")
+    assert "etl has not succeeded for 61 min (no success since monitoring began)" \
+        in texts(http, "stale")[0]
+    tree.drop({"job_id": "etl", "run_id": "r1", "state": "SUCCEEDED"})
+    d.pump()
+    ok = utcnow()
+    assert d.daemon.poll_schedules(ok + timedelta(minutes=30)) == 0
+    assert d.daemon.poll_schedules(ok + timedelta(minutes=90)) == 1  # re-armed by the success
+    d.pump(lambda: len(http.requests) == 2, what="second stale alert")
+    assert "(last success" in texts(http, "stale")[1]
+    assert [(r["alert"], r["level"]) for r in tree.notifications()] == [
+        ("stale", "medium"), ("stale", "medium")]
+
+
+def test_reminders_are_capped_and_stop_at_success(tree, http, inproc):
+    from nomaflowd.db import utcnow
+
+    tree.write_config(tree.slack("slack", http.url("/slack")) + tree.webhook("hook", http.url()))
+    # #ops gets the failures; the hook is refused as a recipient: it never got the failure,
+    # so it gets no reminder
+    tree.write_jobs('[jobs.etl.alerts]\nremind_every_minutes = 10\nmax_reminders = 2\n'
+                    'recipients = ["#ops", "hook"]\n')
+    http.replies["/hook"] = Reply(500)
+    d = inproc()
+    tree.drop({"job_id": "etl", "run_id": "r1", "state": "FAILED", "error": "disk full"})
+    d.pump()
+    tree.drop({"job_id": "etl", "run_id": "r2", "state": "FAILED", "error": "disk still full"})
+    d.pump()
+    t0 = utcnow()
+    assert d.daemon.poll_schedules(t0 + timedelta(minutes=11)) == 1
+    assert d.daemon.poll_schedules(t0 + timedelta(minutes=15)) == 0
+    assert d.daemon.poll_schedules(t0 + timedelta(minutes=22)) == 1
+    assert d.daemon.poll_schedules(t0 + timedelta(minutes=33)) == 0  # max_reminders
+    assert d.daemon.poll_schedules(t0 + timedelta(hours=9)) == 0
+    d.pump(lambda: len(texts(http, "reminder")) == 2, what="two reminders")
+    one, two = sorted(texts(http, "reminder"), key=lambda t: "reminder 2" in t)
+    assert "etl still failing for 11 min: 2 failed runs (reminder 1 of 2)" in one
+    assert "disk still full" in one
+    assert "(reminder 2 of 2)" in two
+    assert {(r["recipient"], r["outcome"]) for r in alerts_of(tree, "reminder")} == {
+        ("#ops", "SENT")}
+    # a new episode starts its own reminders; a success ends them
+    tree.drop({"job_id": "etl", "run_id": "r3", "state": "SUCCEEDED"})
+    tree.drop({"job_id": "etl", "run_id": "r4", "state": "FAILED",
+               "at": stamp(utcnow() + timedelta(seconds=1))})
+    d.pump()
+    t1 = utcnow()
+    assert d.daemon.poll_schedules(t1 + timedelta(minutes=11)) == 1
+    tree.drop({"job_id": "etl", "run_id": "r5", "state": "SUCCEEDED",
+               "at": stamp(utcnow() + timedelta(seconds=2))})
+    d.pump()
+    assert d.daemon.poll_schedules(t1 + timedelta(minutes=30)) == 0
+    d.pump(lambda: len(texts(http, "reminder")) == 3, what="third reminder")
+    assert "1 failed run (reminder 1 of 2)" in texts(http, "reminder")[2]
+
+
+def test_real_daemon_missed_run_on_a_short_schedule(tree, http, daemon_factory):
+    from nomaflowd import timetable
+    from nomaflowd.db import utcnow
+    from tests.servers import wait_until
+
+    block = ('schedule = "@every 2s"\n[jobs.{0}.alerts]\non_missed_minutes = 0.02\n'
+             'recipients = ["hook"]\n')
+    tree.write_config(tree.webhook("hook", http.url()))
+    tree.write_jobs("[jobs.quiet]\n" + block.format("quiet") + "[jobs.busy]\n"
+                    + block.format("busy"))
+    d = daemon_factory()
+    # busy runs at each of its next 15 scheduled times (its runner says so in `at`)
+    for i, t in enumerate(expected(timetable.parse("@every 2s", None, "j"), utcnow(), 15)):
+        tree.drop({"job_id": "busy", "run_id": f"b{i}", "state": "RUNNING", "at": stamp(t)})
+    wait_until(lambda: len(http.requests) >= 2, timeout=15, what="two missed alerts")
+    assert d.stop() == 0
+    bodies = [r.json() for r in http.requests]
+    assert {(b["job_id"], b["alert"], b["level"]) for b in bodies} == {("quiet", "missed", "high")}
+    rows = tree.sql("SELECT job_id, alert, outcome FROM notifications")
+    assert set(rows) == {("quiet", "missed", "SENT")}
