@@ -21,7 +21,7 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from nomaflowd import config, db, longrun, metrics, systemd, transports
+from nomaflowd import config, db, fallback, longrun, metrics, systemd, transports
 from nomaflowd.config import Config
 from nomaflowd.db import utcnow
 from nomaflowd.deliveries import Deliveries
@@ -66,6 +66,8 @@ class Daemon:
         self.spool = Spool(cfg.spool_dir, cfg.replica_id)
         self.ingest = Ingest(self.spool, self.policy, self.deliveries)
         self.schedules = Schedules()
+        self.deliveries.on_recorded = lambda results, now: fallback.observe(
+            results, self.policy, now)
         self.observer: Any = None
         self.scheduler: BackgroundScheduler | None = None
         self.web: Any = None  # nomaflowd.web.WebServer when daemon.web_listen is set
@@ -295,6 +297,7 @@ class Daemon:
         if self.web is not None:
             self.web.close()
         results, unsent = self.dispatcher.close(self.config.send_timeout_seconds + 1)
+        self.deliveries.closing = True
         try:
             self.deliveries.finish(results)
             self.deliveries.release(unsent)

@@ -306,3 +306,54 @@ def test_real_daemon_missed_run_on_a_short_schedule(tree, http, daemon_factory):
     assert {(b["job_id"], b["alert"], b["level"]) for b in bodies} == {("quiet", "missed", "high")}
     rows = tree.sql("SELECT job_id, alert, outcome FROM notifications")
     assert set(rows) == {("quiet", "missed", "SENT")}
+
+
+# --- fallback when a channel breaks ----------------------------------------------------------
+
+def test_failing_webhook_makes_one_fallback_email_and_its_recovery_another(tree, http,
+                                                                          daemon_factory):
+    from tests.servers import wait_until
+    from tests.smtp_server import SmtpRecorder
+
+    smtp = SmtpRecorder()
+    try:
+        mail = ('[transports.mail]\ntype = "email"\nhost = "127.0.0.1"\n'
+                f'port = {smtp.port}\ntls = "none"\ndefault_from = "nomaflow@corp.test"\n')
+        tree.write_config(tree.webhook("hook", http.url()) + mail,
+                          daemon='fallback_recipients = ["ops@corp.test", "hook"]')
+        tree.write_jobs('[defaults.alerts]\nrecipients = ["hook"]\n')
+        http.default = Reply(500, b"upstream exploded")
+        d = daemon_factory()
+        for job in ("sales-sync", "billing", "crm-export", "fourth"):
+            tree.drop({"job_id": job, "run_id": f"{job}-1", "state": "FAILED"})
+        wait_until(lambda: smtp.messages, what="the fallback email")
+        wait_until(lambda: len(http.requests) == 4, what="four webhook attempts")
+        (msg,) = smtp.messages
+        assert msg.rcpt_tos == ["ops@corp.test"]
+        assert msg.message["Subject"].startswith("[Nomaflow] TRANSPORT FAILING")
+        text = msg.part("text/plain")
+        assert "transport hook failed 3 times in a row" in text
+        assert "HTTP 500" in text
+        named = [job for job in ("sales-sync", "billing", "crm-export", "fourth")
+                 if f"{job}/{job}-1 failed" in text]
+        assert len(named) == 3  # the three of the streak when it was raised
+        # the webhook is back: its next SENT tells the same people, once
+        http.default = Reply(200)
+        tree.drop({"job_id": "billing", "run_id": "billing-2", "state": "FAILED"})
+        tree.drop({"job_id": "billing", "run_id": "billing-3", "state": "FAILED"})
+        wait_until(lambda: len(smtp.messages) == 2, what="the restored email")
+        wait_until(lambda: len(http.requests) == 6, what="six webhook attempts")
+        restored = smtp.messages[1]
+        assert restored.message["Subject"].startswith("[Nomaflow] TRANSPORT RESTORED")
+        assert "transport hook delivers again after 4 failed attempts" in restored.part(
+            "text/plain")
+        assert d.stop() == 0
+    finally:
+        smtp.close()
+    rows = tree.sql("SELECT alert, transport, recipient, outcome, level, job_id FROM"
+                    " notifications WHERE alert LIKE 'transport%' ORDER BY id")
+    assert rows == [("transport_failing", "mail", "ops@corp.test", "SENT", "high", None),
+                    ("transport_restored", "mail", "ops@corp.test", "SENT", "low", None)]
+    streak = "SELECT failures, alerted_at FROM transport_streaks WHERE transport = 'hook'"
+    assert tree.sql(streak) == [(0, None)]
+    assert len(smtp.messages) == 2
