@@ -42,7 +42,7 @@ def observe(results: list[Result], policy: Policy, now: datetime) -> list[Routed
         if counts(r):
             by_transport.setdefault(r.attempt.transport, []).append(r)
     due: list[Routed] = []
-    for name, mine in by_transport.items():
+    for name, mine in sorted(by_transport.items()):  # one lock order on every replica
         row = streak(name, now)
         for r in mine:
             due += step(row, r, policy, now)

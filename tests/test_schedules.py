@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+import pytest
+
 from nomaflowd import events
 from nomaflowd.alerts import KINDS
 from tests.servers import Reply
@@ -357,3 +359,49 @@ def test_failing_webhook_makes_one_fallback_email_and_its_recovery_another(tree,
     streak = "SELECT failures, alerted_at FROM transport_streaks WHERE transport = 'hook'"
     assert tree.sql(streak) == [(0, None)]
     assert len(smtp.messages) == 2
+
+
+# --- two replicas on PostgreSQL ----------------------------------------------------------------
+
+@pytest.mark.postgres
+def test_two_replicas_send_each_missed_and_each_reminder_once(tree, http, pg_schema, tmp_path):
+    from tests.conftest import DaemonProcess, replica_tree
+    from tests.servers import wait_until
+    from tests.test_replicas import pg_rows
+
+    tree.database = pg_schema
+    b_tree = replica_tree(tmp_path / "b", tree, pg_schema)
+    jobs = ('[jobs.quiet]\nschedule = "@every 2s"\n[jobs.quiet.alerts]\n'
+            'on_missed_minutes = 0.01\nrecipients = ["hook"]\n'
+            '[jobs.broken.alerts]\nremind_every_minutes = 0.02\nmax_reminders = 3\n'
+            'recipients = ["hook"]\n')
+    for t, name in ((tree, "a"), (b_tree, "b")):
+        t.write_config(t.webhook("hook", http.url()), daemon=f'replica_id = "{name}"')
+        t.write_jobs(jobs)
+    a, b = DaemonProcess(tree).start(), DaemonProcess(b_tree).start()
+    try:
+        event = {"job_id": "broken", "run_id": "r1", "state": "FAILED"}
+        tree.drop(event)
+        b_tree.drop(event)
+
+        def sent(kind: str) -> int:
+            return sum(1 for r in http.requests if r.json()["alert"] == kind)
+
+        wait_until(lambda: sent("reminder") == 3 and sent("missed") >= 3, timeout=20,
+                   what="three reminders and three missed alerts")
+        after = pg_rows(pg_schema, "SELECT now() AT TIME ZONE 'UTC'")[0][0]
+        wait_until(lambda: pg_rows(pg_schema, "SELECT count(*) FROM replicas WHERE seen_at > "
+                                   f"'{after}'")[0][0] == 2, what="both replicas polled")
+        assert a.stop() == 0 and b.stop() == 0
+    finally:
+        a.close()
+        b.close()
+    keys = [k for (k,) in pg_rows(pg_schema, "SELECT alert_key FROM deliveries WHERE alert_key"
+                                  " LIKE %s OR alert_key LIKE %s", "quiet/missed/%",
+                                  "broken/reminder/%")]
+    assert sent("reminder") == 3 == sum(1 for k in keys if "/reminder/" in k)
+    assert sent("missed") == sum(1 for k in keys if "/missed/" in k)
+    assert sent("failed") == 1
+    rows = pg_rows(pg_schema, "SELECT alert, count(*), count(DISTINCT replica) FROM"
+                   " notifications GROUP BY alert ORDER BY alert")
+    assert {r[0] for r in rows} == {"failed", "missed", "reminder"}
