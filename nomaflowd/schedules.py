@@ -352,10 +352,13 @@ class Schedules:
         return {"error": error} if isinstance(error, str) and error else {}
 
 
-def status(cat: Catalogue, now: datetime, limit: int = 200) -> list[dict[str, Any]]:
-    """Each scheduled job: next expected time, last run, late or not (explain, the web page)."""
+def status(cat: Catalogue, now: datetime, limit: int = 200,
+           job_id: str | None = None) -> list[dict[str, Any]]:
+    """Each scheduled job (or `job_id`'s): next expected time, last run, late or not (explain,
+    the web page). Late: its expected time plus on_missed_minutes has passed with no run."""
     s = db.ScheduleRow
-    jobs = sorted(cat.jobs_schedules)[:limit]
+    jobs = ([job_id] if job_id in cat.jobs_schedules else []) if job_id is not None \
+        else sorted(cat.jobs_schedules)[:limit]
     rows = {r.job_id: r for r in s.select().where(s.job_id.in_(jobs))} if jobs else {}
     out = []
     for job in jobs:
@@ -371,4 +374,24 @@ def status(cat: Catalogue, now: datetime, limit: int = 200) -> list[dict[str, An
                     "last_run_state": row.last_run_state if row else None,
                     "last_run_at": row.last_run_at if row else None,
                     "disabled": bool(row and row.disabled), "late": late})
+    return out
+
+
+def describe(cat: Catalogue, job_id: str, now: datetime) -> list[str]:
+    """`explain`'s lines on the job's schedule, staleness and reminders."""
+    out = []
+    for st in status(cat, now, job_id=job_id):
+        last = (f"{st['last_run_id']} ({st['last_run_state']}, received"
+                f" {iso(st['last_run_at'])})" if st["last_run_id"] else "none recorded")
+        late = "paused (DISABLED)" if st["disabled"] else ("LATE" if st["late"] else "no")
+        out.append(f"schedule: {st['schedule']}; next expected {iso(st['next'])}; last run"
+                   f" {last}; late: {late}")
+    block = cat.effective(job_id).alerts
+    if job_id in cat.jobs_schedules and block.on_missed_minutes is None:
+        out.append("  no `missed` alert: set on_missed_minutes in the job's alerts block")
+    if block.on_stale_hours is not None:
+        out.append(f"stale alert after {block.on_stale_hours:g} h without a success")
+    if block.remind_every_minutes is not None:
+        out.append(f"reminders every {block.remind_every_minutes:g} min while failing, at most"
+                   f" {block.max_reminders} per failure episode, to whoever got the failure")
     return out

@@ -223,8 +223,15 @@ def test_nothing_is_expected_while_the_job_is_disabled(tree, http, inproc):
 
 
 def test_stale_job_alerts_once_until_the_next_success(tree, http, inproc):
+    from prometheus_client import REGISTRY
+
     from nomaflowd.db import utcnow
 
+    def counted() -> float:
+        return REGISTRY.get_sample_value("nomaflowd_schedule_alerts_total",
+                                         {"alert": "stale"}) or 0.0
+
+    before = counted()
     setup_slack(tree, http, '[jobs.etl.alerts]\non_stale_hours = 1\nrecipients = ["#ops"]\n')
     d = inproc()
     now0 = utcnow()
@@ -242,6 +249,7 @@ def test_stale_job_alerts_once_until_the_next_success(tree, http, inproc):
     assert d.daemon.poll_schedules(ok + timedelta(minutes=90)) == 1  # re-armed by the success
     d.pump(lambda: len(http.requests) == 2, what="second stale alert")
     assert "(last success" in texts(http, "stale")[1]
+    assert counted() - before == 2
     assert [(r["alert"], r["level"]) for r in tree.notifications()] == [
         ("stale", "medium"), ("stale", "medium")]
 
@@ -405,3 +413,42 @@ def test_two_replicas_send_each_missed_and_each_reminder_once(tree, http, pg_sch
     rows = pg_rows(pg_schema, "SELECT alert, count(*), count(DISTINCT replica) FROM"
                    " notifications GROUP BY alert ORDER BY alert")
     assert {r[0] for r in rows} == {"failed", "missed", "reminder"}
+
+
+# --- surfaces ------------------------------------------------------------------------------------
+
+def test_explain_and_the_page_show_next_expected_last_run_and_lateness(tree, http, inproc,
+                                                                       capsys, tmp_path):
+    import json
+    import urllib.request
+
+    from nomaflowd.cli import main
+    from nomaflowd.db import utcnow
+
+    tree.write_config(tree.webhook("hook", http.url()), daemon='web_listen = "127.0.0.1:0"')
+    tree.write_jobs('[jobs.etl]\nschedule = "@every 10m"\n[jobs.etl.alerts]\n'
+                    'on_missed_minutes = 2\non_stale_hours = 26\nrecipients = ["hook"]\n'
+                    '[jobs.nightly]\nschedule = "0 2 * * *"\ntimezone = "Europe/Paris"\n')
+    d = inproc()
+    tree.drop({"job_id": "etl", "run_id": "r7", "state": "SUCCEEDED"})
+    d.pump()
+    d.daemon.poll_schedules(utcnow())
+    page = urllib.request.urlopen(d.daemon.web.url, timeout=5).read().decode()
+    assert "<h2>Schedules</h2>" in page
+    assert "@every 10m (UTC)" in page and "0 2 * * * (Europe/Paris)" in page
+    assert "r7 (SUCCEEDED)" in page
+    # the job is late once its expected time plus on_missed_minutes has passed
+    row = tree.sql("SELECT expected_at FROM schedules WHERE job_id = 'etl'")[0][0]
+    tree.sql("UPDATE schedules SET expected_at = datetime(?, '-1 hour') WHERE job_id = 'etl'",
+             row)
+    page = urllib.request.urlopen(d.daemon.web.url, timeout=5).read().decode()
+    assert "late</span>" in page
+    d.close()
+    event = tmp_path / "e.json"
+    event.write_text(json.dumps({"job_id": "etl", "run_id": "r8", "state": "RUNNING"}))
+    assert main(["explain", "--config", str(tree.config_path), str(event)]) == 0
+    out = capsys.readouterr().out
+    assert "schedule: @every 10m (UTC); next expected " in out
+    assert "last run r7 (SUCCEEDED, received " in out
+    assert "late: LATE" in out
+    assert "stale alert after 26 h without a success" in out
