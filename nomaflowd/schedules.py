@@ -235,9 +235,16 @@ class Schedules:
         want = {j for j in catalogue_jobs(cat) if watched(cat, j)}
         s = db.ScheduleRow
         rows = {r.job_id: r for r in s.select()}
+        created = []
+        for job_id in sorted(want - set(rows)):  # armed before the insert: one statement
+            row = new_row(job_id, now)
+            arm(row, cat.effective(job_id).alerts, cat.jobs_schedules.get(job_id), now)
+            values = (job_id, now, 0, *(getattr(row, f) for f in FIELDS))
+            created.append(tuple(db.stamp(v) if isinstance(v, datetime) else v for v in values))
         with db.proxy.atomic():
-            rows.update(load(want - set(rows), now))
-        changed = 0
+            db.insert_new("schedules", ("job_id", "monitored_since", "version", *FIELDS),
+                          created, conflict=("job_id",), returning=("id",))
+        changed = len(created)
         for job_id, row in rows.items():
             before = {f: getattr(row, f) for f in FIELDS}
             if job_id in want or watched(cat, job_id):
