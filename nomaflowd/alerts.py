@@ -27,8 +27,17 @@ KINDS: dict[str, Kind] = {
     "notice": Kind("low", "NOTICE", "\U0001f4e3", None),
     "recovered": Kind("low", "RECOVERED", "\U0001f7e2", "#2eb67d"),
     "test": Kind("low", "TEST", "\U0001f514", None),
+    "missed": Kind("high", "MISSED", "\u23f0", "#d00000"),
+    "stale": Kind("medium", "STALE", "\U0001f578\ufe0f", "#f2c744"),
+    "reminder": Kind("high", "STILL FAILING", "\U0001f501", "#d00000"),
+    "transport_failing": Kind("high", "TRANSPORT FAILING", "\U0001f4f5", "#d00000"),
+    "transport_restored": Kind("low", "TRANSPORT RESTORED", "\U0001f4f6", "#2eb67d"),
 }
 
+
+# Kinds about a job or a transport, not about one run.
+JOB_LEVEL = frozenset({"test", "missed", "stale", "reminder", "transport_failing",
+                       "transport_restored"})
 
 # Event fields an alert carries to its transports (all optional strings).
 DETAIL_FIELDS = ("triggered_by", "step", "error", "traceback", "by", "message")
@@ -62,8 +71,12 @@ class Alert:
     started_at: str | None = None
     finished_at: str | None = None
     details: dict[str, str] = field(default_factory=dict)
-    minutes: float | None = None  # long_run: running for; recovered: since the first failure
-    failures: int | None = None   # recovered: failed runs in the episode that ended
+    # long_run: running for; recovered, reminder: since the first failure; stale: since the
+    # last success; missed: the on_missed_minutes allowed
+    minutes: float | None = None
+    # recovered, reminder: failed runs in the episode; missed: scheduled times missed;
+    # transport_failing / _restored: failures in a row
+    failures: int | None = None
     usual_minutes: float | None = None  # long_run with "auto": the job's usual duration
 
     @property
@@ -80,8 +93,9 @@ class Alert:
 
     @property
     def link_text(self) -> str:
-        """The label of the link to `url` (a test has no run: it links to Nomaflow itself)."""
-        return "Open Nomaflow" if self.kind == "test" else "View run"
+        """The label of the link to `url` (a test, a missed run... have no run: the link goes to
+        Nomaflow itself)."""
+        return "View run" if self.run_id or self.kind not in JOB_LEVEL else "Open Nomaflow"
 
     def get(self, name: str) -> str:
         return self.details.get(name) or ""
@@ -92,6 +106,11 @@ class Alert:
         if self.kind == "failed":
             step = self.get("step")
             head = f"{job} run failed" + (f" at step {step}" if step else "")
+            attempt, most = self.get("attempt"), self.get("max_attempts")
+            if attempt and most and int(attempt) < int(most):
+                head += f" (attempt {attempt} of {most}; it will be retried)"
+            elif attempt and int(attempt) > 1:
+                head += f" after {attempt} attempts"
             pieces = [head] + ([self.get("error")] if self.get("error") else [])
         elif self.kind == "long_run" and self.usual_minutes is not None:
             pieces = [f"{job} run still running: usually {span(self.usual_minutes)},"
@@ -112,9 +131,40 @@ class Alert:
             pieces = [f"{job} {self.kind}" + (f" by {by}" if by else "")]
         elif self.kind == "notice":
             pieces = [f"{job}: {self.get('message')}"]
+        elif self.kind in ("missed", "stale", "reminder", "transport_failing",
+                           "transport_restored"):
+            pieces = self.schedule_pieces()
         else:
             pieces = ["test from Nomaflow"]
         return KINDS[self.kind].icon, pieces
+
+    def schedule_pieces(self) -> list[str]:
+        """The summary of the alerts of SPEC §12 (what is expected, and what broke)."""
+        job, n = self.job_id, self.failures or 0
+        if self.kind == "missed" and n > 1:
+            return [f"{job} missed {n} scheduled runs ({self.get('expected')} to"
+                    f" {self.get('last_expected')}); no run started within"
+                    f" {span(self.minutes or 0)} of them"]
+        if self.kind == "missed":
+            return [f"{job} did not run at {self.get('expected')}: no run started within"
+                    f" {span(self.minutes or 0)}"]
+        if self.kind == "stale":
+            since = self.get("last_success")
+            return [f"{job} has not succeeded for {span(self.minutes or 0)}"
+                    + (f" (last success {since})" if since else
+                       " (no success since monitoring began)")]
+        if self.kind == "reminder":
+            runs = "run" if n == 1 else "runs"
+            pieces = [f"{job} still failing for {span(self.minutes or 0)}: {n} failed {runs}"
+                      f" (reminder {self.get('reminder')})"]
+            return pieces + ([self.get("error")] if self.get("error") else [])
+        name = self.get("transport")
+        if self.kind == "transport_restored":
+            return [f"transport {name} delivers again after {n} failed attempts"]
+        pieces = [f"transport {name} failed {n} times in a row", self.get("error")]
+        if self.get("undelivered"):
+            pieces.append(f"not delivered: {self.get('undelivered')}")
+        return pieces
 
     def summary(self) -> str:
         icon, pieces = self.summary_parts()
@@ -142,9 +192,13 @@ def from_event(kind: str, event: Any, url: str, *, minutes: float | None = None)
     """Build the alert of one kind for an events.Event."""
     if event.run_id and kind not in ("notice",):
         key = f"{event.job_id}/{event.run_id}/{kind}"
+        if getattr(event, "retrying", False):  # the final attempt keeps job/run/failed
+            key += f"/attempt-{event.get('attempt')}"
     else:
         key = f"{event.job_id}/{event.event_id}/{kind}"  # event ids are per job
     details = {k: event.get(k) for k in DETAIL_FIELDS if event.get(k)}
+    details.update({k: str(event.get(k)) for k in ("attempt", "max_attempts")
+                    if isinstance(event.get(k), int)})
     return Alert(
         kind=kind,
         key=key,
@@ -166,11 +220,15 @@ def test_alert(url: str = "") -> Alert:
 
 
 # Worst first, for digests.
-SEVERITY = ("failed", "long_run", "cancelled", "disabled", "enabled", "recovered",
-            "succeeded", "notice", "test")
+SEVERITY = ("transport_failing", "failed", "missed", "reminder", "long_run", "stale",
+            "cancelled", "disabled", "enabled", "recovered", "transport_restored", "succeeded",
+            "notice", "test")
 KIND_WORDS = {"failed": "failed", "long_run": "long-running", "succeeded": "succeeded",
               "cancelled": "cancelled", "enabled": "enabled", "disabled": "disabled",
-              "notice": "notice", "recovered": "recovered", "test": "test"}
+              "notice": "notice", "recovered": "recovered", "test": "test",
+              "missed": "missed", "stale": "stale", "reminder": "still failing",
+              "transport_failing": "transport failing",
+              "transport_restored": "transport restored"}
 
 
 def _rank(kind: str) -> int:

@@ -12,12 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nomaflowd import timetable
 from nomaflowd.errors import ConfigError
+from nomaflowd.timetable import Schedule
 
 logger = logging.getLogger(__name__)
 
 ALERT_KEYS = ("on_failure", "on_long_run_minutes", "on_success", "on_cancel", "on_toggle",
-              "on_recovery", "recipients")
+              "on_recovery", "recipients", "on_retry", "on_missed_minutes", "on_stale_hours",
+              "remind_every_minutes", "max_reminders")
+# Fractions allowed (on_missed_minutes = 0.5); each must be above 0.
+DURATION_KEYS = ("on_missed_minutes", "on_stale_hours", "remind_every_minutes")
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,11 @@ class AlertsBlock:
     on_toggle: bool = False
     on_recovery: bool = False
     recipients: tuple[str, ...] = ()
+    on_retry: bool = False                        # alert on a FAILED attempt that is retried
+    on_missed_minutes: float | None = None        # schedules (SPEC §12)
+    on_stale_hours: float | None = None
+    remind_every_minutes: float | None = None
+    max_reminders: int = 3
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -45,7 +55,7 @@ def parse_alerts(raw: Any, where: str) -> AlertsBlock:
     if unknown:
         raise ValueError(f"{where}.{unknown[0]} is not a known alerts setting")
     values: dict[str, Any] = {}
-    for key in ("on_failure", "on_success", "on_cancel", "on_toggle", "on_recovery"):
+    for key in ("on_failure", "on_success", "on_cancel", "on_toggle", "on_recovery", "on_retry"):
         if key in raw:
             if not isinstance(raw[key], bool):
                 raise ValueError(f"{where}.{key} must be true or false")
@@ -57,6 +67,18 @@ def parse_alerts(raw: Any, where: str) -> AlertsBlock:
         if isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes <= 0:
             raise ValueError(f"{where}.on_long_run_minutes must be a number of minutes above 0")
         values["on_long_run_minutes"] = float(minutes)
+    for key in DURATION_KEYS:
+        value = raw.get(key)
+        if value is not None:
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not 0 < value <= 1e7):
+                raise ValueError(f"{where}.{key} must be a number above 0 (fractions allowed)")
+            values[key] = float(value)
+    if "max_reminders" in raw:
+        value = raw["max_reminders"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+            raise ValueError(f"{where}.max_reminders must be an integer from 1 to 1000")
+        values["max_reminders"] = value
     if "recipients" in raw:
         recipients = raw["recipients"]
         if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
@@ -151,6 +173,7 @@ class Catalogue:
     default_tags: tuple[str, ...] | None = None
     jobs_writers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     default_writers: tuple[str, ...] | None = None
+    jobs_schedules: dict[str, Schedule] = field(default_factory=dict)
 
     def writers(self, job_id: str) -> tuple[str, ...] | None:
         """Who may write the job's events: its own list, else [defaults]; None: anyone."""
@@ -206,7 +229,8 @@ class Catalogue:
 
 
 def parse(data: dict[str, Any], where: str = "jobs.toml") -> Catalogue:
-    """Build a catalogue from jobs.toml data; only `tags`, `alerts` and `writers` matter."""
+    """Build a catalogue from jobs.toml data; only `tags`, `alerts`, `writers`, `schedule` and
+    `timezone` matter."""
     cat = Catalogue()
     try:
         defaults = data.get("defaults", {})
@@ -231,6 +255,9 @@ def parse(data: dict[str, Any], where: str = "jobs.toml") -> Catalogue:
                 cat.jobs_tags[job_id] = parse_tags(job["tags"], f"jobs.{job_id}.tags")
             if "writers" in job:
                 cat.jobs_writers[job_id] = parse_writers(job["writers"], f"jobs.{job_id}.writers")
+            if "schedule" in job:
+                cat.jobs_schedules[job_id] = timetable.parse(job["schedule"], job.get("timezone"),
+                                                             f"jobs.{job_id}")
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return cat

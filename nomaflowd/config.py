@@ -56,6 +56,9 @@ class Config:
     routing: tuple[Rule, ...] = ()
     # Glob patterns of recipients an event file may name; None: the built-in default (routing).
     event_recipients: tuple[str, ...] | None = None
+    # Told when a transport keeps failing (SPEC §12), through the other transports.
+    fallback_recipients: tuple[str, ...] = ()
+    fallback_after_failures: int = 3
 
     def run_url(self, run_id: str | None) -> str:
         if not run_id or not self.base_url:
@@ -384,7 +387,13 @@ def load(path: Path, *, decrypt: bool = True) -> Config:
         "web_password": secret(d, "web_password", False),
         "metrics_listen": _listen(d, "metrics_listen"),
         "event_recipients": _patterns(d, "event_recipients"),
+        "fallback_recipients": tuple(d.get("fallback_recipients", list, [])),
+        "fallback_after_failures": d.positive("fallback_after_failures", int, 3),
     }
+    for value in config_kwargs["fallback_recipients"]:
+        if "://" in value:
+            raise ConfigError("daemon.fallback_recipients holds a URL; configure it as an"
+                              " encrypted transport and list the transport's name instead")
     d.finish()
     web = config_kwargs["web_listen"]
     if web and not is_loopback(web[0]) and config_kwargs["web_password"] is None:

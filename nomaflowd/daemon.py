@@ -21,7 +21,7 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from nomaflowd import config, db, longrun, metrics, systemd, transports
+from nomaflowd import config, db, fallback, longrun, metrics, systemd, transports
 from nomaflowd.config import Config
 from nomaflowd.db import utcnow
 from nomaflowd.deliveries import Deliveries
@@ -29,6 +29,7 @@ from nomaflowd.dispatch import Dispatcher
 from nomaflowd.errors import NomaflowError
 from nomaflowd.ingest import Ingest, SpoolUnreadable
 from nomaflowd.policy import Policy
+from nomaflowd.schedules import Schedules
 from nomaflowd.spool import Spool, watch
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ class Daemon:
         self.deliveries = Deliveries(self.dispatcher, cfg.replica_id, self.lease_seconds)
         self.spool = Spool(cfg.spool_dir, cfg.replica_id)
         self.ingest = Ingest(self.spool, self.policy, self.deliveries)
+        self.schedules = Schedules()
+        self.deliveries.on_recorded = lambda results, now: fallback.observe(
+            results, self.policy, now)
         self.observer: Any = None
         self.scheduler: BackgroundScheduler | None = None
         self.web: Any = None  # nomaflowd.web.WebServer when daemon.web_listen is set
@@ -172,18 +176,26 @@ class Daemon:
 
     def poll(self, now: datetime) -> None:
         """Every poll_seconds: heartbeat, take over a dead peer's claims, sweep our own
-        unfinished ones, long-run warnings."""
+        unfinished ones, long-run warnings, schedules."""
         try:
             self.heartbeat()
             self.deliveries.take_over(db.db_now())
             self.deliveries.sweep(utcnow())
             longrun.poll(self.policy, self.deliveries, now)
+            # Not before the spool's backlog is in: a run that happened while we were down
+            # is waiting there, and must not be called missed.
+            if self.ingest.last_scan and not self.ingest.pending:
+                self.schedules.poll(self.policy, self.deliveries, now)
         except db.OUTAGES as exc:
             self.say_once_a_minute("poll", "poll skipped, database unavailable: %s", exc)
 
     def poll_long_runs(self, now: datetime) -> int:
         """The long-run poll alone, at `now` (what tests drive)."""
         return longrun.poll(self.policy, self.deliveries, now)
+
+    def poll_schedules(self, now: datetime) -> int:
+        """The due-schedule poll alone, at `now` (what tests drive)."""
+        return self.schedules.poll(self.policy, self.deliveries, now)
 
     def heartbeat(self) -> None:
         _, other = db.heartbeat(self.config.replica_id, self.instance)
@@ -285,6 +297,7 @@ class Daemon:
         if self.web is not None:
             self.web.close()
         results, unsent = self.dispatcher.close(self.config.send_timeout_seconds + 1)
+        self.deliveries.closing = True
         try:
             self.deliveries.finish(results)
             self.deliveries.release(unsent)

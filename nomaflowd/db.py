@@ -73,7 +73,9 @@ class RunRow(Model):
         indexes = ((("job_id", "run_id"), True), (("state", "updated_at"), False),
                    (("state", "long_run_deadline"), False),
                    (("long_run_alerted_at", "job_id"), False),
-                   (("job_id", "state", "finished_at"), False))
+                   (("job_id", "state", "finished_at"), False),
+                   # a job's runs around a scheduled time (schedules: was it missed?)
+                   (("job_id", "updated_at"), False))
 
 
 class NotificationRow(Model):
@@ -165,8 +167,52 @@ class ReplicaRow(Model):
         table_name = "replicas"
 
 
+class ScheduleRow(Model):
+    """A watched job's expectations (SPEC §12): its next scheduled time, staleness, reminders.
+
+    `next_check` is the earliest of the three deadlines, so the poll is one indexed range
+    query; `version` makes each change a conditional update that one replica wins.
+    """
+
+    job_id = pw.CharField(max_length=300, unique=True)
+    schedule = pw.CharField(max_length=300, null=True)   # "0 2 * * * (Europe/Paris)"
+    monitored_since = pw.DateTimeField()
+    expected_at = pw.DateTimeField(null=True)            # the scheduled time awaited
+    missed_deadline = pw.DateTimeField(null=True)        # expected_at + on_missed_minutes
+    disabled = pw.BooleanField(default=False)            # its latest toggle was DISABLED
+    toggled_at = pw.DateTimeField(null=True)
+    last_run_id = pw.CharField(max_length=300, null=True)
+    last_run_state = pw.CharField(max_length=16, null=True)
+    last_run_at = pw.DateTimeField(null=True)            # when its newest event was received
+    last_success_at = pw.DateTimeField(null=True)
+    stale_deadline = pw.DateTimeField(null=True)
+    failing_since = pw.DateTimeField(null=True)          # the open failure episode's start
+    reminders_sent = pw.IntegerField(default=0)
+    remind_deadline = pw.DateTimeField(null=True)
+    next_check = pw.DateTimeField(null=True, index=True)
+    version = pw.IntegerField(default=0)
+
+    class Meta:
+        table_name = "schedules"
+
+
+class StreakRow(Model):
+    """A transport's run of consecutive failed deliveries (fallback, SPEC §12)."""
+
+    transport = pw.CharField(max_length=200, unique=True)
+    failures = pw.IntegerField(default=0)
+    last_error = pw.TextField(default="")
+    undelivered = pw.TextField(default="[]")  # JSON [[job, run, kind], ...] of this streak
+    started_at = pw.DateTimeField(null=True)
+    alerted_at = pw.DateTimeField(null=True)  # transport_failing claimed for this streak
+    updated_at = pw.DateTimeField()
+
+    class Meta:
+        table_name = "transport_streaks"
+
+
 MODELS: tuple[type[Model], ...] = (EventRow, RunRow, NotificationRow, DeliveryRow, SpoolTryRow,
-                                   ReplicaRow, BucketRow)
+                                   ReplicaRow, BucketRow, ScheduleRow, StreakRow)
 
 
 def insert_new(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]],

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
 from nomaflowd import db
@@ -64,6 +64,10 @@ class Deliveries:
         self.replica = replica
         self.lease_seconds = lease_seconds
         self.unrecorded: list[Result] = []  # results whose audit rows wait for the database
+        # Told of every result once recorded; returns alerts to claim in the same transaction
+        # (the fallback's transport streaks, see fallback.py).
+        self.on_recorded: Callable[[list[Result], datetime], list[Routed]] | None = None
+        self.closing = False  # at shutdown: what on_recorded claims waits for the next start
 
     def claim(self, routed: Iterable[Routed], now: datetime | str) -> list[Attempt]:
         return claim(routed, self.replica, now)
@@ -82,8 +86,15 @@ class Deliveries:
         """Audit rows, log lines and done marks for `results` (and any kept from an outage)."""
         self.unrecorded.extend(results)
         if self.unrecorded:
-            record(self.unrecorded, self.replica)  # raises on an outage: kept for next time
+            done = self.unrecorded
+            record(done, self.replica)  # raises on an outage: kept for next time
             self.unrecorded = []
+            if self.on_recorded is not None:
+                now = db.utcnow()
+                with db.proxy.atomic():
+                    attempts = self.claim(self.on_recorded(done, now), db.stamp(now))
+                if not self.closing:  # else resume() sends them at the next start
+                    self.submit(attempts)
 
     def in_hand(self) -> set[int]:
         """Delivery ids this process is still working on (not to be swept)."""

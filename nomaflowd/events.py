@@ -22,7 +22,8 @@ STRING_FIELDS = ("job_id", "state", "message", "run_id", "event_id", "triggered_
                  "error", "traceback", "by")
 TIME_FIELDS = ("at", "started_at", "finished_at")
 LIST_FIELDS = ("recipients", "tags")
-KNOWN = frozenset((*STRING_FIELDS, *TIME_FIELDS, *LIST_FIELDS, "alerts"))
+INT_FIELDS = ("attempt", "max_attempts")
+KNOWN = frozenset((*STRING_FIELDS, *TIME_FIELDS, *LIST_FIELDS, *INT_FIELDS, "alerts"))
 # The documented limit of job_id, run_id, event_id and a recipient: well inside the varchar(300)
 # columns, so a long id is refused here with its reason on SQLite and PostgreSQL alike.
 ID_MAX = 200
@@ -48,6 +49,13 @@ class Event:
 
     def get(self, key: str) -> Any:
         return self.fields.get(key)
+
+    @property
+    def retrying(self) -> bool:
+        """A FAILED attempt that will be retried (SPEC §12): not final, the run goes on."""
+        attempt, most = self.fields.get("attempt"), self.fields.get("max_attempts")
+        return (self.state == "FAILED" and isinstance(attempt, int)
+                and isinstance(most, int) and attempt < most)
 
 
 def utc(dt: datetime) -> datetime:
@@ -151,18 +159,22 @@ def _recipients_fit(values: list[str], where: str) -> None:
 
 
 def default_event_id(job_id: str, run_id: str | None, state: str, name: str,
-                     raw: bytes) -> str:
-    """job/run/STATE for run events, job/state/digest of name and content for the others.
+                     raw: bytes, attempt: int | None = None) -> str:
+    """job/run/STATE (job/run/STATE/attempt when the event names its attempt) for run events,
+    job/state/digest of name and content for the others.
 
     The id must fit ID_MAX like a written one: a run event whose job/run/STATE would not
     gets STATE/digest of job and run instead (still the same id for the same transition).
     """
     if state in RUN_STATES and run_id:
-        event_id = f"{job_id}/{run_id}/{state}"
+        # Each attempt of a retried run is its own transition: attempt 1's FAILED must not
+        # swallow attempt 3's.
+        suffix = f"/{attempt}" if attempt is not None else ""
+        event_id = f"{job_id}/{run_id}/{state}{suffix}"
         if len(event_id) <= ID_MAX:
             return event_id
         digest = hashlib.sha256(f"{job_id}\0{run_id}".encode()).hexdigest()
-        return f"{state}/{digest}"
+        return f"{state}/{digest}{suffix}"
     # surrogatepass: undecodable names (b"\xff.json" -> "\udcff.json") stay distinct
     named = name.encode("utf-8", "surrogatepass")
     digest = hashlib.sha256(named + b"\0" + raw).hexdigest()
@@ -199,6 +211,14 @@ def parse(raw: bytes, name: str, received_at: datetime) -> Event:
             not value or not value.isprintable() or value != value.strip()
         ):
             raise Rejected(f"{key} must be 1-{ID_MAX} printable characters without edge spaces")
+    for key in INT_FIELDS:
+        value = obj.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000:
+            raise Rejected(f"{key} must be an integer from 1 to 10000")
+        if state != "FAILED":
+            raise Rejected(f"{key} is only for FAILED events (a failure that may be retried)")
     run_id = obj.get("run_id")
     if state in RUN_STATES and not run_id:
         raise Rejected(f"run_id is required for a {state} event")
@@ -219,7 +239,8 @@ def parse(raw: bytes, name: str, received_at: datetime) -> Event:
         raise Rejected(str(exc)) from None
     except OverflowError:  # an integer too large for a float
         raise Rejected("alerts.on_long_run_minutes is too large") from None
-    event_id = obj.get("event_id") or default_event_id(obj["job_id"], run_id, state, name, raw)
+    event_id = obj.get("event_id") or default_event_id(obj["job_id"], run_id, state, name, raw,
+                                                       obj.get("attempt"))
     return Event(
         event_id=event_id,
         job_id=obj["job_id"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from nomaflowd import incidents
+from nomaflowd import incidents, schedules
 from nomaflowd.config import Config
 from nomaflowd.events import Event
 from nomaflowd.policy import Policy, Routed
@@ -36,6 +36,7 @@ def explain(cfg: Config, event: Event, *, history: str | None = None,
     else:
         out.extend(incidents.describe(cfg, event.job_id, eff, now,
                                       would_send=event.state != "SUCCEEDED"))
+        out.extend(schedules.describe(cat, event.job_id, now))
         if event.state == "SUCCEEDED" and event.run_id:
             upto = event.finished_at or event.at
             if not incidents.newer_finish(event.job_id, upto, event.run_id):

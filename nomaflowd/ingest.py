@@ -15,7 +15,7 @@ import time
 from collections import deque
 from datetime import datetime, timedelta
 
-from nomaflowd import db, events, incidents, metrics, state
+from nomaflowd import db, events, incidents, metrics, schedules, state
 from nomaflowd.deliveries import Deliveries
 from nomaflowd.dispatch import Attempt
 from nomaflowd.errors import Rejected
@@ -202,20 +202,24 @@ class Ingest:
             conflict=("job_id", "event_id"), returning=("job_id", "event_id"))}
         cat = self.policy.current()
         routed: list[Routed] = []
-        inserts, finishes, recorded = [], [], []
+        inserts, finishes, recorded, accepted = [], [], [], []
         for e in batch:
             if (e.job_id, e.event_id) not in fresh:
                 continue  # a duplicate: recorded once already, alerts once already
             fresh.discard((e.job_id, e.event_id))
+            accepted.append(e)
             metrics.count_event(e.state)
             self.last_event_at = time.monotonic()
             eff = cat.effective(e.job_id, e.alerts, e.tags)
             if e.run_id and e.state in events.RUN_STATES:
                 recorded.append(e)
+                # A retried attempt's FAILED keeps the run RUNNING (its long-run clock goes on
+                # from started_at; `at` is when the attempt failed, not when the run began).
+                run_state = "RUNNING" if e.retrying else e.state
                 started = e.started_at or (e.at if e.state == "RUNNING" else None)
                 deadline = None
                 minutes = eff.alerts.on_long_run_minutes
-                if e.state == "RUNNING" and isinstance(minutes, float) and started:
+                if run_state == "RUNNING" and isinstance(minutes, float) and started:
                     try:
                         deadline = started + timedelta(minutes=minutes)
                     except OverflowError:
@@ -225,8 +229,8 @@ class Ingest:
                     overrides["alerts"] = e.fields["alerts"]
                 if e.tags is not None:
                     overrides["tags"] = list(e.tags)
-                final = state.is_final(e.state)
-                inserts.append((e.job_id, e.run_id, e.state, started,
+                final = state.is_final(run_state)
+                inserts.append((e.job_id, e.run_id, run_state, started,
                                 (e.finished_at or e.at) if final else None, stamp, deadline,
                                 json.dumps(overrides) if overrides else None))
                 if final:
@@ -241,4 +245,5 @@ class Ingest:
         # Learned deadlines and recoveries read the runs rows just written (same transaction).
         routed.extend(Routed(*due) for due in incidents.after_runs_recorded(
             self.policy.config, recorded, cat, routed, now))
+        schedules.on_events(accepted, cat, now)
         return self.deliveries.claim(routed, stamp)

@@ -25,6 +25,13 @@ SEND_SECONDS = Histogram("nomaflowd_send_duration_seconds", "Time of one deliver
 EVENTS = Counter("nomaflowd_events_ingested", "Events recorded, by state", ["state"])
 REJECTED = Counter("nomaflowd_files_rejected", "Spool files moved to rejected/")
 DIGESTS = Counter("nomaflowd_digests_sent", "Digest messages sent", ["transport"])
+# One per alert raised (not per recipient, which NOTIFICATIONS counts), by this replica.
+SCHEDULE_ALERTS = Counter("nomaflowd_schedule_alerts", "missed, stale and reminder alerts raised",
+                          ["alert"])
+
+
+def count_schedule_alert(kind: str) -> None:
+    SCHEDULE_ALERTS.labels(kind).inc()
 
 
 _EVENT_CHILDREN: dict[str, Any] = {}

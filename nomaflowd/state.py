@@ -21,6 +21,8 @@ FINISH_RUN = (
 def alerts_due(event: Event, block: AlertsBlock) -> list[str]:
     """The alert kinds (SPEC §5) this event asks for under its effective alerts block."""
     state = event.state
+    if event.retrying:
+        return ["failed"] if block.on_retry else []
     if state == "FAILED" and block.on_failure:
         return ["failed"]
     if state == "SUCCEEDED" and block.on_success:

@@ -28,7 +28,8 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import peewee as pw
 
-from nomaflowd import __version__, db
+from nomaflowd import __version__, db, schedules
+from nomaflowd.catalogue import WatchedCatalogue
 from nomaflowd.config import Config, is_loopback
 from nomaflowd.dispatch import SENT, Result, send_test
 from nomaflowd.errors import ConfigError
@@ -163,6 +164,7 @@ class WebServer:
         # visitor who pressed it sees its banner.
         self.tests: OrderedDict[str, tuple[str, Result]] = OrderedDict()
         self._built: tuple[Config, dict[str, Transport]] | None = None
+        self._catalogue: WatchedCatalogue | None = None  # this thread's own, for schedules
         self._lock = threading.Lock()
         self._sending = 0
         self._idle = threading.Condition(self._lock)
@@ -225,6 +227,7 @@ class WebServer:
         parts += self.render_transports(cfg)
         parts += self.render_notifications(cfg, query)
         parts += self.render_runs()
+        parts += self.render_schedules(cfg)
         parts += self.render_rejected(query)
         parts.append("</body></html>")
         return "".join(parts)
@@ -368,6 +371,33 @@ class WebServer:
         out.append("</table>")
         if len(runs) > RUNS_SHOWN:
             out.append(f"<p class=empty>Showing the {RUNS_SHOWN} most recently updated.</p>")
+        return out
+
+    def render_schedules(self, cfg: Config) -> list[str]:
+        """Each scheduled job's next expected time, its last run, and whether it is late."""
+        with self._lock:
+            if self._catalogue is None or self._catalogue.path != cfg.jobs_file:
+                try:
+                    self._catalogue = WatchedCatalogue(cfg.jobs_file)
+                except ConfigError:
+                    return []
+            cat = self._catalogue.refresh()
+        out = ["<h2>Schedules</h2>"]
+        rows = schedules.status(cat, db.utcnow(), RUNS_SHOWN)
+        if not rows:
+            return [*out, "<p class=empty>No job in jobs.toml has a schedule.</p>"]
+        out.append("<table id=schedules><tr><th>Job<th>Schedule<th>Next expected<th>Last run"
+                   "<th>Late</tr>")
+        for st in rows:
+            last = (f"{st['last_run_id']} ({st['last_run_state']}) {when(st['last_run_at'])}"
+                    if st["last_run_id"] else "none")
+            late = ("paused" if st["disabled"] else
+                    "<span class=FAILED_DELIVERY>late</span>" if st["late"] else "no")
+            out.append(f"<tr><td>{e(st['job_id'])}<td>{e(st['schedule'])}"
+                       f"<td>{e(when(st['next']))}<td>{e(last)}<td>{late}</tr>")
+        out.append("</table>")
+        if len(cat.jobs_schedules) > RUNS_SHOWN:
+            out.append(f"<p class=empty>Showing the first {RUNS_SHOWN} by name.</p>")
         return out
 
     def render_rejected(self, query: dict[str, str]) -> list[str]:

@@ -10,6 +10,7 @@ from bench.scenarios import (
     latency,
     live_burst,
     long_runs,
+    schedules,
     throughput,
 )
 from bench.scenarios.base import Scenario
@@ -23,4 +24,5 @@ SCENARIOS: dict[str, Scenario] = {
     "f": long_runs.SCENARIO,
     "g": audit.SCENARIO,
     "h": footprint.SCENARIO,
+    "i": schedules.SCENARIO,
 }

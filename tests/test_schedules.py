@@ -1,0 +1,454 @@
+"""Schedules (SPEC §12): retries, missed runs, stale jobs, reminders, a fallback when a
+channel breaks. End to end against local servers; time is passed in as `now`."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+from nomaflowd import events
+from nomaflowd.alerts import KINDS
+from tests.servers import Reply
+
+
+def hook_rows(tree: Any) -> list[tuple[str, str | None, str]]:
+    return [(r["alert"], r["run_id"], r["outcome"]) for r in tree.notifications()]
+
+
+# --- retries -------------------------------------------------------------------------------
+
+def test_retried_attempts_stay_quiet_until_the_last(tree, http, inproc):
+    tree.write_config(tree.webhook("hook", http.url()))
+    tree.write_jobs('[jobs.etl.alerts]\nrecipients = ["hook"]\non_long_run_minutes = 60\n')
+    d = inproc()
+    tree.drop({"job_id": "etl", "run_id": "r1", "state": "RUNNING"})
+    for attempt in (1, 2):
+        tree.drop({"job_id": "etl", "run_id": "r1", "state": "FAILED", "attempt": attempt,
+                   "max_attempts": 3, "error": f"boom {attempt}"})
+    d.pump()
+    assert http.requests == []
+    # still RUNNING, its long-run clock untouched
+    assert tree.sql("SELECT state, long_run_deadline IS NOT NULL FROM runs") == [("RUNNING", 1)]
+    assert tree.sql("SELECT event_id FROM events WHERE state = 'FAILED' ORDER BY id") == [
+        ("etl/r1/FAILED/1",), ("etl/r1/FAILED/2",)]
+    tree.drop({"job_id": "etl", "run_id": "r1", "state": "FAILED", "attempt": 3,
+               "max_attempts": 3, "error": "boom 3"})
+    d.pump()
+    (req,) = http.wait_for(1)
+    assert req.json()["alert"] == "failed"
+    assert tree.sql("SELECT state FROM runs") == [("FAILED",)]
+    assert tree.notifications()[0]["alert"] == "failed"
+
+
+def test_on_retry_alerts_each_attempt_and_the_last_says_how_many(tree, http, inproc):
+    tree.write_config(tree.slack("slack", http.url("/slack")))
+    tree.write_jobs('[jobs.etl.alerts]\nrecipients = ["#data"]\non_retry = true\n')
+    d = inproc()
+    for attempt in (1, 2):
+        tree.drop({"job_id": "etl", "run_id": "r1", "state": "FAILED", "attempt": attempt,
+                   "max_attempts": 2, "error": "boom"})
+        d.pump()
+    texts = [r.json()["text"] for r in http.wait_for(2, path="/slack")]
+    assert "attempt 1 of 2; it will be retried" in texts[0]
+    assert "etl run failed after 2 attempts" in texts[1]
+    assert [r["alert"] for r in tree.notifications()] == ["failed", "failed"]
+
+
+def test_attempt_fields_are_checked():
+    base = b'{"job_id": "j", "run_id": "r", "state": "%s", "attempt": %s}'
+    for state, value, reason in (("FAILED", b"0", "from 1"), ("FAILED", b"true", "integer"),
+                                 ("SUCCEEDED", b"1", "only for FAILED")):
+        try:
+            events.parse(base % (state.encode(), value), "x.json", datetime(2026, 1, 1))
+        except events.Rejected as exc:
+            assert reason in str(exc)
+        else:
+            raise AssertionError(f"{state} {value!r} accepted")
+
+
+# --- schedules in jobs.toml ------------------------------------------------------------------
+
+def utc(*args: int) -> datetime:
+    return datetime(*args)  # naive UTC, the database's convention
+
+
+def expected(schedule: Any, start: datetime, n: int) -> list[datetime]:
+    out, t = [], start
+    for _ in range(n):
+        t = schedule.next_after(t)
+        out.append(t)
+    return out
+
+
+def test_cron_over_the_spring_dst_change_in_paris():
+    from nomaflowd import timetable
+
+    s = timetable.parse("30 2 * * *", "Europe/Paris", "jobs.etl")
+    # 29 March 2026: 02:30 does not exist in Paris (02:00 -> 03:00); APScheduler expects
+    # the run an hour later, at 03:30 CEST (01:30Z), then 02:30 CEST (00:30Z) from the 30th.
+    assert expected(s, utc(2026, 3, 27, 12), 4) == [
+        utc(2026, 3, 28, 1, 30), utc(2026, 3, 29, 1, 30), utc(2026, 3, 30, 0, 30),
+        utc(2026, 3, 31, 0, 30)]
+    # 25 October 2026: 02:30 happens twice (CEST, then CET); both are expected.
+    assert expected(s, utc(2026, 10, 24, 12), 3) == [
+        utc(2026, 10, 25, 0, 30), utc(2026, 10, 25, 1, 30), utc(2026, 10, 26, 1, 30)]
+
+
+def test_schedule_forms():
+    from nomaflowd import timetable
+
+    every = timetable.parse("@every 1h30m", None, "jobs.j")
+    t1, t2 = expected(every, utc(2026, 5, 1, 0, 0, 1), 2)
+    assert t2 - t1 == timedelta(minutes=90)
+    assert every.next_after(utc(2026, 5, 1)) == every.next_after(utc(2026, 5, 1))  # fixed origin
+    assert expected(timetable.parse("@every 90s", "UTC", "jobs.j"), utc(2026, 5, 1), 2)[1] \
+        - expected(timetable.parse("@every 90s", "UTC", "jobs.j"), utc(2026, 5, 1), 1)[0] \
+        == timedelta(seconds=90)
+    assert expected(timetable.parse("@hourly", None, "jobs.j"), utc(2026, 5, 1, 0, 10), 1) == [
+        utc(2026, 5, 1, 1)]
+    assert expected(timetable.parse("@daily", None, "jobs.j"), utc(2026, 5, 1, 0, 10), 1) == [
+        utc(2026, 5, 2)]
+    assert expected(timetable.parse("@monthly", None, "jobs.j"), utc(2026, 5, 1, 0, 10), 1) == [
+        utc(2026, 6, 1)]
+    # @weekly and weekday 0 are Sunday, as in crontab (APScheduler 3 alone would say Monday)
+    assert expected(timetable.parse("@weekly", None, "jobs.j"), utc(2026, 5, 1), 1) == [
+        utc(2026, 5, 3)]
+    assert expected(timetable.parse("0 9 * * 1-5", None, "jobs.j"), utc(2026, 5, 1, 10), 2) == [
+        utc(2026, 5, 4, 9), utc(2026, 5, 5, 9)]  # Friday 1 May -> Monday, Tuesday
+    assert expected(timetable.parse("0 9 * * 5-7", None, "jobs.j"), utc(2026, 5, 1, 10), 2) == [
+        utc(2026, 5, 2, 9), utc(2026, 5, 3, 9)]
+
+
+def test_check_names_the_bad_schedule_key(tree, capsys):
+    from nomaflowd.cli import main
+
+    tree.write_config(tree.webhook("hook", "http://127.0.0.1:9/"))
+    for jobs, word in (('[jobs.etl]\nschedule = "61 * * * *"\n', "jobs.etl.schedule"),
+                       ('[jobs.etl]\nschedule = "0 2 * *"\n', "jobs.etl.schedule"),
+                       ('[jobs.etl]\nschedule = "@every 5x"\n', "jobs.etl.schedule"),
+                       ('[jobs.etl]\nschedule = "@daily"\ntimezone = "Mars/Olympus"\n',
+                        "jobs.etl.timezone")):
+        tree.write_jobs(jobs)
+        assert main(["check", "--config", str(tree.config_path)]) == 1
+        out = capsys.readouterr()
+        lines = [ln for ln in (out.out + out.err).splitlines() if word in ln]
+        assert len(lines) == 1, (jobs, out)
+
+
+# --- missed, stale, reminders (in-process, `now` passed in) ---------------------------------
+
+def stamp(dt: datetime) -> str:
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def alerts_of(tree: Any, kind: str) -> list[dict[str, Any]]:
+    return [r for r in tree.notifications() if r["alert"] == kind]
+
+
+def texts(http: Any, kind: str) -> list[str]:
+    return [r.json()["text"] for r in http.requests
+            if r.path.startswith("/slack") and KINDS[kind].icon in r.json()["text"]]
+
+
+def setup_slack(tree: Any, http: Any, jobs: str) -> None:
+    tree.write_config(tree.slack("slack", http.url("/slack")))
+    tree.write_jobs(jobs)
+
+
+def test_missed_once_per_time_and_one_alert_after_downtime(tree, http, inproc):
+    from nomaflowd import timetable
+    from nomaflowd.db import utcnow
+
+    block = 'schedule = "@every 10m"\n[jobs.{0}.alerts]\non_missed_minutes = 2\n' \
+            'recipients = ["#ops"]\n'
+    setup_slack(tree, http, "[jobs.quiet]\n" + block.format("quiet")
+                + "[jobs.busy]\n" + block.format("busy"))
+    d = inproc()
+    now0 = utcnow()
+    d.daemon.poll_schedules(now0)  # monitoring starts at the first time after now0
+    every = timetable.parse("@every 10m", None, "jobs.x")
+    t1 = every.next_after(now0)
+    times = expected(every, now0, 5)
+    assert times[0] == t1
+    tree.drop({"job_id": "busy", "run_id": "b1", "state": "RUNNING", "at": stamp(t1)})
+    d.pump()
+    assert d.daemon.poll_schedules(t1 + timedelta(minutes=1, seconds=59)) == 0
+    assert d.daemon.poll_schedules(t1 + timedelta(minutes=2)) == 1
+    assert d.daemon.poll_schedules(t1 + timedelta(minutes=3)) == 0  # once per time
+    d.pump(lambda: http.requests, what="missed alert")
+    (first,) = texts(http, "missed")
+    assert f"quiet did not run at {t1:%Y-%m-%d %H:%M:%S}Z: no run started within 2 min" in first
+    # the daemon is away for 45 min: t2..t5 pass; busy ran at each (a late event counts by
+    # its `at`), quiet at none of them
+    for i, t in enumerate(times[1:], 2):
+        tree.drop({"job_id": "busy", "run_id": f"b{i}", "state": "SUCCEEDED",
+                   "started_at": stamp(t + timedelta(seconds=30)), "at": stamp(t)})
+    d.pump()
+    assert d.daemon.poll_schedules(t1 + timedelta(minutes=45)) == 1
+    d.pump(lambda: len(http.requests) == 2, what="second missed alert")
+    second = texts(http, "missed")[1]
+    assert f"quiet missed 4 scheduled runs ({times[1]:%Y-%m-%d %H:%M:%S}Z to" \
+           f" {times[4]:%Y-%m-%d %H:%M:%S}Z)" in second
+    assert [(r["job_id"], r["level"]) for r in alerts_of(tree, "missed")] == [
+        ("quiet", "high"), ("quiet", "high")]
+    # a restart finds the row where it was left: nothing again for the same times
+    d.close()
+    d2 = inproc()
+    assert d2.daemon.poll_schedules(t1 + timedelta(minutes=45, seconds=30)) == 0
+
+
+def test_nothing_is_expected_while_the_job_is_disabled(tree, http, inproc):
+    from nomaflowd import timetable
+    from nomaflowd.db import utcnow
+
+    setup_slack(tree, http, '[jobs.etl]\nschedule = "@every 10m"\n[jobs.etl.alerts]\n'
+                'on_missed_minutes = 2\non_stale_hours = 1\nrecipients = ["#ops"]\n')
+    d = inproc()
+    now0 = utcnow()
+    d.daemon.poll_schedules(now0)
+    tree.drop({"job_id": "etl", "state": "DISABLED", "by": "alice"})
+    d.pump()
+    assert d.daemon.poll_schedules(now0 + timedelta(hours=5)) == 0
+    # enabled again: expected from the next scheduled time after it, not for the pause
+    tree.drop({"job_id": "etl", "state": "ENABLED", "at": stamp(now0 + timedelta(hours=5))})
+    d.pump()
+    every = timetable.parse("@every 10m", None, "jobs.x")
+    t = every.next_after(utcnow())
+    assert d.daemon.poll_schedules(t + timedelta(minutes=2)) == 1
+    assert [r["alert"] for r in tree.notifications()] == []  # not yet recorded
+    d.pump(lambda: tree.notifications(), what="missed alert")
+    assert [r["alert"] for r in tree.notifications()] == ["missed"]
+
+
+def test_stale_job_alerts_once_until_the_next_success(tree, http, inproc):
+    from prometheus_client import REGISTRY
+
+    from nomaflowd.db import utcnow
+
+    def counted() -> float:
+        return REGISTRY.get_sample_value("nomaflowd_schedule_alerts_total",
+                                         {"alert": "stale"}) or 0.0
+
+    before = counted()
+    setup_slack(tree, http, '[jobs.etl.alerts]\non_stale_hours = 1\nrecipients = ["#ops"]\n')
+    d = inproc()
+    now0 = utcnow()
+    d.daemon.poll_schedules(now0)  # monitoring starts: no success yet, counted from here
+    assert d.daemon.poll_schedules(now0 + timedelta(minutes=59)) == 0
+    assert d.daemon.poll_schedules(now0 + timedelta(minutes=61)) == 1
+    assert d.daemon.poll_schedules(now0 + timedelta(hours=5)) == 0  # once
+    d.pump(lambda: http.requests, what="stale alert")
+    assert "etl has not succeeded for 61 min (no success since monitoring began)" \
+        in texts(http, "stale")[0]
+    tree.drop({"job_id": "etl", "run_id": "r1", "state": "SUCCEEDED"})
+    d.pump()
+    ok = utcnow()
+    assert d.daemon.poll_schedules(ok + timedelta(minutes=30)) == 0
+    assert d.daemon.poll_schedules(ok + timedelta(minutes=90)) == 1  # re-armed by the success
+    d.pump(lambda: len(http.requests) == 2, what="second stale alert")
+    assert "(last success" in texts(http, "stale")[1]
+    assert counted() - before == 2
+    assert [(r["alert"], r["level"]) for r in tree.notifications()] == [
+        ("stale", "medium"), ("stale", "medium")]
+
+
+def test_reminders_are_capped_and_stop_at_success(tree, http, inproc):
+    from nomaflowd.db import utcnow
+
+    tree.write_config(tree.slack("slack", http.url("/slack")) + tree.webhook("hook", http.url()))
+    # #ops gets the failures; the hook is refused as a recipient: it never got the failure,
+    # so it gets no reminder
+    tree.write_jobs('[jobs.etl.alerts]\nremind_every_minutes = 10\nmax_reminders = 2\n'
+                    'recipients = ["#ops", "hook"]\n')
+    http.replies["/hook"] = Reply(500)
+    d = inproc()
+    tree.drop({"job_id": "etl", "run_id": "r1", "state": "FAILED", "error": "disk full"})
+    d.pump()
+    tree.drop({"job_id": "etl", "run_id": "r2", "state": "FAILED", "error": "disk still full"})
+    d.pump()
+    t0 = utcnow()
+    assert d.daemon.poll_schedules(t0 + timedelta(minutes=11)) == 1
+    assert d.daemon.poll_schedules(t0 + timedelta(minutes=15)) == 0
+    assert d.daemon.poll_schedules(t0 + timedelta(minutes=22)) == 1
+    assert d.daemon.poll_schedules(t0 + timedelta(minutes=33)) == 0  # max_reminders
+    assert d.daemon.poll_schedules(t0 + timedelta(hours=9)) == 0
+    d.pump(lambda: len(texts(http, "reminder")) == 2, what="two reminders")
+    one, two = sorted(texts(http, "reminder"), key=lambda t: "reminder 2" in t)
+    assert "etl still failing for 11 min: 2 failed runs (reminder 1 of 2)" in one
+    assert "disk still full" in one
+    assert "(reminder 2 of 2)" in two
+    assert {(r["recipient"], r["outcome"]) for r in alerts_of(tree, "reminder")} == {
+        ("#ops", "SENT")}
+    # a new episode starts its own reminders; a success ends them
+    tree.drop({"job_id": "etl", "run_id": "r3", "state": "SUCCEEDED"})
+    tree.drop({"job_id": "etl", "run_id": "r4", "state": "FAILED",
+               "at": stamp(utcnow() + timedelta(seconds=1))})
+    d.pump()
+    t1 = utcnow()
+    assert d.daemon.poll_schedules(t1 + timedelta(minutes=11)) == 1
+    tree.drop({"job_id": "etl", "run_id": "r5", "state": "SUCCEEDED",
+               "at": stamp(utcnow() + timedelta(seconds=2))})
+    d.pump()
+    assert d.daemon.poll_schedules(t1 + timedelta(minutes=30)) == 0
+    d.pump(lambda: len(texts(http, "reminder")) == 3, what="third reminder")
+    assert "1 failed run (reminder 1 of 2)" in texts(http, "reminder")[2]
+
+
+def test_real_daemon_missed_run_on_a_short_schedule(tree, http, daemon_factory):
+    from nomaflowd import timetable
+    from nomaflowd.db import utcnow
+    from tests.servers import wait_until
+
+    block = ('schedule = "@every 2s"\n[jobs.{0}.alerts]\non_missed_minutes = 0.02\n'
+             'recipients = ["hook"]\n')
+    tree.write_config(tree.webhook("hook", http.url()))
+    tree.write_jobs("[jobs.quiet]\n" + block.format("quiet") + "[jobs.busy]\n"
+                    + block.format("busy"))
+    d = daemon_factory()
+    # busy runs at each of its next 15 scheduled times (its runner says so in `at`)
+    for i, t in enumerate(expected(timetable.parse("@every 2s", None, "j"), utcnow(), 15)):
+        tree.drop({"job_id": "busy", "run_id": f"b{i}", "state": "RUNNING", "at": stamp(t)})
+    wait_until(lambda: len(http.requests) >= 2, timeout=15, what="two missed alerts")
+    assert d.stop() == 0
+    bodies = [r.json() for r in http.requests]
+    assert {(b["job_id"], b["alert"], b["level"]) for b in bodies} == {("quiet", "missed", "high")}
+    rows = tree.sql("SELECT job_id, alert, outcome FROM notifications")
+    assert set(rows) == {("quiet", "missed", "SENT")}
+
+
+# --- fallback when a channel breaks ----------------------------------------------------------
+
+def test_failing_webhook_makes_one_fallback_email_and_its_recovery_another(tree, http,
+                                                                          daemon_factory):
+    from tests.servers import wait_until
+    from tests.smtp_server import SmtpRecorder
+
+    smtp = SmtpRecorder()
+    try:
+        mail = ('[transports.mail]\ntype = "email"\nhost = "127.0.0.1"\n'
+                f'port = {smtp.port}\ntls = "none"\ndefault_from = "nomaflow@corp.test"\n')
+        tree.write_config(tree.webhook("hook", http.url()) + mail,
+                          daemon='fallback_recipients = ["ops@corp.test", "hook"]')
+        tree.write_jobs('[defaults.alerts]\nrecipients = ["hook"]\n')
+        http.default = Reply(500, b"upstream exploded")
+        d = daemon_factory()
+        for job in ("sales-sync", "billing", "crm-export", "fourth"):
+            tree.drop({"job_id": job, "run_id": f"{job}-1", "state": "FAILED"})
+        wait_until(lambda: smtp.messages, what="the fallback email")
+        wait_until(lambda: len(http.requests) == 4, what="four webhook attempts")
+        (msg,) = smtp.messages
+        assert msg.rcpt_tos == ["ops@corp.test"]
+        assert msg.message["Subject"].startswith("[Nomaflow] TRANSPORT FAILING")
+        text = msg.part("text/plain")
+        assert "transport hook failed 3 times in a row" in text
+        assert "HTTP 500" in text
+        named = [job for job in ("sales-sync", "billing", "crm-export", "fourth")
+                 if f"{job}/{job}-1 failed" in text]
+        assert len(named) == 3  # the three of the streak when it was raised
+        # the webhook is back: its next SENT tells the same people, once
+        http.default = Reply(200)
+        tree.drop({"job_id": "billing", "run_id": "billing-2", "state": "FAILED"})
+        tree.drop({"job_id": "billing", "run_id": "billing-3", "state": "FAILED"})
+        wait_until(lambda: len(smtp.messages) == 2, what="the restored email")
+        wait_until(lambda: len(http.requests) == 6, what="six webhook attempts")
+        restored = smtp.messages[1]
+        assert restored.message["Subject"].startswith("[Nomaflow] TRANSPORT RESTORED")
+        assert "transport hook delivers again after 4 failed attempts" in restored.part(
+            "text/plain")
+        assert d.stop() == 0
+    finally:
+        smtp.close()
+    rows = tree.sql("SELECT alert, transport, recipient, outcome, level, job_id FROM"
+                    " notifications WHERE alert LIKE 'transport%' ORDER BY id")
+    assert rows == [("transport_failing", "mail", "ops@corp.test", "SENT", "high", None),
+                    ("transport_restored", "mail", "ops@corp.test", "SENT", "low", None)]
+    streak = "SELECT failures, alerted_at FROM transport_streaks WHERE transport = 'hook'"
+    assert tree.sql(streak) == [(0, None)]
+    assert len(smtp.messages) == 2
+
+
+# --- two replicas on PostgreSQL ----------------------------------------------------------------
+
+@pytest.mark.postgres
+def test_two_replicas_send_each_missed_and_each_reminder_once(tree, http, pg_schema, tmp_path):
+    from tests.conftest import DaemonProcess, replica_tree
+    from tests.servers import wait_until
+    from tests.test_replicas import pg_rows
+
+    tree.database = pg_schema
+    b_tree = replica_tree(tmp_path / "b", tree, pg_schema)
+    jobs = ('[jobs.quiet]\nschedule = "@every 2s"\n[jobs.quiet.alerts]\n'
+            'on_missed_minutes = 0.01\nrecipients = ["hook"]\n'
+            '[jobs.broken.alerts]\nremind_every_minutes = 0.02\nmax_reminders = 3\n'
+            'recipients = ["hook"]\n')
+    for t, name in ((tree, "a"), (b_tree, "b")):
+        t.write_config(t.webhook("hook", http.url()), daemon=f'replica_id = "{name}"')
+        t.write_jobs(jobs)
+    a, b = DaemonProcess(tree).start(), DaemonProcess(b_tree).start()
+    try:
+        event = {"job_id": "broken", "run_id": "r1", "state": "FAILED"}
+        tree.drop(event)
+        b_tree.drop(event)
+
+        def sent(kind: str) -> int:
+            return sum(1 for r in http.requests if r.json()["alert"] == kind)
+
+        wait_until(lambda: sent("reminder") == 3 and sent("missed") >= 3, timeout=20,
+                   what="three reminders and three missed alerts")
+        after = pg_rows(pg_schema, "SELECT now() AT TIME ZONE 'UTC'")[0][0]
+        wait_until(lambda: pg_rows(pg_schema, "SELECT count(*) FROM replicas WHERE seen_at > "
+                                   f"'{after}'")[0][0] == 2, what="both replicas polled")
+        assert a.stop() == 0 and b.stop() == 0
+    finally:
+        a.close()
+        b.close()
+    keys = [k for (k,) in pg_rows(pg_schema, "SELECT alert_key FROM deliveries WHERE alert_key"
+                                  " LIKE %s OR alert_key LIKE %s", "quiet/missed/%",
+                                  "broken/reminder/%")]
+    assert sent("reminder") == 3 == sum(1 for k in keys if "/reminder/" in k)
+    assert sent("missed") == sum(1 for k in keys if "/missed/" in k)
+    assert sent("failed") == 1
+    rows = pg_rows(pg_schema, "SELECT alert, count(*), count(DISTINCT replica) FROM"
+                   " notifications GROUP BY alert ORDER BY alert")
+    assert {r[0] for r in rows} == {"failed", "missed", "reminder"}
+
+
+# --- surfaces ------------------------------------------------------------------------------------
+
+def test_explain_and_the_page_show_next_expected_last_run_and_lateness(tree, http, inproc,
+                                                                       capsys, tmp_path):
+    import json
+    import urllib.request
+
+    from nomaflowd.cli import main
+    from nomaflowd.db import utcnow
+
+    tree.write_config(tree.webhook("hook", http.url()), daemon='web_listen = "127.0.0.1:0"')
+    tree.write_jobs('[jobs.etl]\nschedule = "@every 10m"\n[jobs.etl.alerts]\n'
+                    'on_missed_minutes = 2\non_stale_hours = 26\nrecipients = ["hook"]\n'
+                    '[jobs.nightly]\nschedule = "0 2 * * *"\ntimezone = "Europe/Paris"\n')
+    d = inproc()
+    tree.drop({"job_id": "etl", "run_id": "r7", "state": "SUCCEEDED"})
+    d.pump()
+    d.daemon.poll_schedules(utcnow())
+    page = urllib.request.urlopen(d.daemon.web.url, timeout=5).read().decode()
+    assert "<h2>Schedules</h2>" in page
+    assert "@every 10m (UTC)" in page and "0 2 * * * (Europe/Paris)" in page
+    assert "r7 (SUCCEEDED)" in page
+    # the job is late once its expected time plus on_missed_minutes has passed
+    row = tree.sql("SELECT expected_at FROM schedules WHERE job_id = 'etl'")[0][0]
+    tree.sql("UPDATE schedules SET expected_at = datetime(?, '-1 hour') WHERE job_id = 'etl'",
+             row)
+    page = urllib.request.urlopen(d.daemon.web.url, timeout=5).read().decode()
+    assert "late</span>" in page
+    d.close()
+    event = tmp_path / "e.json"
+    event.write_text(json.dumps({"job_id": "etl", "run_id": "r8", "state": "RUNNING"}))
+    assert main(["explain", "--config", str(tree.config_path), str(event)]) == 0
+    out = capsys.readouterr().out
+    assert "schedule: @every 10m (UTC); next expected " in out
+    assert "last run r7 (SUCCEEDED, received " in out
+    assert "late: LATE" in out
+    assert "stale alert after 26 h without a success" in out
