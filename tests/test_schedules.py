@@ -340,7 +340,7 @@ def test_failing_webhook_makes_one_fallback_email_and_its_recovery_another(tree,
         wait_until(lambda: len(http.requests) == 4, what="four webhook attempts")
         (msg,) = smtp.messages
         assert msg.rcpt_tos == ["ops@corp.test"]
-        assert msg.message["Subject"].startswith("[Nomaflow] TRANSPORT FAILING")
+        assert msg.message["Subject"] == "[Nomaflow] TRANSPORT FAILING hook"
         text = msg.part("text/plain")
         assert "transport hook failed 3 times in a row" in text
         assert "HTTP 500" in text

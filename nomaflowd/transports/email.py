@@ -46,7 +46,7 @@ class Email(Transport):
     def _message(self, alert: Alert, recipient: str, cte: str | None = None) -> EmailMessage:
         """The message; cte="quoted-printable" for a server that takes no 8-bit bodies."""
         msg = EmailMessage()
-        subject_job = _header(alert.job_id) or "transport check"
+        subject_job = _header(alert.job_id) or _header(alert.get("transport")) or "transport check"
         msg["Subject"] = f"[Nomaflow] {alert.subject_word} {subject_job}"
         msg["From"] = self.settings["default_from"]
         msg["To"] = recipient
