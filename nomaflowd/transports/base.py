@@ -326,6 +326,27 @@ def _register(sock: Any) -> None:
         socks.append(sock)
 
 
+@contextmanager
+def _corked(sock: Any) -> Iterator[None]:
+    """Headers and body leave in one segment: urllib3 writes them with two sends, and with
+    TCP_NODELAY each wakes the receiver on its own (measured: a third of a POST's cost
+    against a local receiver)."""
+    cork = getattr(socket, "TCP_CORK", None)
+    if sock is None or cork is None:
+        yield
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
+
+
 class _Connection(urllib3.connection.HTTPConnection):
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()
@@ -334,7 +355,8 @@ class _Connection(urllib3.connection.HTTPConnection):
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         _register(self.sock)  # a reused keep-alive connection
-        super().request(*args, **kwargs)
+        with _corked(self.sock):
+            super().request(*args, **kwargs)
 
 
 class _TlsConnection(urllib3.connection.HTTPSConnection):
@@ -345,7 +367,8 @@ class _TlsConnection(urllib3.connection.HTTPSConnection):
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         _register(self.sock)
-        super().request(*args, **kwargs)
+        with _corked(self.sock):
+            super().request(*args, **kwargs)
 
 
 class _Pool(urllib3.HTTPConnectionPool):
