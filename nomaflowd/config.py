@@ -211,6 +211,9 @@ PRESET_URLS = {
     "pagerduty": "https://events.pagerduty.com/v2/enqueue",
     "opsgenie": "https://api.opsgenie.com",
 }
+# Chat platforms behind a webhook preset: each webhook URL is the secret, so `url` is required.
+CHAT_PRESETS = ("teams", "discord", "google_chat")
+PRESETS = (*PRESET_URLS, *CHAT_PRESETS)
 # Provider pacing defaults (Slack: ~1 message/s with short bursts; SMTP relays: modest).
 PACING = {"slack": (60.0, 20), "email": (120.0, 20), "webhook": (None, None)}
 
@@ -267,14 +270,14 @@ def _webhook(t: Table, secret: SecretReader) -> dict[str, Any]:
         _check_header(raw.key(name), name, headers[name])
     raw.finish()
     preset = t.get("preset", str)
-    if preset is not None and preset not in PRESET_URLS:
-        raise ConfigError(f"{t.key('preset')} must be pagerduty or opsgenie, not {preset!r}")
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"{t.key('preset')} must be one of {', '.join(PRESETS)}; not {preset!r}")
     extra: dict[str, Any] = {"preset": preset}
     if preset == "pagerduty":
         extra["routing_key"] = secret(t, "routing_key", True)
     elif preset == "opsgenie":
         extra["api_key"] = secret(t, "api_key", True)
-    url = secret(t, "url", preset is None)
+    url = secret(t, "url", preset not in PRESET_URLS)
     return {
         **extra,
         "url": url if url is not None else Secret(PRESET_URLS[str(preset)]),

@@ -86,10 +86,16 @@ def test_an_upstream_that_echoes_the_request_never_shows_the_secret(tree, http, 
         + tree.webhook("pdjson", http.url(f"/json/{CANARY}"),
                        f'preset = "pagerduty"\nrouting_key = "{tree.enc(CANARY + "rk")}"')
         + tree.webhook("og", http.url(f"/og/{CANARY}"),
-                       f'preset = "opsgenie"\napi_key = "{tree.enc(CANARY + "key")}"'))
+                       f'preset = "opsgenie"\napi_key = "{tree.enc(CANARY + "key")}"')
+        + tree.webhook("teams", http.url(f"/workflows/{CANARY}/invoke?sig={CANARY}sig"),
+                       'preset = "teams"')
+        + tree.webhook("discord", http.url(f"/api/webhooks/123/{CANARY}"), 'preset = "discord"')
+        + tree.webhook("gchat", http.url(f"/v1/spaces/{CANARY}/messages?key={CANARY}k"
+                                         f"&token={CANARY}t"), 'preset = "google_chat"'))
     cfg = str(tree.config_path)
     outputs = []
-    for name in ("hook", "slack", "pd", "pdjson", "og"):
+    names = ("hook", "slack", "pd", "pdjson", "og", "teams", "discord", "gchat")
+    for name in names:
         assert main(["test", name, "--config", cfg]) == 1
         captured = capsys.readouterr()
         assert captured.out.startswith(f"FAILED_DELIVERY {name} ->")
@@ -99,13 +105,14 @@ def test_an_upstream_that_echoes_the_request_never_shows_the_secret(tree, http, 
         captured = capsys.readouterr()
         outputs.append(captured.out + captured.err)
     rows = tree.notifications()
-    assert len(rows) == 5 and all("400" in r["detail"] for r in rows)
+    assert len(rows) == len(names) and all("400" in r["detail"] for r in rows)
     assert any("****" in r["detail"] for r in rows)
     outputs.append(json.dumps(rows))
     # No piece either: the secret cut in two by a clipped detail leaves its first half.
     for text in outputs:
         assert "CANARY" not in text
-    assert sum(CANARY in r.body.decode() + r.path for r in http.requests) >= 5  # really sent
+    # really sent
+    assert sum(CANARY in r.body.decode() + r.path for r in http.requests) >= len(names)
 
 
 def test_a_stray_cr_in_a_header_secret_is_refused_without_showing_it(tree, http, capsys):

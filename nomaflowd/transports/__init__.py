@@ -6,15 +6,20 @@ from collections.abc import Mapping
 
 from nomaflowd.config import TransportConfig
 from nomaflowd.transports.base import DeliveryError, Transport, TransportError
+from nomaflowd.transports.discord import Discord
 from nomaflowd.transports.email import Email
+from nomaflowd.transports.google_chat import GoogleChat
 from nomaflowd.transports.opsgenie import Opsgenie
 from nomaflowd.transports.pagerduty import PagerDuty
 from nomaflowd.transports.slack import Slack
+from nomaflowd.transports.teams import Teams
 from nomaflowd.transports.webhook import Webhook
 
 TRANSPORT_TYPES: dict[str, type[Transport]] = {"slack": Slack, "email": Email, "webhook": Webhook}
 # A webhook with `preset = "..."` speaks that provider's API (config.PRESET_URLS).
-PRESETS: dict[str, type[Transport]] = {"pagerduty": PagerDuty, "opsgenie": Opsgenie}
+PRESETS: dict[str, type[Transport]] = {"pagerduty": PagerDuty, "opsgenie": Opsgenie,
+                                       "teams": Teams, "discord": Discord,
+                                       "google_chat": GoogleChat}
 
 __all__ = ["PRESETS", "TRANSPORT_TYPES", "DeliveryError", "Transport", "TransportError", "build",
            "transport_class"]
