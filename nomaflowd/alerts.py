@@ -65,6 +65,9 @@ class Alert:
     minutes: float | None = None  # long_run: running for; recovered: since the first failure
     failures: int | None = None   # recovered: failed runs in the episode that ended
     usual_minutes: float | None = None  # long_run with "auto": the job's usual duration
+    # Slack app mode: the failure episode's thread for one transport and recipient
+    # (episode, ts, channel, text), set by threads.attach() just before sending.
+    thread: dict[str, str] | None = None
 
     @property
     def level(self) -> str:

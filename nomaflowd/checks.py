@@ -55,6 +55,12 @@ def run_checks(cfg: Config, *, history: bool = False) -> list[tuple[str, str]]:
         problems.extend(threshold_checks(cat))
     problems.extend(writer_checks(cat, cfg.spool_dir))
     for name, tc in cfg.transports.items():
+        if tc.type == "slack" and tc.settings.get("bot_token") is not None \
+                and not tc.settings.get("default_channel"):
+            problems.append(("warning", f"transports.{name} is in app mode (bot_token) without"
+                             " default_channel: an alert to its default recipient (no"
+                             " recipients, `nomaflowd test` without --to) has no channel and"
+                             " fails; set default_channel"))
         preset = tc.settings.get("preset") if tc.type == "webhook" else None
         if preset and tc.settings.get("body_template"):
             problems.append(("warning", f"transports.{name}.body_template is ignored: the"

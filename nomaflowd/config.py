@@ -167,9 +167,21 @@ def _database_url(base: Path, url: str, key: str) -> str:
 SecretReader = Callable[[Table, str, bool], "Secret | None"]
 
 
+SLACK_API = "https://slack.com/api"
+
+
 def _slack(t: Table, secret: SecretReader) -> dict[str, Any]:
+    """An incoming webhook (`webhook_url`), or app mode (`bot_token`: the Web API)."""
+    if ("webhook_url" in t.data) == ("bot_token" in t.data):
+        raise ConfigError(f"{t.key('webhook_url')} or {t.key('bot_token')} is required"
+                          " (exactly one: a webhook URL, or an app's xoxb- token)")
+    api_url = t.get("api_url", str, SLACK_API)
+    if urlsplit(api_url).scheme not in ("http", "https"):
+        raise ConfigError(f"{t.key('api_url')} must be an http(s) URL such as {SLACK_API}")
     return {
-        "webhook_url": secret(t, "webhook_url", True),
+        "webhook_url": secret(t, "webhook_url", False),
+        "bot_token": secret(t, "bot_token", False),
+        "api_url": api_url.rstrip("/"),
         "default_channel": t.get("default_channel", str),
         "username": t.get("username", str, "Nomaflow"),
         "icon_emoji": t.get("icon_emoji", str, ":gear:"),

@@ -17,6 +17,7 @@ CANARY = "CANARY7f3a9"
 def test_canary_secret_appears_nowhere(tree, http, daemon_factory, capsys, tmp_path):
     http.replies["/bad"] = Reply(500, b"upstream says no")
     http.replies["/echo"] = echo
+    http.replies["/api"] = slack_api_echo
     dead = closed_port()
     tree.write_config(
         tree.webhook("good", http.url(f"/good/{CANARY}"),
@@ -30,11 +31,13 @@ def test_canary_secret_appears_nowhere(tree, http, daemon_factory, capsys, tmp_p
         + tree.slack("slack", http.url(f"/services/T0/{CANARY}"))
         + '[transports.mail]\ntype = "email"\nhost = "127.0.0.1"\n'
         + f'port = {dead}\ndefault_from = "n@corp.local"\nusername = "u"\n'
-        + f'password = "{tree.enc(CANARY)}"\n')
+        + f'password = "{tree.enc(CANARY)}"\n'
+        + f'[transports.slackapp]\ntype = "slack"\nbot_token = "{tree.enc("xoxb-" + CANARY)}"\n'
+        + f'api_url = "{http.url("/api")}"\ndefault_channel = "#ops"\n')
     d = daemon_factory()
     tree.drop({"job_id": "j", "run_id": "r", "state": "FAILED", "error": "boom"})
-    rows = wait_until(lambda: len(tree.notifications()) == 7 and tree.notifications(),
-                      timeout=20, what="seven audit rows")
+    rows = wait_until(lambda: len(tree.notifications()) == 8 and tree.notifications(),
+                      timeout=20, what="eight audit rows")
     assert d.stop() == 0
     assert {r["outcome"] for r in rows} == {"SENT", "FAILED_DELIVERY", "FAILED_TRANSPORT"}
     outputs = [d.output(), json.dumps(rows)]
@@ -47,7 +50,7 @@ def test_canary_secret_appears_nowhere(tree, http, daemon_factory, capsys, tmp_p
     for argv in (["transports"], ["audit"], ["audit", "--format", "json"],
                  ["audit", "--format", "csv"], ["check"], ["explain", str(event)],
                  ["test", "dead"], ["test", "weird"], ["test", "mail"], ["test", "bad"],
-                 ["test", "echo"]):
+                 ["test", "echo"], ["test", "slackapp"]):
         main([*argv, "--config", cfg])
         captured = capsys.readouterr()
         outputs.append(captured.out + captured.err)
@@ -55,6 +58,16 @@ def test_canary_secret_appears_nowhere(tree, http, daemon_factory, capsys, tmp_p
         assert CANARY not in text
     assert any(CANARY in r.path for r in http.requests)  # it was really used
     assert any(r["transport"] == "echo" and "****" in r["detail"] for r in rows)
+    [app] = [r for r in rows if r["transport"] == "slackapp"]
+    assert app["outcome"] == "FAILED_DELIVERY" and "invalid_auth" in app["detail"]
+    assert any(CANARY in r.headers.get("Authorization", "") for r in http.requests)
+
+
+def slack_api_echo(request) -> Reply:
+    """Slack's Web API refusing the token, its error quoting the Authorization header."""
+    error = f"invalid_auth: token {request.headers.get('Authorization')} was revoked"
+    return Reply(200, json.dumps({"ok": False, "error": error}).encode(),
+                 {"Content-Type": "application/json"})
 
 
 def echo(request) -> Reply:

@@ -12,6 +12,7 @@ from nomaflowd.transports.google_chat import GoogleChat
 from nomaflowd.transports.opsgenie import Opsgenie
 from nomaflowd.transports.pagerduty import PagerDuty
 from nomaflowd.transports.slack import Slack
+from nomaflowd.transports.slack_app import SlackApp
 from nomaflowd.transports.teams import Teams
 from nomaflowd.transports.webhook import Webhook
 
@@ -31,5 +32,7 @@ def build(configs: Mapping[str, TransportConfig], timeout: float) -> dict[str, T
 
 
 def transport_class(c: TransportConfig) -> type[Transport]:
+    if c.type == "slack" and c.settings.get("bot_token") is not None:
+        return SlackApp  # app mode: the Web API instead of an incoming webhook
     preset = c.settings.get("preset") if c.type == "webhook" else None
     return PRESETS[preset] if preset else TRANSPORT_TYPES[c.type]
