@@ -302,3 +302,17 @@ def test_bot_token_never_on_the_page_nor_in_the_log(tree, http, daemon_factory):
     for text in (page, d.output(), json.dumps(tree.notifications())):
         assert "CANARY" not in text
     assert any("CANARY" in r.headers.get("Authorization", "") for r in http.requests)
+
+
+def test_app_mode_digest_posts_every_part_outside_any_thread(app, api):
+    from tests.test_transport_slack import storm_alerts
+
+    batch = storm_alerts(2000)
+    members = tuple(Attempt(a, "slack", "#data") for a in batch)
+    results = app[1].execute(Attempt(batch[0], "slack", "#data", members=members,
+                                     digest_id="digest-0000abcd"))
+    assert {r.outcome for r in results} == {SENT}
+    assert len(api.posts) > 1 and all("thread_ts" not in p for p in api.posts)
+    text = "\n".join(p["text"] for p in api.posts)
+    assert all(f"nightly-{j:04d}-sync" in text for j in range(2000))
+    assert results[0].detail.endswith(f"({len(api.posts)} messages)")
