@@ -78,6 +78,9 @@ class Alert:
     # transport_failing / _restored: failures in a row
     failures: int | None = None
     usual_minutes: float | None = None  # long_run with "auto": the job's usual duration
+    # Slack app mode: the failure episode's thread for one transport and recipient
+    # (episode, ts, channel, text), set by threads.attach() just before sending.
+    thread: dict[str, str] | None = None
 
     @property
     def level(self) -> str:

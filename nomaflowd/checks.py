@@ -55,9 +55,16 @@ def run_checks(cfg: Config, *, history: bool = False) -> list[tuple[str, str]]:
         problems.extend(threshold_checks(cat))
     problems.extend(writer_checks(cat, cfg.spool_dir))
     for name, tc in cfg.transports.items():
-        if incidents.preset(tc) and tc.settings.get("body_template"):
+        if tc.type == "slack" and tc.settings.get("bot_token") is not None \
+                and not tc.settings.get("default_channel"):
+            problems.append(("warning", f"transports.{name} is in app mode (bot_token) without"
+                             " default_channel: an alert to its default recipient (no"
+                             " recipients, `nomaflowd test` without --to) has no channel and"
+                             " fails; set default_channel"))
+        preset = tc.settings.get("preset") if tc.type == "webhook" else None
+        if preset and tc.settings.get("body_template"):
             problems.append(("warning", f"transports.{name}.body_template is ignored: the"
-                             f" {incidents.preset(tc)} preset sends that API's own body"))
+                             f" {preset} preset sends that API's own body"))
     blocks = list(cat.jobs_alerts.values())
     loud = [b for b in blocks if b.on_success]
     if len(blocks) >= 4 and len(loud) * 2 > len(blocks):

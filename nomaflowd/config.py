@@ -170,9 +170,21 @@ def _database_url(base: Path, url: str, key: str) -> str:
 SecretReader = Callable[[Table, str, bool], "Secret | None"]
 
 
+SLACK_API = "https://slack.com/api"
+
+
 def _slack(t: Table, secret: SecretReader) -> dict[str, Any]:
+    """An incoming webhook (`webhook_url`), or app mode (`bot_token`: the Web API)."""
+    if ("webhook_url" in t.data) == ("bot_token" in t.data):
+        raise ConfigError(f"{t.key('webhook_url')} or {t.key('bot_token')} is required"
+                          " (exactly one: a webhook URL, or an app's xoxb- token)")
+    api_url = t.get("api_url", str, SLACK_API)
+    if urlsplit(api_url).scheme not in ("http", "https"):
+        raise ConfigError(f"{t.key('api_url')} must be an http(s) URL such as {SLACK_API}")
     return {
-        "webhook_url": secret(t, "webhook_url", True),
+        "webhook_url": secret(t, "webhook_url", False),
+        "bot_token": secret(t, "bot_token", False),
+        "api_url": api_url.rstrip("/"),
         "default_channel": t.get("default_channel", str),
         "username": t.get("username", str, "Nomaflow"),
         "icon_emoji": t.get("icon_emoji", str, ":gear:"),
@@ -214,6 +226,9 @@ PRESET_URLS = {
     "pagerduty": "https://events.pagerduty.com/v2/enqueue",
     "opsgenie": "https://api.opsgenie.com",
 }
+# Chat platforms behind a webhook preset: each webhook URL is the secret, so `url` is required.
+CHAT_PRESETS = ("teams", "discord", "google_chat")
+PRESETS = (*PRESET_URLS, *CHAT_PRESETS)
 # Provider pacing defaults (Slack: ~1 message/s with short bursts; SMTP relays: modest).
 PACING = {"slack": (60.0, 20), "email": (120.0, 20), "webhook": (None, None)}
 
@@ -270,14 +285,14 @@ def _webhook(t: Table, secret: SecretReader) -> dict[str, Any]:
         _check_header(raw.key(name), name, headers[name])
     raw.finish()
     preset = t.get("preset", str)
-    if preset is not None and preset not in PRESET_URLS:
-        raise ConfigError(f"{t.key('preset')} must be pagerduty or opsgenie, not {preset!r}")
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"{t.key('preset')} must be one of {', '.join(PRESETS)}; not {preset!r}")
     extra: dict[str, Any] = {"preset": preset}
     if preset == "pagerduty":
         extra["routing_key"] = secret(t, "routing_key", True)
     elif preset == "opsgenie":
         extra["api_key"] = secret(t, "api_key", True)
-    url = secret(t, "url", preset is None)
+    url = secret(t, "url", preset not in PRESET_URLS)
     return {
         **extra,
         "url": url if url is not None else Secret(PRESET_URLS[str(preset)]),

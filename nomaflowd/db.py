@@ -211,8 +211,28 @@ class StreakRow(Model):
         table_name = "transport_streaks"
 
 
+class ThreadRow(Model):
+    """A chat thread started by the first `failed` alert of a job's failure episode (Slack
+    app mode); the episode's later alerts reply in it, its recovery closes it (threads.py)."""
+
+    transport = pw.CharField(max_length=200)
+    recipient = pw.CharField(max_length=400)
+    job_id = pw.CharField(max_length=300)
+    # The finished_at of the job's last success before the episode ('' when none): the same
+    # for every alert of one episode, a new value once a success ends it.
+    episode = pw.CharField(max_length=40)
+    ts = pw.CharField(max_length=64)         # Slack's ts of the first message
+    channel = pw.CharField(max_length=200)   # Slack's channel id, which chat.update needs
+    text = pw.TextField()                    # the first message, kept when it is updated
+    created_at = pw.DateTimeField(index=True)
+
+    class Meta:
+        table_name = "chat_threads"
+        indexes = ((("transport", "recipient", "job_id", "episode"), True),)
+
+
 MODELS: tuple[type[Model], ...] = (EventRow, RunRow, NotificationRow, DeliveryRow, SpoolTryRow,
-                                   ReplicaRow, BucketRow, ScheduleRow, StreakRow)
+                                   ReplicaRow, BucketRow, ScheduleRow, StreakRow, ThreadRow)
 
 
 def insert_new(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]],
@@ -452,6 +472,7 @@ def prune(now: datetime, retention_days: int) -> dict[str, int]:
         (EventRow, EventRow.received_at < cutoff),
         (RunRow, (RunRow.updated_at < cutoff) & (RunRow.state != "RUNNING")),
         (DeliveryRow, (DeliveryRow.claimed_at < cutoff) & (DeliveryRow.state == "done")),
+        (ThreadRow, ThreadRow.created_at < cutoff),
     ]
     for model, condition in targets:
         total = 0

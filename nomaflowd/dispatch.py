@@ -17,14 +17,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from nomaflowd import db, metrics
+from nomaflowd import db, metrics, threads
 from nomaflowd.alerts import Alert, test_alert
 from nomaflowd.config import Config
 from nomaflowd.db import utcnow
 from nomaflowd.pacing import MAX_REFUSALS, Pacer
 from nomaflowd.routing import default_recipient
 from nomaflowd.transports import DeliveryError, Transport, TransportError, build
-from nomaflowd.transports.base import RateLimited
+from nomaflowd.transports.base import RateLimited, Sent
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class Result:
     detail: str
     duration_ms: int
     created_at: datetime
+    thread: Mapping[str, str] | None = None   # a chat thread this send started (threads.py)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ class _Done:
     refused: RateLimited | None = None
 
 
-def verdict(name: str, send: Callable[[], str], *, reraise_429: bool) -> tuple[str, str]:
+def verdict(name: str, send: Callable[[], str | Sent], *, reraise_429: bool
+            ) -> tuple[str, str | Sent]:
     """The one place where a send's exception becomes an outcome and a detail."""
     try:
         return SENT, send()
@@ -87,18 +89,23 @@ def verdict(name: str, send: Callable[[], str], *, reraise_429: bool) -> tuple[s
         return FAILED_TRANSPORT, f"internal error: {type(exc).__name__}"
 
 
-def result(attempt: Attempt, transport: Transport | None, outcome: str, detail: str,
+def result(attempt: Attempt, transport: Transport | None, outcome: str, detail: str | Sent,
            duration_ms: int) -> Result:
+    thread = None
+    if isinstance(detail, Sent):
+        thread = detail.thread
+        detail = detail.detail
     if attempt.note:
         detail = f"{attempt.note}; {detail}"
     return Result(attempt, transport.type if transport else "", outcome, detail, duration_ms,
-                  utcnow())
+                  utcnow(), thread)
 
 
 def attempt_once(transport: Transport | None, attempt: Attempt, *,
                  reraise_429: bool = False) -> Result:
     """Send once, now, on this thread, and turn the verdict into an outcome."""
     started = time.monotonic()
+    detail: str | Sent
     if attempt.error or transport is None:
         outcome = FAILED_TRANSPORT
         detail = attempt.error or f"no transport named {attempt.transport!r} is configured"
@@ -121,6 +128,8 @@ def execute(transport: Transport, attempt: Attempt, *, paced: bool) -> list[Resu
         reraise_429=True)
     metrics.DIGESTS.labels(attempt.transport).inc()
     elapsed = int((time.monotonic() - started) * 1000)
+    if isinstance(detail, Sent):
+        detail = detail.detail  # a digest starts no thread
     return [result(m, transport, outcome, f"in {attempt.digest_id} of {n} alerts: {detail}",
                    elapsed) for m in attempt.members]
 
@@ -180,8 +189,12 @@ class Dispatcher:
         if attempt.error or attempt.transport not in self.transports:
             self._ready.append(attempt_once(None, attempt))
             self.wake()
-        elif not self.pacer.hold(attempt, time.monotonic()):
-            self._send(attempt)
+        else:
+            if self.transports[attempt.transport].threads:
+                attempt = replace(attempt, alert=threads.attach(
+                    attempt.alert, attempt.transport, attempt.recipient))
+            if not self.pacer.hold(attempt, time.monotonic()):
+                self._send(attempt)
 
     def _send(self, attempt: Attempt) -> None:
         transport = self.transports[attempt.transport]
@@ -319,6 +332,7 @@ def record(results: list[Result], replica: str) -> None:
     p = db.proxy.param
     with db.proxy.atomic():
         db.executemany(RECORD.format(p=p), rows)
+        threads.remember(results)
         if done:
             db.executemany(f"UPDATE deliveries SET state = 'done' WHERE id = {p}", done)
     for r in results:

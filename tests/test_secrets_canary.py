@@ -17,6 +17,7 @@ CANARY = "CANARY7f3a9"
 def test_canary_secret_appears_nowhere(tree, http, daemon_factory, capsys, tmp_path):
     http.replies["/bad"] = Reply(500, b"upstream says no")
     http.replies["/echo"] = echo
+    http.replies["/api"] = slack_api_echo
     dead = closed_port()
     tree.write_config(
         tree.webhook("good", http.url(f"/good/{CANARY}"),
@@ -30,11 +31,13 @@ def test_canary_secret_appears_nowhere(tree, http, daemon_factory, capsys, tmp_p
         + tree.slack("slack", http.url(f"/services/T0/{CANARY}"))
         + '[transports.mail]\ntype = "email"\nhost = "127.0.0.1"\n'
         + f'port = {dead}\ndefault_from = "n@corp.local"\nusername = "u"\n'
-        + f'password = "{tree.enc(CANARY)}"\n')
+        + f'password = "{tree.enc(CANARY)}"\n'
+        + f'[transports.slackapp]\ntype = "slack"\nbot_token = "{tree.enc("xoxb-" + CANARY)}"\n'
+        + f'api_url = "{http.url("/api")}"\ndefault_channel = "#ops"\n')
     d = daemon_factory()
     tree.drop({"job_id": "j", "run_id": "r", "state": "FAILED", "error": "boom"})
-    rows = wait_until(lambda: len(tree.notifications()) == 7 and tree.notifications(),
-                      timeout=20, what="seven audit rows")
+    rows = wait_until(lambda: len(tree.notifications()) == 8 and tree.notifications(),
+                      timeout=20, what="eight audit rows")
     assert d.stop() == 0
     assert {r["outcome"] for r in rows} == {"SENT", "FAILED_DELIVERY", "FAILED_TRANSPORT"}
     outputs = [d.output(), json.dumps(rows)]
@@ -47,7 +50,7 @@ def test_canary_secret_appears_nowhere(tree, http, daemon_factory, capsys, tmp_p
     for argv in (["transports"], ["audit"], ["audit", "--format", "json"],
                  ["audit", "--format", "csv"], ["check"], ["explain", str(event)],
                  ["test", "dead"], ["test", "weird"], ["test", "mail"], ["test", "bad"],
-                 ["test", "echo"]):
+                 ["test", "echo"], ["test", "slackapp"]):
         main([*argv, "--config", cfg])
         captured = capsys.readouterr()
         outputs.append(captured.out + captured.err)
@@ -55,6 +58,16 @@ def test_canary_secret_appears_nowhere(tree, http, daemon_factory, capsys, tmp_p
         assert CANARY not in text
     assert any(CANARY in r.path for r in http.requests)  # it was really used
     assert any(r["transport"] == "echo" and "****" in r["detail"] for r in rows)
+    [app] = [r for r in rows if r["transport"] == "slackapp"]
+    assert app["outcome"] == "FAILED_DELIVERY" and "invalid_auth" in app["detail"]
+    assert any(CANARY in r.headers.get("Authorization", "") for r in http.requests)
+
+
+def slack_api_echo(request) -> Reply:
+    """Slack's Web API refusing the token, its error quoting the Authorization header."""
+    error = f"invalid_auth: token {request.headers.get('Authorization')} was revoked"
+    return Reply(200, json.dumps({"ok": False, "error": error}).encode(),
+                 {"Content-Type": "application/json"})
 
 
 def echo(request) -> Reply:
@@ -86,10 +99,16 @@ def test_an_upstream_that_echoes_the_request_never_shows_the_secret(tree, http, 
         + tree.webhook("pdjson", http.url(f"/json/{CANARY}"),
                        f'preset = "pagerduty"\nrouting_key = "{tree.enc(CANARY + "rk")}"')
         + tree.webhook("og", http.url(f"/og/{CANARY}"),
-                       f'preset = "opsgenie"\napi_key = "{tree.enc(CANARY + "key")}"'))
+                       f'preset = "opsgenie"\napi_key = "{tree.enc(CANARY + "key")}"')
+        + tree.webhook("teams", http.url(f"/workflows/{CANARY}/invoke?sig={CANARY}sig"),
+                       'preset = "teams"')
+        + tree.webhook("discord", http.url(f"/api/webhooks/123/{CANARY}"), 'preset = "discord"')
+        + tree.webhook("gchat", http.url(f"/v1/spaces/{CANARY}/messages?key={CANARY}k"
+                                         f"&token={CANARY}t"), 'preset = "google_chat"'))
     cfg = str(tree.config_path)
     outputs = []
-    for name in ("hook", "slack", "pd", "pdjson", "og"):
+    names = ("hook", "slack", "pd", "pdjson", "og", "teams", "discord", "gchat")
+    for name in names:
         assert main(["test", name, "--config", cfg]) == 1
         captured = capsys.readouterr()
         assert captured.out.startswith(f"FAILED_DELIVERY {name} ->")
@@ -99,13 +118,14 @@ def test_an_upstream_that_echoes_the_request_never_shows_the_secret(tree, http, 
         captured = capsys.readouterr()
         outputs.append(captured.out + captured.err)
     rows = tree.notifications()
-    assert len(rows) == 5 and all("400" in r["detail"] for r in rows)
+    assert len(rows) == len(names) and all("400" in r["detail"] for r in rows)
     assert any("****" in r["detail"] for r in rows)
     outputs.append(json.dumps(rows))
     # No piece either: the secret cut in two by a clipped detail leaves its first half.
     for text in outputs:
         assert "CANARY" not in text
-    assert sum(CANARY in r.body.decode() + r.path for r in http.requests) >= 5  # really sent
+    # really sent
+    assert sum(CANARY in r.body.decode() + r.path for r in http.requests) >= len(names)
 
 
 def test_a_stray_cr_in_a_header_secret_is_refused_without_showing_it(tree, http, capsys):

@@ -300,3 +300,55 @@ def test_slack_digest_of_long_errors_stays_within_slack_limits(rig, http):
         assert_within_slack_limits(body)
     channel = "\n".join(b["text"] for b in bodies)
     assert [j for j in range(60) if f"nightly-{j:04d}-sync" not in channel] == []
+
+
+# --- Mattermost: `type = "slack"` with a Mattermost incoming-webhook URL ----------------------
+
+MATTERMOST_HOOK = "/hooks/xxx-generatedkey-xxx"
+
+
+def mattermost(request: Any) -> Reply:
+    """Answers as Mattermost's incoming webhooks do: `ok` as text/plain, or a JSON error."""
+    body = request.json()
+    if not body.get("text") and not body.get("attachments"):
+        return Reply(400, json.dumps({
+            "id": "web.incoming_webhook.text.app_error", "message": "No text specified",
+            "detailed_error": "", "request_id": "hoan6o9ws7rp5xj7wu9rmysrte",
+            "status_code": 400}).encode(), {"Content-Type": "application/json"})
+    if body.get("channel") == "#gone":
+        return Reply(403, json.dumps({
+            "id": "web.incoming_webhook.channel_locked.app_error",
+            "message": "This webhook is not permitted to post to the requested channel.",
+            "detailed_error": "", "request_id": "x", "status_code": 403}).encode(),
+            {"Content-Type": "application/json"})
+    return Reply(200, b"ok", {"Content-Type": "text/plain", "X-Request-Id": "hoan6o9ws7"})
+
+
+def test_mattermost_takes_the_slack_payload(rig_factory, http):
+    http.replies[MATTERMOST_HOOK] = mattermost
+    rig = rig_factory(http.url(MATTERMOST_HOOK))
+    result = rig.attempt(make_alert("failed"), "#town-square")
+    assert (result.outcome, result.detail) == (SENT, "HTTP 200 ok")
+    body = http.wait_for(1)[0].json()
+    # The fields Mattermost documents for Slack compatibility.
+    assert set(body) == {"text", "channel", "username", "icon_emoji", "attachments"}
+    assert body["channel"] == "#town-square"
+    assert f"<{RUN_URL}|View run>" in body["text"]
+    assert body["attachments"][0]["color"] == "#d00000"
+
+
+def test_mattermost_refusal_is_failed_delivery_with_its_message(rig_factory, http):
+    http.replies[MATTERMOST_HOOK] = mattermost
+    rig = rig_factory(http.url(MATTERMOST_HOOK))
+    result = rig.attempt(make_alert("failed"), "#gone")
+    assert result.outcome == FAILED_DELIVERY
+    assert result.detail == ("HTTP 403 web.incoming_webhook.channel_locked.app_error: This"
+                             " webhook is not permitted to post to the requested channel.")
+    assert "generatedkey" not in result.detail
+
+
+def test_mattermost_digest_is_sent(rig_factory, http):
+    http.replies[MATTERMOST_HOOK] = mattermost
+    rig = rig_factory(http.url(MATTERMOST_HOOK))
+    results = send_digest(rig, storm_alerts(40, 3))
+    assert {r.outcome for r in results} == {SENT}

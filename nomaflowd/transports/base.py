@@ -66,6 +66,15 @@ def parse_retry_after(headers: Any, default: float = 30.0) -> float:
 
 
 @dataclass(frozen=True)
+class Sent:
+    """What a send returns when the upstream told it something later sends need: the chat
+    thread this message started (Slack app mode), for the dispatcher to record."""
+
+    detail: str
+    thread: Mapping[str, str]
+
+
+@dataclass(frozen=True)
 class Rendered:
     """One message as it goes on the wire: where, with which headers, what body.
 
@@ -205,7 +214,7 @@ def revealed(settings: Mapping[str, Any]) -> list[str]:
     return [v for v in out if v]
 
 
-_Send = TypeVar("_Send", bound=Callable[..., str])
+_Send = TypeVar("_Send", bound=Callable[..., "str | Sent"])
 
 
 def _masked(send: _Send) -> _Send:
@@ -216,9 +225,12 @@ def _masked(send: _Send) -> _Send:
     error answer, an exception message that quotes a header value).
     """
     @functools.wraps(send)
-    def wrapper(self: Transport, *args: Any, **kwargs: Any) -> str:
+    def wrapper(self: Transport, *args: Any, **kwargs: Any) -> str | Sent:
         try:
-            return self.mask(send(self, *args, **kwargs))
+            out = send(self, *args, **kwargs)
+            if isinstance(out, Sent):
+                return Sent(self.mask(out.detail), out.thread)
+            return self.mask(out)
         except Exception as exc:
             if exc.args and isinstance(exc.args[0], str):
                 exc.args = (self.mask(exc.args[0]), *exc.args[1:])
@@ -235,6 +247,9 @@ class Transport:
     # Sends one at a time, in order: for incident APIs, where a resolve must not overtake
     # the trigger it closes.
     ordered: ClassVar[bool] = False
+    # Replies in a chat thread per failure episode (Slack app mode): the dispatcher looks
+    # the thread up before sending (threads.attach) and records the ones a send started.
+    threads: ClassVar[bool] = False
 
     def __init__(self, name: str, settings: Mapping[str, Any], *, timeout: float) -> None:
         self.name = name
@@ -271,8 +286,9 @@ class Transport:
         """The message(s) of one digest; they name every alert in it."""
         raise NotImplementedError
 
-    def send(self, alert: Alert, recipient: str) -> str:
-        """Deliver once; return a short detail, or raise TransportError / DeliveryError."""
+    def send(self, alert: Alert, recipient: str) -> str | Sent:
+        """Deliver once; return a short detail (or a Sent carrying it), or raise
+        TransportError / DeliveryError."""
         raise NotImplementedError
 
     def send_digest(self, alerts: list[Alert], recipient: str, digest_id: str) -> str:
@@ -584,7 +600,7 @@ class HttpTransport(Transport):
             return f"HTTP {status}" + (f" {request.what}" if request.what else "")
         raise self.refusal(status, data, headers)
 
-    def send(self, alert: Alert, recipient: str) -> str:
+    def send(self, alert: Alert, recipient: str) -> str | Sent:
         return self.deliver(self.render(alert, recipient))
 
     def send_digest(self, alerts: list[Alert], recipient: str, digest_id: str) -> str:

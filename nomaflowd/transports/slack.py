@@ -127,14 +127,34 @@ class Slack(HttpTransport):
         return f"{icon} {line}"
 
     def describe_refusal(self, status: int, data: bytes, headers: Any) -> str:
+        """Slack answers a bare token (`invalid_payload`); Mattermost, which takes Slack's
+        payload, a JSON error: `{"id": "web.incoming_webhook.invalid.app_error",
+        "message": "Invalid webhook.", ...}`."""
+        words = mattermost_error(data)
+        if words:
+            return f"HTTP {status} {words}" + retry_after(status, headers)
         token = data[:100].decode("utf-8", "replace").strip().splitlines()
         return f"HTTP {status}" + (f" {token[0]}" if token else "") + retry_after(status, headers)
 
     def accept(self, status: int, data: bytes, headers: Any, request: Rendered) -> str:
-        """Slack's incoming webhooks answer a bare `ok`; anything else is a refusal."""
+        """Slack's incoming webhooks answer a bare `ok`, and so does Mattermost's (text/plain,
+        https://developers.mattermost.com/integrate/webhooks/incoming/); anything else is a
+        refusal."""
         if status == 200 and data.strip() == b"ok":
             return "HTTP 200 ok"
         raise self.refusal(status, data, headers)
+
+
+def mattermost_error(data: bytes) -> str:
+    """`id: message` of a Mattermost error answer, else ""."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return ""
+    if not isinstance(doc, dict) or not doc.get("message"):
+        return ""
+    words = f"{doc['id']}: {doc['message']}" if doc.get("id") else str(doc["message"])
+    return " ".join(words.split())[:300]
 
 
 def _compact_lines(groups: list[tuple[str, list[Alert]]]) -> list[str]:

@@ -1,0 +1,89 @@
+"""Microsoft Teams through a Workflows webhook ("post to a channel when a webhook request is
+received"): a message whose attachment is an Adaptive Card.
+
+https://learn.microsoft.com/en-us/microsoftteams/platform/webhooks-and-connectors/how-to/add-incoming-webhook
+https://adaptivecards.io/explorer/
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nomaflowd.alerts import Alert
+from nomaflowd.transports.chat import ChatPreset, clip, facts
+
+CARD = "application/vnd.microsoft.card.adaptive"
+SCHEMA = "http://adaptivecards.io/schemas/adaptive-card.json"
+VERSION = "1.4"               # what Teams renders (1.5 on desktop only)
+# Teams refuses a message over about 28 KB; a digest part keeps its text well under that.
+DIGEST_BUDGET = 12_000
+FACT_MAX = 1000
+
+
+def style(colour: str | None) -> str:
+    """Adaptive Cards have no hex colours: the nearest of their named ones.
+
+    Red-ish -> attention, yellow-ish -> warning, green-ish -> good, none -> default.
+    """
+    if not colour:
+        return "default"
+    try:
+        value = int(colour.lstrip("#"), 16)
+    except ValueError:
+        return "default"
+    r, g, b = value >> 16 & 255, value >> 8 & 255, value & 255
+    if g > r and g > b:
+        return "good"
+    if r > 150 and g > 120 and b < r / 2:
+        return "warning"
+    if r > g and r > b:
+        return "attention"
+    return "default"
+
+
+def card(body: list[dict[str, Any]], actions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Workflows webhook's message: one Adaptive Card attachment."""
+    content: dict[str, Any] = {"$schema": SCHEMA, "type": "AdaptiveCard", "version": VERSION,
+                               "msteams": {"width": "Full"}, "body": body}
+    if actions:
+        content["actions"] = actions
+    return {"type": "message",
+            "attachments": [{"contentType": CARD, "contentUrl": None, "content": content}]}
+
+
+def headline_block(text: str, colour: str | None) -> dict[str, Any]:
+    """The summary in a container of the state's colour (a coloured band in Teams)."""
+    tone = style(colour)
+    block: dict[str, Any] = {"type": "TextBlock", "text": text, "wrap": True,
+                             "weight": "Bolder", "size": "Medium"}
+    if tone != "default":
+        block["color"] = tone
+    return {"type": "Container", "style": tone if tone != "default" else "emphasis",
+            "bleed": True, "items": [block]}
+
+
+class Teams(ChatPreset):
+    """`type = "webhook"`, `preset = "teams"`: an Adaptive Card per alert."""
+
+    preset = "teams"
+    digest_budget = DIGEST_BUDGET
+
+    def link(self, url: str, label: str) -> str:
+        return f"[{label}]({url})"
+
+    def message(self, alert: Alert) -> dict[str, Any]:
+        body = [headline_block(self.summary(alert), alert.colour)]
+        shown = [{"title": label, "value": clip(value, FACT_MAX)} for label, value in facts(alert)]
+        if shown:
+            body.append({"type": "FactSet", "facts": shown})
+        actions = ([{"type": "Action.OpenUrl", "title": alert.link_text, "url": alert.url}]
+                   if alert.url else [])
+        return card(body, actions)
+
+    def digest_message(self, head: str, lines: list[str], worst: Alert, digest_id: str
+                       ) -> dict[str, Any]:
+        body = [headline_block(f"\U0001f4e6 {head}", worst.colour)]
+        body += [{"type": "TextBlock", "text": line, "wrap": True, "spacing": "None"}
+                 for line in lines]
+        body.append({"type": "TextBlock", "text": digest_id, "isSubtle": True, "size": "Small"})
+        return card(body, [])

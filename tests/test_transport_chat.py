@@ -1,0 +1,326 @@
+"""Teams, Discord and Google Chat presets against local receivers answering as each platform
+does; every body checked against the platform's documented shape, digests too."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from nomaflowd import config
+from nomaflowd.alerts import Alert
+from nomaflowd.dispatch import FAILED_DELIVERY, SENT, Attempt, Dispatcher
+from nomaflowd.errors import ConfigError
+from nomaflowd.transports import build
+from nomaflowd.transports.base import RateLimited
+from tests.servers import Reply
+from tests.test_transport_slack import make_alert
+
+RUN_URL = "https://nomaflow.test/runs/run_a8c4d/"
+PATHS = {
+    "teams": "/workflows/0a1b/triggers/manual/paths/invoke?api-version=2016-06-01&sig=TEAMSSIG0001",
+    "discord": "/api/webhooks/1234567890/DISCORDTOKEN0001",
+    "google_chat": "/v1/spaces/AAAA/messages?key=GCHATKEY0001&token=GCHATTOKEN0001",
+}
+# What each platform answers to a message it took.
+ACCEPTED = {
+    "teams": Reply(202, b""),
+    "discord": Reply(204, b""),
+    "google_chat": Reply(200, json.dumps({"name": "spaces/AAAA/messages/m1",
+                                          "thread": {"name": "spaces/AAAA/threads/t1"}}).encode(),
+                         {"Content-Type": "application/json"}),
+}
+DISCORD_COLOURS = {"failed": 0xD00000, "long_run": 0xF2C744, "succeeded": 0x2EB67D}
+TEAMS_STYLES = {"failed": "attention", "long_run": "warning", "succeeded": "good"}
+
+
+class ChatRig:
+    def __init__(self, tree: Any, http: Any, preset: str, extra: str = "") -> None:
+        http.default = ACCEPTED[preset]
+        self.preset = preset
+        self.cfg = config.load(tree.write_config(tree.webhook(
+            preset, http.url(PATHS[preset]), f'preset = "{preset}"\n{extra}')))
+        self.transports = build(self.cfg.transports, 2)
+        self.transport = self.transports[preset]
+        self.dispatcher = Dispatcher(self.transports, "test-replica")
+
+    def attempt(self, alert: Alert) -> Any:
+        return self.dispatcher.attempt(Attempt(alert, self.preset, self.preset))
+
+    def digest(self, batch: list[Alert]) -> list[Any]:
+        members = tuple(Attempt(a, self.preset, self.preset) for a in batch)
+        return self.dispatcher.execute(Attempt(batch[0], self.preset, self.preset,
+                                               members=members, digest_id="digest-0000abcd"))
+
+    def close(self) -> None:
+        self.dispatcher.close()
+
+
+@pytest.fixture
+def rig_for(tree: Any, http: Any) -> Iterator[Any]:
+    made: list[ChatRig] = []
+
+    def make(preset: str, extra: str = "") -> ChatRig:
+        rig = ChatRig(tree, http, preset, extra)
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        rig.close()
+
+
+def alert_of(kind: str, **fields: Any) -> Alert:
+    """As the daemon makes it; `recovered` from the succeeding run's event."""
+    if kind == "recovered":
+        return replace(make_alert("succeeded", **fields), kind="recovered", failures=2,
+                       minutes=47)
+    return make_alert(kind, minutes=40, **fields)
+
+
+def card_of(body: dict[str, Any]) -> dict[str, Any]:
+    """The Adaptive Card of a Teams Workflows message, checked against the documented shape."""
+    assert body["type"] == "message"
+    [attachment] = body["attachments"]
+    assert attachment["contentType"] == "application/vnd.microsoft.card.adaptive"
+    content = attachment["content"]
+    assert content["type"] == "AdaptiveCard"
+    assert tuple(int(x) for x in content["version"].split(".")) >= (1, 4)
+    assert content["$schema"] == "http://adaptivecards.io/schemas/adaptive-card.json"
+    return content  # type: ignore[no-any-return]
+
+
+def texts(content: dict[str, Any]) -> list[str]:
+    """Every TextBlock's text in a card, containers included."""
+    out = []
+    for item in content["body"]:
+        for block in item.get("items", [item]):
+            if block.get("type") == "TextBlock":
+                out.append(block["text"])
+    return out
+
+
+# --- one alert: the documented shape ------------------------------------------------------
+
+def test_teams_failed_is_an_adaptive_card_with_facts_and_run_link(rig_for, http):
+    rig = rig_for("teams")
+    result = rig.attempt(make_alert("failed"))
+    assert (result.outcome, result.detail) == (SENT, "HTTP 202")
+    req = http.wait_for(1)[0]
+    assert req.path == PATHS["teams"]
+    content = card_of(req.json())
+    band = content["body"][0]
+    assert band["type"] == "Container" and band["style"] == "attention"
+    assert texts(content)[0] == ("\u274c reporting-nightly-sync run failed at step copy-orders"
+                                 " \u00b7 OperationalError: connection refused")
+    [factset] = [b for b in content["body"] if b["type"] == "FactSet"]
+    assert [(f["title"], f["value"]) for f in factset["facts"]] == [
+        ("Job", "reporting-nightly-sync"), ("Run", "run_a8c4d"), ("Step", "copy-orders"),
+        ("Error", "OperationalError: connection refused"), ("Triggered by", "cron")]
+    assert content["actions"] == [{"type": "Action.OpenUrl", "title": "View run",
+                                   "url": RUN_URL}]
+
+
+def test_discord_failed_has_content_and_a_coloured_embed_linking_the_run(rig_for, http):
+    rig = rig_for("discord")
+    result = rig.attempt(make_alert("failed"))
+    assert (result.outcome, result.detail) == (SENT, "HTTP 204")
+    body = http.wait_for(1)[0].json()
+    assert set(body) == {"username", "content", "embeds", "allowed_mentions"}
+    assert body["username"] == "Nomaflow"
+    assert body["content"].startswith("\u274c reporting-nightly-sync run failed at step")
+    [embed] = body["embeds"]
+    assert set(embed) == {"title", "description", "url", "color"}
+    assert embed["title"] == "FAILED reporting-nightly-sync"
+    assert embed["url"] == RUN_URL
+    assert embed["color"] == 0xD00000 and isinstance(embed["color"], int)
+    assert "**Run** run\\_a8c4d" in embed["description"]
+    assert "**Error** OperationalError: connection refused" in embed["description"]
+    assert f"[View run]({RUN_URL})" in embed["description"]
+    assert body["allowed_mentions"] == {"parse": []}
+
+
+def test_google_chat_failed_threads_by_job_and_asks_to_reply_in_the_thread(rig_for, http):
+    rig = rig_for("google_chat")
+    result = rig.attempt(make_alert("failed"))
+    assert (result.outcome, result.detail) == (SENT, "HTTP 200")
+    req = http.wait_for(1)[0]
+    parts = urlsplit(req.path)
+    assert parts.path == "/v1/spaces/AAAA/messages"
+    assert parse_qs(parts.query) == {"key": ["GCHATKEY0001"], "token": ["GCHATTOKEN0001"],
+                                     "messageReplyOption": ["REPLY_MESSAGE_FALLBACK_TO_NEW_THREAD"]}
+    body = req.json()
+    assert body["thread"] == {"threadKey": "nomaflow-reporting-nightly-sync"}
+    assert body["text"] == ("\u274c reporting-nightly-sync run failed at step copy-orders"
+                            f" \u00b7 OperationalError: connection refused <{RUN_URL}|View run>")
+    [card] = body["cardsV2"]
+    widgets = card["card"]["sections"][0]["widgets"]
+    assert widgets[0] == {"textParagraph": {"text": '<font color="#d00000"><b>FAILED</b></font>'}}
+    assert {"topLabel": "Step", "text": "copy-orders", "wrapText": True} in [
+        w.get("decoratedText") for w in widgets]
+    assert widgets[-1]["buttonList"]["buttons"][0]["onClick"]["openLink"]["url"] == RUN_URL
+
+
+def test_google_chat_recovery_goes_to_the_failures_thread(rig_for, http):
+    rig = rig_for("google_chat")
+    for kind in ("failed", "long_run", "recovered"):
+        assert rig.attempt(alert_of(kind)).outcome == SENT
+    keys = {r.json()["thread"]["threadKey"] for r in http.wait_for(3)}
+    assert keys == {"nomaflow-reporting-nightly-sync"}
+
+
+@pytest.mark.parametrize("kind", ["failed", "long_run", "succeeded"])
+def test_state_colour_per_preset(rig_for, http, kind):
+    for preset in ("teams", "discord", "google_chat"):
+        http.requests.clear()
+        rig = rig_for(preset)
+        assert rig.attempt(alert_of(kind)).outcome == SENT
+        body = http.wait_for(1)[0].json()
+        if preset == "teams":
+            assert card_of(body)["body"][0]["style"] == TEAMS_STYLES[kind]
+        elif preset == "discord":
+            assert body["embeds"][0]["color"] == DISCORD_COLOURS[kind]
+        else:
+            colour = {"failed": "#d00000", "long_run": "#f2c744", "succeeded": "#2eb67d"}[kind]
+            widget = body["cardsV2"][0]["card"]["sections"][0]["widgets"][0]
+            assert f'color="{colour}"' in widget["textParagraph"]["text"]
+
+
+def test_event_text_cannot_ping_everyone_or_forge_markup(rig_for, http):
+    nasty = "boom @everyone <users/all> **bold** [x](https://evil.test) <!channel>"
+    for preset in ("discord", "google_chat"):
+        http.requests.clear()
+        rig = rig_for(preset)
+        assert rig.attempt(make_alert("failed", error=nasty)).outcome == SENT
+        body = http.wait_for(1)[0].json()
+        if preset == "discord":
+            assert body["allowed_mentions"] == {"parse": []}
+            assert "\\*\\*bold\\*\\*" in body["content"] and "\\[x\\]" in body["content"]
+        else:
+            assert "<users/all>" not in body["text"] and "<!channel>" not in body["text"]
+            assert "<users/all>" not in json.dumps(body["cardsV2"])
+
+
+# --- answers: refusals and 429s as each platform sends them -------------------------------
+
+def test_discord_429_waits_what_the_json_body_says(rig_for, http):
+    rig = rig_for("discord")
+    http.default = Reply(429, json.dumps({"message": "You are being rate limited.",
+                                          "retry_after": 12.5, "global": False}).encode(),
+                         {"Retry-After": "13", "Content-Type": "application/json"})
+    with pytest.raises(RateLimited) as caught:
+        rig.transport.send(make_alert("failed"), "discord")
+    assert caught.value.retry_after == 12.5
+    assert "429" in str(caught.value) and "retry_after 12.5s" in str(caught.value)
+    result = rig.attempt(make_alert("failed"))
+    assert result.outcome == FAILED_DELIVERY and "You are being rate limited" in result.detail
+
+
+def test_discord_429_without_a_body_falls_back_to_retry_after(rig_for, http):
+    rig = rig_for("discord")
+    http.default = Reply(429, b"", {"Retry-After": "7"})
+    with pytest.raises(RateLimited) as caught:
+        rig.transport.send(make_alert("failed"), "discord")
+    assert caught.value.retry_after == 7
+
+
+def test_discord_unknown_webhook_is_failed_delivery_with_its_message(rig_for, http):
+    rig = rig_for("discord")
+    http.default = Reply(404, b'{"message": "Unknown Webhook", "code": 10015}')
+    result = rig.attempt(make_alert("failed"))
+    assert result.outcome == FAILED_DELIVERY
+    assert result.detail == "HTTP 404 10015 Unknown Webhook"
+    assert "DISCORDTOKEN0001" not in result.detail
+
+
+@pytest.mark.parametrize("preset", ["teams", "google_chat"])
+def test_teams_and_google_chat_429_wait_for_retry_after(rig_for, http, preset):
+    rig = rig_for(preset)
+    answer = ({"error": {"code": 429, "message": "Resource has been exhausted (e.g. check"
+                         " quota).", "status": "RESOURCE_EXHAUSTED"}} if preset == "google_chat"
+              else {"error": {"code": "WorkflowTriggerIsThrottled",
+                              "message": "The workflow trigger is throttled."}})
+    http.default = Reply(429, json.dumps(answer).encode(), {"Retry-After": "20"})
+    with pytest.raises(RateLimited) as caught:
+        rig.transport.send(make_alert("failed"), preset)
+    assert caught.value.retry_after == 20
+    word = "RESOURCE_EXHAUSTED" if preset == "google_chat" else "WorkflowTriggerIsThrottled"
+    assert word in str(caught.value) and "Retry-After 20s" in str(caught.value)
+
+
+def test_teams_schema_mismatch_is_failed_delivery(rig_for, http):
+    rig = rig_for("teams")
+    http.default = Reply(400, json.dumps({"error": {
+        "code": "TriggerInputSchemaMismatch",
+        "message": "The input body for trigger 'manual' of type 'Request' did not match"}}
+    ).encode())
+    result = rig.attempt(make_alert("failed"))
+    assert result.outcome == FAILED_DELIVERY
+    assert result.detail.startswith("HTTP 400 TriggerInputSchemaMismatch The input body")
+    assert "TEAMSSIG0001" not in result.detail
+
+
+# --- digests: every job named, within each platform's limits ------------------------------
+
+def storm(jobs: int, per_job: int = 1) -> list[Alert]:
+    return [make_alert("failed", job_id=f"nightly-{j:04d}-sync", run_id=f"r{j}-{k}")
+            for k in range(per_job) for j in range(jobs)]
+
+
+def digest_text(preset: str, body: dict[str, Any]) -> str:
+    """The visible text of one digest message, after checking the platform's limits."""
+    if preset == "teams":
+        assert len(json.dumps(body).encode()) < 28_000  # Teams' message size limit
+        return "\n".join(texts(card_of(body)))
+    if preset == "discord":
+        assert len(body["content"]) <= 2000
+        assert 1 <= len(body["embeds"]) <= 10
+        assert sum(len(e.get("title", "")) + len(e.get("description", ""))
+                   for e in body["embeds"]) <= 6000
+        for embed in body["embeds"]:
+            assert len(embed["description"]) <= 4096 and len(embed["title"]) <= 256
+            assert embed["color"] == 0xD00000
+        assert body["allowed_mentions"] == {"parse": []}
+        return body["content"] + "\n" + "\n".join(e["title"] + "\n" + e["description"]
+                                                for e in body["embeds"])
+    assert len(body["text"]) <= 4096
+    assert "thread" not in body  # many jobs: no one job's thread
+    return body["text"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("preset", ["teams", "discord", "google_chat"])
+@pytest.mark.parametrize(("jobs", "per_job"), [(40, 3), (2000, 1)])
+def test_chat_digest_names_every_job(rig_for, http, preset, jobs, per_job):
+    rig = rig_for(preset)
+    results = rig.digest(storm(jobs, per_job))
+    assert {r.outcome for r in results} == {SENT} and len(results) == jobs * per_job
+    shown = [digest_text(preset, r.json()) for r in http.requests]
+    channel = "\n".join(shown).replace("\\", "")
+    assert [j for j in range(jobs) if f"nightly-{j:04d}-sync" not in channel] == []
+    assert f"{jobs * per_job} alerts held back" in shown[0]
+    assert all("digest-0000abcd" in s for s in shown)
+    if len(shown) > 1:
+        assert all(f"of {len(shown)})" in s for s in shown)
+        assert results[0].detail.endswith(f"({len(shown)} messages)")
+    if per_job > 1:
+        assert "\u00d73" in channel
+
+
+# --- config -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["teams", "discord", "google_chat"])
+def test_chat_preset_needs_its_url(tree, preset):
+    tree.write_config(f'[transports.chat]\ntype = "webhook"\npreset = "{preset}"\n')
+    with pytest.raises(ConfigError, match=r"transports\.chat\.url is required"):
+        config.load(tree.config_path)
+
+
+def test_unknown_preset_lists_the_known_ones(tree, http):
+    tree.write_config(tree.webhook("chat", http.url(), 'preset = "msteams"'))
+    with pytest.raises(ConfigError) as caught:
+        config.load(tree.config_path)
+    assert "teams, discord, google_chat" in str(caught.value)
