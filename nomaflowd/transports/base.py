@@ -24,6 +24,7 @@ import requests.adapters
 import urllib3
 import urllib3.connection
 import urllib3.exceptions
+import urllib3.util
 
 from nomaflowd.alerts import Alert
 from nomaflowd.crypto import Secret
@@ -415,9 +416,11 @@ class _Adapter(requests.adapters.HTTPAdapter):
 
 
 def describe_request_error(exc: BaseException) -> str:
-    """One safe line for a failed request (requests' messages quote URLs and internals)."""
+    """One safe line for a failed request (the libraries' messages quote URLs and internals)."""
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason  # what went wrong on the one attempt
     text = str(exc)
-    if isinstance(exc, requests.exceptions.ProxyError):
+    if isinstance(exc, requests.exceptions.ProxyError | urllib3.exceptions.ProxyError):
         reason = "refused the connection" if "refused" in text.lower() else "failed"
         if "407" in text:
             reason = "asked for authentication (407)"
@@ -425,25 +428,35 @@ def describe_request_error(exc: BaseException) -> str:
             answer = text.split("Tunnel connection failed: ")[-1][:60].strip(" ')\"")
             reason = f"refused to tunnel ({answer})"
         return f"proxy {reason}"
-    if isinstance(exc, requests.exceptions.SSLError):
+    if isinstance(exc, requests.exceptions.SSLError | urllib3.exceptions.SSLError | ssl.SSLError):
         if "CERTIFICATE_VERIFY_FAILED" in text:
             return "TLS error: certificate verify failed (set ca_file for a private CA)"
         return "TLS error"
-    if isinstance(exc, requests.exceptions.Timeout):
-        return "timed out"
-    if "Name or service not known" in text or "NameResolutionError" in text \
+    # Before the timeout test: urllib3's NewConnectionError is a ConnectTimeoutError.
+    if isinstance(exc, urllib3.exceptions.NameResolutionError) \
+            or "Name or service not known" in text or "NameResolutionError" in text \
             or "Temporary failure in name resolution" in text:
         return "DNS lookup failed"
-    if "Connection refused" in text:
+    if "Connection refused" in text or isinstance(exc, ConnectionRefusedError):
         return "connection refused"
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
+        return "connection failed"
+    if isinstance(exc, requests.exceptions.Timeout | urllib3.exceptions.TimeoutError
+                  | TimeoutError):
+        return "timed out"
     if isinstance(exc, requests.exceptions.InvalidURL | requests.exceptions.MissingSchema
-                  | requests.exceptions.InvalidSchema):
+                  | requests.exceptions.InvalidSchema | urllib3.exceptions.LocationValueError):
         return "the URL is not valid"
     if isinstance(exc, requests.exceptions.InvalidHeader):
         return "a header value is not valid"
-    if isinstance(exc, requests.exceptions.ConnectionError):
+    if isinstance(exc, requests.exceptions.ConnectionError | urllib3.exceptions.HTTPError
+                  | OSError):
         return "connection failed (reset or closed)"
     return type(exc).__name__
+
+
+# One attempt: no retry of a connect or a read (requests' own default for its adapters).
+ONE_ATTEMPT = urllib3.util.Retry(0, read=False)
 
 
 class HttpTransport(Transport):
@@ -504,7 +517,7 @@ class HttpTransport(Transport):
         if session is None:
             session = requests.Session()
             session.trust_env = False  # proxies are resolved once, in proxies()
-            adapter = _Adapter(pool_connections=4, pool_maxsize=4, max_retries=0)
+            adapter = _Adapter(pool_connections=16, pool_maxsize=4, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             session.headers.update({"User-Agent": USER_AGENT})
@@ -513,28 +526,33 @@ class HttpTransport(Transport):
                 self._sessions.add(session)
         return session
 
-    def _prepare(self, url: str, headers: dict[str, str], body: bytes) -> requests.PreparedRequest:
-        """The request, from a per-URL template: preparing the URL (parsing, IDNA) once, and
-        going to the session's adapter directly, skips Session's per-request merging of
-        settings, cookies and hooks that this client never uses (half of requests' own
-        cost per POST, measured with cProfile; see bench/ scenario d)."""
-        templates: dict[str, requests.PreparedRequest] = self._local.__dict__.setdefault(
-            "templates", {})
-        template = templates.get(url)
-        if template is None:
-            template = requests.PreparedRequest()
-            template.prepare(method="POST", url=url, headers={"User-Agent": USER_AGENT})
-            templates[url] = template
-        request = template.copy()
-        assert request.headers is not None
-        request.headers.update(headers)
-        request.body = body
-        request.headers["Content-Length"] = str(len(body))
-        return request
+    def _route(self, url: str) -> tuple[Any, str]:
+        """(connection pool, URL as that pool wants it) for `url` on this thread's session.
+
+        Asked of requests' adapter once per URL, which picks the pool (direct, or through
+        the proxy, with the TLS settings); each POST then goes to that pool. Going through
+        adapter.send() and building a requests Response every time cost 40 % more per POST
+        (cProfile, 3,000 POSTs to bench/receiver.py) for nothing this client uses: no
+        cookies, no hooks, no redirects.
+        """
+        routes: dict[str, tuple[Any, str]] = self._local.__dict__.setdefault("routes", {})
+        route = routes.get(url)
+        if route is None or route[0].pool is None:  # new, or closed by the manager's LRU
+            adapter = self._session().get_adapter(url)
+            assert isinstance(adapter, requests.adapters.HTTPAdapter)
+            prepared = requests.PreparedRequest()
+            prepared.prepare(method="POST", url=url)
+            proxies = self.proxies(url)
+            pool = adapter.get_connection_with_tls_context(prepared, self._verify,
+                                                           proxies=proxies)
+            adapter.cert_verify(pool, url, self._verify, None)
+            route = routes[url] = (pool, adapter.request_url(prepared, proxies))
+        return route
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes, Any]:
         """One POST bounded by the timeout as a whole; returns (status, first bytes, headers)."""
-        all_headers = {"Content-Type": "application/json", **headers}
+        all_headers = {"User-Agent": USER_AGENT, "Content-Type": "application/json", **headers,
+                       "Content-Length": str(len(body))}
         for name, value in all_headers.items():
             # The HTTP library would raise quoting the whole value (a credential).
             if BAD_HEADER_VALUE.search(value):
@@ -551,7 +569,6 @@ class HttpTransport(Transport):
             raise TransportError(f"unsupported URL scheme {parts.scheme!r}")
         if not parts.hostname:
             raise TransportError("the URL has no host")
-        session = self._session()
         deadline = time.monotonic() + self.timeout
         socks: list[Any] = []
         _IN_FLIGHT.socks = socks
@@ -560,14 +577,17 @@ class HttpTransport(Transport):
             with DEADLINES.watch(lambda: socks, deadline) as fired:
                 try:
                     left = max(0.001, deadline - time.monotonic())
-                    resp = session.get_adapter(url).send(
-                        self._prepare(url, all_headers, body), stream=True,
-                        timeout=(left, left), verify=self._verify, proxies=self.proxies(url))
-                    data = resp.raw.read(MAX_RESPONSE + 1)
+                    pool, target = self._route(url)
+                    resp = pool.urlopen(
+                        "POST", target, body=body, headers=all_headers, redirect=False,
+                        assert_same_host=False, preload_content=False, decode_content=False,
+                        retries=ONE_ATTEMPT, timeout=urllib3.Timeout(connect=left, read=left))
+                    data = resp.read(MAX_RESPONSE + 1)
                 except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
                         ValueError) as exc:
                     if resp is not None:
                         resp.close()
+                        resp.release_conn()
                     if time.monotonic() >= deadline - 0.001:
                         raise TransportError(f"timed out after {self.timeout:g}s") from None
                     if isinstance(exc, ValueError) and not isinstance(
@@ -578,16 +598,17 @@ class HttpTransport(Transport):
             # Cut off mid-answer (a trickling server), the read ends early without an error:
             # no complete verdict within the bound. An answer read whole stands, even if the
             # deadline fired just after.
-            if fired[0] and resp.raw.length_remaining != 0 and len(data) <= MAX_RESPONSE:
+            if fired[0] and resp.length_remaining != 0 and len(data) <= MAX_RESPONSE:
                 resp.close()
+                resp.release_conn()
                 raise TransportError(f"timed out after {self.timeout:g}s")
             if len(data) > MAX_RESPONSE:
                 data = data[:MAX_RESPONSE]
-                resp.raw.close()  # the unread rest of a huge answer: drop the connection
-            resp.close()  # back to the pool when it was read to its end
+                resp.close()  # the unread rest of a huge answer: drop the connection
+            resp.release_conn()  # back to the pool (reconnected if it was closed)
         finally:
             _IN_FLIGHT.socks = None
-        return resp.status_code, data, resp.headers
+        return resp.status, data, resp.headers
 
     def deliver(self, request: Rendered) -> str:
         """POST one rendered request; the verdict as a detail, or the typed exception."""
