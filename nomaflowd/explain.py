@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from nomaflowd import incidents, schedules
+from nomaflowd import db, incidents, schedules
 from nomaflowd.config import Config
 from nomaflowd.events import Event
 from nomaflowd.policy import Policy, Routed
@@ -16,7 +16,7 @@ def explain(cfg: Config, event: Event, *, history: str | None = None,
             now: datetime | None = None) -> str:
     """The dry run. `history` None: the database is open (incident state and learned
     thresholds are read from it); otherwise the reason it is not."""
-    now = now or datetime.utcnow()  # the database stores naive UTC
+    now = now or db.utcnow()  # the database stores naive UTC
     policy = Policy(cfg)
     cat = policy.current()
     eff = cat.effective(event.job_id, event.alerts, event.tags)

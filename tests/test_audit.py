@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from nomaflowd import db
 from nomaflowd.cli import main
@@ -14,7 +14,7 @@ from nomaflowd.cli import main
 def seed(tree) -> None:
     tree.write_config()
     db.open_database(f"sqlite:///{tree.db_path}")
-    now = datetime.utcnow()
+    now = db.utcnow()
     rows = [
         (now - timedelta(days=1), "sync", "r1", "failed", "high", "SENT"),
         (now - timedelta(days=2), "sync", "r2", "failed", "high", "FAILED_DELIVERY"),

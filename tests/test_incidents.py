@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from nomaflowd import incidents
+from nomaflowd import db, incidents
 from nomaflowd.cli import main
 from tests.servers import Reply, Request
 from tests.smtp_server import SmtpRecorder
@@ -31,7 +31,7 @@ def stamp(dt: datetime) -> str:
 
 
 def ago(minutes: float) -> str:
-    return stamp(datetime.utcnow() - timedelta(minutes=minutes))
+    return stamp(db.utcnow() - timedelta(minutes=minutes))
 
 
 def pd_reply(req: Request) -> Reply:
@@ -155,7 +155,7 @@ def test_pagerduty_long_run_warning_triggers_and_the_success_resolves(tree, http
     tree.write_config(pagerduty(tree, http), daemon="poll_seconds = 3600")
     tree.write_jobs('[jobs.etl.alerts]\non_long_run_minutes = 30\nrecipients = ["pd"]\n')
     d = inproc()
-    start = datetime.utcnow().replace(microsecond=0)
+    start = db.utcnow().replace(microsecond=0)
     tree.drop({"job_id": "etl", "run_id": "r1", "state": "RUNNING", "started_at": stamp(start)})
     d.pump()
     assert d.daemon.poll_long_runs(start + timedelta(minutes=31)) == 1
@@ -284,7 +284,7 @@ def test_success_after_success_and_late_success_send_no_recovery(tree, http, inp
 
 def drop_history(tree: Any, job: str, minutes: list[float]) -> None:
     """Past runs: a RUNNING and a SUCCEEDED event each, with times in the past."""
-    end = datetime.utcnow() - timedelta(days=1)
+    end = db.utcnow() - timedelta(days=1)
     for i, m in enumerate(minutes):
         finished = end - timedelta(hours=i)
         started = finished - timedelta(minutes=m)
@@ -300,7 +300,7 @@ def test_auto_threshold_fires_at_3x_usual_and_not_at_1_2x(tree, http, inproc):
     d = inproc()
     drop_history(tree, "etl", [9, 10, 10, 11, 10, 12])
     d.pump()
-    start = datetime.utcnow().replace(microsecond=0)
+    start = db.utcnow().replace(microsecond=0)
     tree.drop({"job_id": "etl", "run_id": "now", "state": "RUNNING", "started_at": stamp(start)})
     d.pump()
     # p95 (nearest rank) of 9..12 is 12 min; x1.5 = 18 min after the start; usually 10 min.
@@ -323,7 +323,7 @@ def test_fixed_threshold_keeps_working_beside_auto(tree, http, inproc):
     d = inproc()
     drop_history(tree, "etl", [9, 10, 10, 11, 10, 12])
     d.pump()
-    start = datetime.utcnow().replace(microsecond=0)
+    start = db.utcnow().replace(microsecond=0)
     tree.drop({"job_id": "etl", "run_id": "now", "state": "RUNNING", "started_at": stamp(start)})
     d.pump()
     assert d.daemon.poll_long_runs(start + timedelta(minutes=6)) == 1
@@ -353,7 +353,7 @@ def test_auto_threshold_waits_for_five_samples_and_explain_says_so(tree, http, i
     d = inproc()
     drop_history(tree, "etl", [9, 10, 11])
     d.pump()
-    start = datetime.utcnow().replace(microsecond=0)
+    start = db.utcnow().replace(microsecond=0)
     tree.drop({"job_id": "etl", "run_id": "now", "state": "RUNNING", "started_at": stamp(start)})
     d.pump()
     assert tree.sql("SELECT long_run_deadline FROM runs WHERE run_id = 'now'") == [(None,)]
@@ -449,7 +449,7 @@ def test_episode_and_learned_threshold_on_postgresql(tree, http, inproc, pg_sche
     d.pump()
     tree.drop({"job_id": "etl", "run_id": "f1", "state": "FAILED", "finished_at": ago(30)})
     d.pump()
-    start = datetime.utcnow().replace(microsecond=0)
+    start = db.utcnow().replace(microsecond=0)
     tree.drop({"job_id": "etl", "run_id": "now", "state": "RUNNING", "started_at": stamp(start)})
     d.pump()
     assert d.daemon.poll_long_runs(start + timedelta(minutes=12)) == 0

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
-from nomaflowd import catalogue
+from nomaflowd import catalogue, db
 from nomaflowd.catalogue import AlertsBlock, Catalogue
 from nomaflowd.cli import main
 from nomaflowd.config import Rule, TransportConfig
@@ -166,7 +166,7 @@ def test_unmatched_recipient_is_a_failed_row_and_others_still_get_it(tree, http,
 
 
 def ago(minutes: float) -> str:
-    return (datetime.utcnow() - timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (db.utcnow() - timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def test_long_run_warning_fires_from_the_running_daemon(tree, http, daemon_factory):
@@ -191,14 +191,14 @@ def test_long_run_warns_once_across_polls_and_restart(tree, http, inproc):
     tree.drop({"job_id": "etl", "run_id": "done", "state": "RUNNING", "started_at": ago(40)})
     tree.drop({"job_id": "etl", "run_id": "done", "state": "SUCCEEDED"})
     d.pump()
-    now = datetime.utcnow()
+    now = db.utcnow()
     polls = [d.daemon.poll_long_runs(now) for _ in range(3)]
     d.pump()
     assert polls in ([1, 0, 0], [0, 0, 0])  # the scheduler's own first poll may have won
     d.close()
     again = inproc()
-    assert again.daemon.poll_long_runs(datetime.utcnow()) == 0
-    assert again.daemon.poll_long_runs(datetime.utcnow() + timedelta(minutes=26)) == 1  # early
+    assert again.daemon.poll_long_runs(db.utcnow()) == 0
+    assert again.daemon.poll_long_runs(db.utcnow() + timedelta(minutes=26)) == 1  # early
     again.pump()
     assert sorted(r.json()["run_id"] for r in http.requests) == ["early", "late"]
     assert sorted(r["run_id"] for r in tree.notifications()) == ["early", "late"]
@@ -212,7 +212,7 @@ def test_late_running_event_for_finished_run_changes_nothing(tree, http, inproc)
     d.pump()
     tree.drop({"job_id": "etl", "run_id": "r", "state": "RUNNING", "started_at": ago(90)})
     d.pump()
-    assert d.daemon.poll_long_runs(datetime.utcnow()) == 0
+    assert d.daemon.poll_long_runs(db.utcnow()) == 0
     assert tree.sql("SELECT state FROM runs") == [("SUCCEEDED",)]
     assert http.requests == []
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from nomaflowd import db
 from tests.conftest import DaemonProcess, replica_tree
 from tests.servers import Reply, wait_until
 
@@ -63,7 +64,7 @@ def test_same_events_in_both_spools_are_delivered_once(tree, http, pg_schema, tm
 
 
 def test_long_run_warning_is_raised_by_one_replica(tree, http, pg_schema, tmp_path):
-    from datetime import datetime, timedelta
+    from datetime import timedelta
 
     tree.database = pg_schema
     b_tree = replica_tree(tmp_path / "b", tree, pg_schema)
@@ -72,7 +73,7 @@ def test_long_run_warning_is_raised_by_one_replica(tree, http, pg_schema, tmp_pa
         t.write_jobs("[jobs.etl.alerts]\non_long_run_minutes = 5\n")
     a, b = start(tree, "a"), start(b_tree, "b")
     try:
-        started = (datetime.utcnow() - timedelta(minutes=6)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        started = (db.utcnow() - timedelta(minutes=6)).strftime("%Y-%m-%dT%H:%M:%SZ")
         event = {"job_id": "etl", "run_id": "slow", "state": "RUNNING", "started_at": started}
         tree.drop(event)
         b_tree.drop(event)

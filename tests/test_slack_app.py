@@ -6,12 +6,12 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
-from nomaflowd import config
+from nomaflowd import config, db
 from nomaflowd.checks import run_checks
 from nomaflowd.dispatch import FAILED_DELIVERY, FAILED_TRANSPORT, SENT, Attempt, Dispatcher
 from nomaflowd.errors import ConfigError
@@ -167,7 +167,7 @@ def test_app_mode_plaintext_token_is_refused_without_showing_it(tree):
 # --- one thread per failure episode, end to end ------------------------------------------
 
 def ago(minutes: float) -> str:
-    return (datetime.utcnow() - timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (db.utcnow() - timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 JOBS = ('[jobs.sync.alerts]\nrecipients = ["#data"]\non_recovery = true\n'
