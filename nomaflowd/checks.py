@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import pwd
 import stat
+import statistics
+from datetime import datetime
 from pathlib import Path
 
-from nomaflowd import catalogue, incidents
+from nomaflowd import catalogue, db, incidents
 from nomaflowd.alerts import span
 from nomaflowd.config import Config
 from nomaflowd.crypto import key_path
 from nomaflowd.errors import ConfigError
 from nomaflowd.routing import Router
+from nomaflowd.timetable import Schedule
 
 
 def run_checks(cfg: Config, *, history: bool = False) -> list[tuple[str, str]]:
@@ -43,6 +46,10 @@ def run_checks(cfg: Config, *, history: bool = False) -> list[tuple[str, str]]:
 
     for i, rule in enumerate(cfg.routing):
         recipients(f"routing[{i}]", rule.recipients)
+    recipients("daemon.fallback_recipients", cfg.fallback_recipients)
+    if cfg.transports and not cfg.fallback_recipients:
+        problems.append(("warning", "daemon.fallback_recipients is empty: when a transport keeps"
+                         " failing (a revoked webhook, a dead relay), nobody is told"))
     if cat.default_alerts:
         recipients("defaults.alerts.recipients", cat.default_alerts.recipients)
     for job, block in cat.jobs_alerts.items():
@@ -53,6 +60,7 @@ def run_checks(cfg: Config, *, history: bool = False) -> list[tuple[str, str]]:
                              " runtime plus headroom"))
     if history:
         problems.extend(threshold_checks(cat))
+        problems.extend(start_delay_checks(cat))
     problems.extend(writer_checks(cat, cfg.spool_dir))
     for name, tc in cfg.transports.items():
         if tc.type == "slack" and tc.settings.get("bot_token") is not None \
@@ -93,6 +101,42 @@ def threshold_checks(cat: catalogue.Catalogue) -> list[tuple[str, str]]:
                              f" which usually runs {span(learned.usual)} (median of its last"
                              f" {learned.samples} successful runs): most runs would warn;"
                              ' raise it or use "auto"'))
+    return problems
+
+
+def start_delay(schedule: Schedule, started: datetime) -> float | None:
+    """Seconds from the scheduled time before `started` to `started` (None if none near)."""
+    first = schedule.next_after(started)
+    period = schedule.next_after(first) - first
+    t = schedule.next_after(started - 2 * period)
+    before = None
+    while t <= started:
+        before, t = t, schedule.next_after(t)
+    return (started - before).total_seconds() if before is not None else None
+
+
+def start_delay_checks(cat: catalogue.Catalogue, samples: int = 20) -> list[tuple[str, str]]:
+    """on_missed_minutes shorter than the job's usual start delay: most runs would be
+    called missed. The delay of each of its last runs is measured from the scheduled time
+    before it started."""
+    problems: list[tuple[str, str]] = []
+    for job, schedule in sorted(cat.jobs_schedules.items()):
+        minutes = cat.effective(job).alerts.on_missed_minutes
+        if minutes is None:
+            continue
+        r = db.RunRow
+        starts = [row.started_at for row in r.select(r.started_at).where(
+            (r.job_id == job) & r.started_at.is_null(False))
+            .order_by(r.started_at.desc()).limit(samples)]
+        delays = [d for d in (start_delay(schedule, s) for s in starts) if d is not None]
+        if len(delays) < 3:
+            continue  # too few runs to say what is usual
+        usual = statistics.median(delays)
+        if minutes * 60 < usual:
+            problems.append(("warning", f"jobs.{job}.alerts.on_missed_minutes is {minutes:g},"
+                             f" but {job} usually starts {span(usual / 60)} after its"
+                             f" scheduled time (median of its last {len(delays)} runs): most"
+                             " runs would be called missed; raise it"))
     return problems
 
 

@@ -453,3 +453,37 @@ def test_explain_and_the_page_show_next_expected_last_run_and_lateness(tree, htt
     assert "last run r7 (SUCCEEDED, received " in out
     assert "late: LATE" in out
     assert "stale alert after 26 h without a success" in out
+
+
+def test_check_warns_when_on_missed_minutes_is_shorter_than_the_usual_start_delay(
+        tree, http, inproc, capsys):
+    from nomaflowd.cli import main
+
+    tree.write_config(tree.webhook("hook", http.url()), daemon='fallback_recipients = ["hook"]')
+    tree.write_jobs('[jobs.nightly]\nschedule = "0 2 * * *"\n'
+                    '[jobs.nightly.alerts]\non_missed_minutes = 5\n'
+                    '[jobs.prompt]\nschedule = "0 2 * * *"\n'
+                    '[jobs.prompt.alerts]\non_missed_minutes = 5\n')
+    d = inproc()
+    for day in range(1, 6):  # nightly starts 20 min late, prompt 1 min late
+        for job, late in (("nightly", 20), ("prompt", 1)):
+            tree.drop({"job_id": job, "run_id": f"{job}-{day}", "state": "SUCCEEDED",
+                       "started_at": f"2026-05-0{day}T02:{late:02d}:00Z",
+                       "finished_at": f"2026-05-0{day}T02:40:00Z"})
+    d.pump()
+    d.close()
+    assert main(["check", "--config", str(tree.config_path)]) == 0
+    out = capsys.readouterr().out
+    assert ("warning: jobs.nightly.alerts.on_missed_minutes is 5, but nightly usually starts"
+            " 20 min after its scheduled time (median of its last 5 runs)") in out
+    assert "jobs.prompt.alerts.on_missed_minutes" not in out
+
+
+def test_check_reports_a_fallback_recipient_that_matches_no_transport(tree, capsys):
+    from nomaflowd.cli import main
+
+    tree.write_config(tree.webhook("hook", "https://hooks.example/x"),
+                      daemon='fallback_recipients = ["#ops"]')
+    assert main(["check", "--config", str(tree.config_path)]) == 1
+    assert "error: daemon.fallback_recipients: no slack transport is configured" \
+        in capsys.readouterr().out
