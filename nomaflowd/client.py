@@ -24,7 +24,11 @@ def drop(spool_dir: str | os.PathLike[str], event: dict[str, Any]) -> Path:
     spool = Path(spool_dir)
     if not spool.is_dir():
         raise FileNotFoundError(f"spool directory {spool} does not exist")
-    body = json.dumps(event, ensure_ascii=False).encode("utf-8")
+    try:
+        body = json.dumps(event, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the event holds text that is not valid Unicode (a lone surrogate);"
+                         " the daemon would reject it") from None
     name = f"{time.time_ns()}-{os.getpid()}-{next(_seq)}-{uuid.uuid4().hex[:8]}.json"
     tmp_dir = spool / "tmp" if (spool / "tmp").is_dir() else spool
     tmp = tmp_dir / f".{name}.tmp"

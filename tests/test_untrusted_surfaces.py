@@ -91,3 +91,14 @@ def test_metrics_on_an_ephemeral_port_answer_whatever_is_asked(tree, http, daemo
     assert d.stop() == 0
     assert list(answers.values()) == [200, 200, 200, 404, 404]
     assert "Traceback" not in d.output()
+
+
+def test_the_python_client_refuses_a_lone_surrogate_with_a_clear_error(tree):
+    import pytest
+
+    from nomaflowd.client import drop
+
+    tree.spool.mkdir(parents=True)
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        drop(tree.spool, {"job_id": "etl\ud800", "state": "NOTICE", "message": "m"})
+    assert list(tree.spool.iterdir()) == []  # nothing half-written left behind

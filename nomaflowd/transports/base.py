@@ -328,7 +328,12 @@ def retry_after(status: int, headers: Any) -> str:
     """A 429's Retry-After, for the audit row (the next alert may learn from it)."""
     if status != 429 or headers is None:
         return ""
-    return f" (Retry-After {str(headers.get('Retry-After', '?'))[:40]}s)"
+    value = headers.get("Retry-After")
+    try:  # a number of seconds, or "?": never the raw text, which an upstream could fill
+        shown = f"{float(str(value).strip()):g}"
+    except (TypeError, ValueError):
+        shown = "?"
+    return f" (Retry-After {shown}s)"
 
 
 # The sockets of the request in progress on this thread, registered by the connection
