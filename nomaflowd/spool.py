@@ -100,6 +100,7 @@ class Spool:
         # crashed process, and the kernel keeps it. The next start counts a try for each.
         # It lives in rejected/, which runners cannot write to, so none can plant a symlink.
         self.handling = self.rejected / f".handling-{safe or 'local'}"
+        self.said: set[str] = set()  # subdirectories already reported as not read
         self._handling_fd: int | None = None
 
     def prepare(self) -> None:
@@ -108,10 +109,21 @@ class Spool:
         self.rejected.mkdir(mode=0o700, exist_ok=True)
 
     def scan(self) -> list[str]:
-        """Names of `*.json` entries directly in the spool, oldest name first."""
+        """Names of `*.json` entries directly in the spool, oldest name first.
+
+        Directories are not read: a directory named `*.json`, or one a writer filled by
+        mistake, is said once in the log (its files would otherwise wait unnoticed).
+        """
+        names = []
         with os.scandir(self.path) as it:
-            names = [e.name for e in it if e.name.endswith(".json")
-                     and not e.is_dir(follow_symlinks=False)]
+            for e in it:
+                if not e.is_dir(follow_symlinks=False):
+                    if e.name.endswith(".json"):
+                        names.append(e.name)
+                elif e.name not in (REJECTED, TMP) and e.name not in self.said:
+                    self.said.add(e.name)
+                    logger.warning("spool directory %s is not read: write each event file"
+                                   " directly into %s", escape(e.name), self.path)
         names.sort()
         return names
 

@@ -115,6 +115,8 @@ def test_no_hostile_file_stalls_the_spool(backend: Tree, http, daemon_factory):
     assert notices and longest[0].json()["run_id"] == "r" * 200
     assert "database unavailable" not in d.output()
     assert "Traceback" not in d.output()
+    for name in ("directory.json", "sub"):  # said once each, and left alone
+        assert d.output().count(f"spool directory {name} is not read") == 1, name
     assert (tree.spool / "directory.json").is_dir()
     assert (tree.spool / "sub" / "nested.json").exists()
     del arrived
