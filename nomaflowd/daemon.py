@@ -113,6 +113,7 @@ class Daemon:
 
     def hint(self) -> None:
         """watchdog's thread: a `*.json` arrived."""
+        self.ingest.hinted_at = time.monotonic()
         self.ingest.hinted = True
         self.wakeup.set()
 
@@ -146,7 +147,7 @@ class Daemon:
     def step(self, now: datetime | None = None) -> bool:
         """Finish what came back, do what is due, ingest at most one batch.
         Returns "more work right away?"."""
-        self.last_progress = time.monotonic()
+        self.last_progress = self.ingest.woke_at = time.monotonic()
         try:
             self.deliveries.collect()
             while not self.timers.empty():
