@@ -82,11 +82,12 @@ def measure(rate: float, seconds: float) -> dict[str, list[float]]:
     for run, t0 in renamed.items():
         if run not in batches or run not in sends or run not in arrived:
             continue
-        hinted, woke, started, parsed, committed, submitted = batches[run]
-        if hinted < t0:  # the batch was found by a hint for an earlier file: no stage of its own
-            hinted = t0
-        woke = max(woke, hinted)
-        marks = (t0, hinted, woke, started, parsed, committed, submitted, sends[run], arrived[run])
+        marks = [t0, *batches[run], sends[run], arrived[run]]
+        # A batch found by the scan of an earlier file's hint, or woken before this file's
+        # hint arrived, has no such stage of its own: each mark is clamped between its
+        # neighbours, so the stages are >= 0 and add up to the total.
+        for i in range(len(marks) - 2, 0, -1):
+            marks[i] = max(t0, min(marks[i], marks[i + 1]))
         for name, a, b in zip(STAGES, marks, marks[1:], strict=False):
             out[name].append((b - a) * 1000)
         out["rename -> POST (total)"].append((arrived[run] - t0) * 1000)

@@ -30,7 +30,7 @@ from nomaflowd.errors import NomaflowError
 from nomaflowd.ingest import Ingest, SpoolUnreadable
 from nomaflowd.policy import Policy
 from nomaflowd.schedules import Schedules
-from nomaflowd.spool import Spool, watch
+from nomaflowd.spool import Spool, Watcher, watch
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Daemon:
         self.schedules = Schedules()
         self.deliveries.on_recorded = lambda results, now: fallback.observe(
             results, self.policy, now)
-        self.observer: Any = None
+        self.observer: Watcher | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.web: Any = None  # nomaflowd.web.WebServer when daemon.web_listen is set
         self.metrics_server: metrics.MetricsServer | None = None
@@ -112,7 +112,7 @@ class Daemon:
         self.wakeup.set()
 
     def hint(self) -> None:
-        """watchdog's thread: a `*.json` arrived."""
+        """The spool watcher's thread: a `*.json` arrived."""
         self.ingest.hinted_at = time.monotonic()
         self.ingest.hinted = True
         self.wakeup.set()
@@ -248,7 +248,10 @@ class Daemon:
             timeout = min(timeout, self.watchdog_every)
         if self.pace_wait is not None:
             timeout = min(timeout, self.pace_wait)
-        return max(0.01, timeout)
+        record = self.deliveries.record_due()
+        if record is not None:
+            timeout = min(timeout, record)
+        return max(0.001 if record is not None else 0.01, timeout)
 
     def maybe_ping(self) -> None:
         if not self.ready:

@@ -118,7 +118,8 @@ class InProcess:
                 value = until()
                 if value:
                     return value
-            elif not more and not d.ingest.pending and not d.dispatcher.busy():
+            elif (not more and not d.ingest.pending and not d.dispatcher.busy()
+                  and not d.deliveries.unrecorded):
                 d.step()
                 return True
             if time.monotonic() > deadline:
