@@ -56,18 +56,23 @@ from bench.scenarios import SCENARIOS  # noqa: E402
 from bench.scenarios.alertmanager import alertmanager_binary  # noqa: E402
 from bench.scenarios.base import Ctx, Metric, Receiver, Skip, fmt, log  # noqa: E402
 
-ORDER = "abcdefghi"
+ORDER = "abcdefghij"
 FULL = {"a_files": 40_000, "b_files": 10_000, "c_rate": 200, "c_seconds": 30, "d_count": 5_000,
         "f_runs": 100_000, "g_rows": 5_000_000, "h_seconds": 60, "apprise_limit": 60.0,
-        "am_batch": 64, "g_jobs": 1_000, "f_polls": 30, "i_jobs": 10_000, "i_polls": 30}
+        "am_batch": 64, "g_jobs": 1_000, "f_polls": 30, "i_jobs": 10_000, "i_polls": 30,
+        "j_files": 20_000, "j_burst": 3_000}
 QUICK = {"a_files": 2_000, "b_files": 1_000, "c_rate": 50, "c_seconds": 2, "d_count": 300,
          "f_runs": 10_000, "g_rows": 100_000, "h_seconds": 3, "apprise_limit": 10.0,
-         "am_batch": 64, "g_jobs": 1_000, "f_polls": 10, "i_jobs": 10_000, "i_polls": 10}
+         "am_batch": 64, "g_jobs": 1_000, "f_polls": 10, "i_jobs": 10_000, "i_polls": 10,
+         "j_files": 1_000, "j_burst": 200}
 METRICS: dict[str, list[Metric]] = {name: s.metrics for name, s in SCENARIOS.items()}
 RATIOS = [  # (label, numerator (scenario, key), denominator (scenario, key))
     ("c p50 nomaflowd / Alertmanager (lower is better)", ("c", "p50_ms"), ("e", "am_c_p50_ms")),
     ("c p99 nomaflowd / Alertmanager (lower is better)", ("c", "p99_ms"), ("e", "am_c_p99_ms")),
     ("d rate nomaflowd / Alertmanager (higher is better)", ("d", "rate"), ("e", "am_d_rate")),
+    ("j 1 PostgreSQL replica / SQLite, backlog events/s", ("j", "r1_events_per_s"),
+     ("a", "events_per_s")),
+    ("j 1 PostgreSQL replica / SQLite, burst deliveries/s", ("j", "r1_rate"), ("d", "rate")),
 ]
 
 
@@ -132,7 +137,7 @@ def ratio_rows(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
         a, b = med.get(num), med.get(den)
         if a is None or b is None or not b:
             continue
-        out.append({"scenario": "e", "metric": label, "key": f"ratio_{num[1]}", "unit": "x",
+        out.append({"scenario": num[0], "metric": label, "key": f"ratio_{num[1]}", "unit": "x",
                     "median": a / b, "min": None, "max": None, "n": 1, "target": "-",
                     "verdict": "n.a.", "kind": "info"})
     return out

@@ -6,6 +6,7 @@ import copy
 import fcntl
 import logging
 import os
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -318,10 +319,30 @@ OUTAGES: tuple[type[BaseException], ...] = (pw.PeeweeException, sqlite3.Error)
 VALUE_ERRORS: tuple[type[BaseException], ...] = (pw.DataError, ValueError, OverflowError)
 
 
+# Rows per round trip to PostgreSQL. psycopg2's executemany is one round trip per row, which
+# was a third of a PostgreSQL replica's ingest time; SQLite's is in-process and stays as is.
+PAGE_SIZE = 500
+_VALUES = re.compile(r"VALUES \((?:%s, )*%s\)")
+
+
 def executemany(sql: str, rows: list[tuple[Any, ...]]) -> None:
-    """cursor.executemany with the driver's errors turned into peewee's, as execute_sql does."""
+    """cursor.executemany with the driver's errors turned into peewee's, as execute_sql does.
+
+    On PostgreSQL an `INSERT … VALUES (…)` goes as multi-row VALUES and anything else as
+    statements joined per page (psycopg2.extras), PAGE_SIZE rows per round trip.
+    """
     with pw.__exception_wrapper__:
-        proxy.cursor().executemany(sql, rows)
+        cursor = proxy.cursor()
+        if not isinstance(proxy.obj, pw.PostgresqlDatabase):
+            cursor.executemany(sql, rows)
+            return
+        from psycopg2.extras import execute_batch, execute_values
+
+        multi, found = _VALUES.subn("VALUES %s", sql, count=1)
+        if found:
+            execute_values(cursor, multi, rows, page_size=PAGE_SIZE)
+        else:
+            execute_batch(cursor, sql, rows, page_size=PAGE_SIZE)
 
 
 def open_database(url: str) -> pw.Database:

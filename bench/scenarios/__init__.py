@@ -10,6 +10,7 @@ from bench.scenarios import (
     latency,
     live_burst,
     long_runs,
+    replicas,
     schedules,
     throughput,
 )
@@ -25,4 +26,5 @@ SCENARIOS: dict[str, Scenario] = {
     "g": audit.SCENARIO,
     "h": footprint.SCENARIO,
     "i": schedules.SCENARIO,
+    "j": replicas.SCENARIO,
 }
