@@ -8,17 +8,28 @@ import logging
 import os
 import re
 import sqlite3
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import peewee as pw
-from playhouse.db_url import connect as url_connect
-from playhouse.migrate import SchemaMigrator, migrate
+# peewee and playhouse import every driver they find when they are themselves imported, and
+# psycopg2 (libpq with its own OpenSSL) is 10 MB of a SQLite sidecar's RSS that it never
+# uses. So psycopg2 is hidden from those imports and handed to peewee when a PostgreSQL URL
+# is opened (postgres_driver()).
+_HIDE_PG = "peewee" not in sys.modules and "psycopg2" not in sys.modules
+if _HIDE_PG:
+    sys.modules["psycopg2"] = None  # type: ignore[assignment]  # import psycopg2: ImportError
+try:
+    import peewee as pw
+    from playhouse.migrate import SchemaMigrator, migrate
+finally:
+    if _HIDE_PG:
+        del sys.modules["psycopg2"]
 
-from nomaflowd.errors import ConfigError
+from nomaflowd.errors import ConfigError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -345,6 +356,18 @@ def executemany(sql: str, rows: list[tuple[Any, ...]]) -> None:
             execute_batch(cursor, sql, rows, page_size=PAGE_SIZE)
 
 
+def postgres_driver() -> None:
+    """Give peewee the psycopg2 it was not allowed to see at its import (see the top)."""
+    if getattr(pw, "psycopg2", None) is not None:
+        return
+    import psycopg2
+    from psycopg2 import errors, extensions
+    from psycopg2.extras import register_uuid
+
+    pw.psycopg2, pw.pg_extensions, pw.pg_errors = psycopg2, extensions, errors
+    register_uuid()
+
+
 def open_database(url: str) -> pw.Database:
     """Connect, create or migrate the tables, and bind the models."""
     path: Path | None = None
@@ -364,6 +387,9 @@ def open_database(url: str) -> pw.Database:
         else:
             if url.startswith("postgres://"):
                 url = "postgresql://" + url[len("postgres://"):]
+            if url.startswith("postgresql"):
+                postgres_driver()
+            from playhouse.db_url import connect as url_connect
             db = url_connect(url)
     except ImportError:
         raise ConfigError(

@@ -126,7 +126,7 @@ def execute(transport: Transport, attempt: Attempt, *, paced: bool) -> list[Resu
     outcome, detail = verdict(attempt.transport, lambda: transport.send_digest(
         [m.alert for m in attempt.members], attempt.recipient, attempt.digest_id),
         reraise_429=True)
-    metrics.DIGESTS.labels(attempt.transport).inc()
+    metrics.count_digest(attempt.transport)
     elapsed = int((time.monotonic() - started) * 1000)
     if isinstance(detail, Sent):
         detail = detail.detail  # a digest starts no thread

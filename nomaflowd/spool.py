@@ -190,7 +190,7 @@ class Spool:
                 return  # FileNotFoundError: another replica or an operator got there first
             raise
         os.rename(draft, self.rejected / f"{target}.error")
-        metrics.REJECTED.inc()
+        metrics.count_rejected()
         if target == name:
             logger.warning("spool file %s rejected: %s", escape(name), escape(reason))
         else:
