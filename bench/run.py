@@ -56,15 +56,15 @@ from bench.scenarios import SCENARIOS  # noqa: E402
 from bench.scenarios.alertmanager import alertmanager_binary  # noqa: E402
 from bench.scenarios.base import Ctx, Metric, Receiver, Skip, fmt, log  # noqa: E402
 
-ORDER = "abcdefghij"
+ORDER = "abcdefghijk"
 FULL = {"a_files": 40_000, "b_files": 10_000, "c_rate": 200, "c_seconds": 30, "d_count": 5_000,
         "f_runs": 100_000, "g_rows": 5_000_000, "h_seconds": 60, "apprise_limit": 60.0,
         "am_batch": 64, "g_jobs": 1_000, "f_polls": 30, "i_jobs": 10_000, "i_polls": 30,
-        "j_files": 20_000, "j_burst": 3_000}
+        "j_files": 20_000, "j_burst": 3_000, "k_count": 10_000}
 QUICK = {"a_files": 2_000, "b_files": 1_000, "c_rate": 50, "c_seconds": 2, "d_count": 300,
          "f_runs": 10_000, "g_rows": 100_000, "h_seconds": 3, "apprise_limit": 10.0,
          "am_batch": 64, "g_jobs": 1_000, "f_polls": 10, "i_jobs": 10_000, "i_polls": 10,
-         "j_files": 1_000, "j_burst": 200}
+         "j_files": 1_000, "j_burst": 200, "k_count": 1_000}
 METRICS: dict[str, list[Metric]] = {name: s.metrics for name, s in SCENARIOS.items()}
 RATIOS = [  # (label, numerator (scenario, key), denominator (scenario, key))
     ("c p50 nomaflowd / Alertmanager (lower is better)", ("c", "p50_ms"), ("e", "am_c_p50_ms")),

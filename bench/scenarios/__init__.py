@@ -12,6 +12,7 @@ from bench.scenarios import (
     long_runs,
     replicas,
     schedules,
+    storm,
     throughput,
 )
 from bench.scenarios.base import Scenario
@@ -27,4 +28,5 @@ SCENARIOS: dict[str, Scenario] = {
     "h": footprint.SCENARIO,
     "i": schedules.SCENARIO,
     "j": replicas.SCENARIO,
+    "k": storm.SCENARIO,
 }

@@ -169,6 +169,13 @@ class Receiver:
     def reset(self) -> None:
         self._get("/__reset", "POST")
 
+    def refused(self, path: str) -> int:
+        return int(self._get("/__stats")["refused"].get(path, 0))
+
+    def bodies(self, path: str) -> list[tuple[float, str]]:
+        """The bodies a /limited/ path accepted, with their arrival times."""
+        return [(m, b) for m, p, b in self._get("/__bodies") if p == path]
+
     def wait_items(self, path: str, count: int, timeout: float, every: float = 0.05) -> int:
         deadline = time.monotonic() + timeout
         while True:
