@@ -9,7 +9,8 @@ spool, SQLite database; the daemon is a real `python -m nomaflowd run` process, 
 over $NOTIFY_SOCKET; deliveries go to bench/receiver.py, a raw asyncio HTTP/1.1 server in its
 own process):
 
-  a  backlog      N event files present at start -> time until all are in `events`
+  a  backlog      N event files present at start -> time until all are in `events`; the floor
+                  (read + parse + unlink, no database) and the fraction of it
   b  live burst   N files staged in spool/tmp/, then renamed into a running daemon's spool as
                   fast as one process can
   c  paced        FAILED events at R/s for S s -> rename-to-POST latency (CLOCK_MONOTONIC)
@@ -18,7 +19,10 @@ own process):
   e  Alertmanager the alerts of c and d posted to a local Alertmanager, same receiver
   f  long-run poll with 100,000 RUNNING runs in the database
   g  audit        5,000,000 notifications over six months: SQL and `nomaflowd audit` for one job
-  h  footprint    RSS idle, RSS peak (scenario a), CPU while idle
+  h  footprint    RSS idle, RSS peak (scenario a), CPU while idle, start-up time
+  i  schedules    the due-schedule poll over 10,000 scheduled jobs
+  j  replicas     1 and 3 replicas on PostgreSQL (own spools, a shared spool): backlog and burst
+  k  storm        10,000 failures over 200 jobs to a Slack-like channel (1/s, bursts of 25)
 
 This file is the driver (flags, the repeat loop, the summary table, the JSON); each scenario is
 a module of bench/scenarios/, and the trees and daemon processes are tests/harness.py's.

@@ -332,6 +332,14 @@ class Watcher(threading.Thread):
             os.close(self.fd)
             os.close(self._stop_r)
 
+    def drain(self) -> bool:
+        """On the main loop, before it sleeps: read what the kernel has queued, without waiting
+        for this thread to get the GIL (up to a switch interval after a busy step)."""
+        try:
+            return self.arrived(os.read(self.fd, 65536))
+        except OSError:  # nothing queued (EAGAIN), or closed by stop()
+            return False
+
     @staticmethod
     def arrived(data: bytes) -> bool:
         """Does this read of inotify records hold a `*.json` arrival (or an overflow)?"""
