@@ -7,9 +7,14 @@ when the bench asks), so the hot path costs one header scan and one write.
 
 Control endpoints (used by bench/run.py between and after measurements):
 
-    GET  /__stats    {"requests": {path: n}, "items": {path: n}}   items = alerts/events
+    GET  /__stats    {"requests": {path: n}, "items": {path: n}, "refused": {path: n}}
     GET  /__records  [[mono, wall, path, id], ...]                  one entry per item
+    GET  /__bodies   [[mono, path, body text], ...]  accepted requests under /limited/
     POST /__reset    forget everything recorded so far
+
+A path under /limited/ answers like a Slack channel under load: 1 message/s with bursts of
+25 (a token bucket per path), `429 Too Many Requests` with `Retry-After: 1` beyond that.
+Refused requests are counted, not recorded.
 
 An item's id is the `run_id` of a nomaflowd webhook body, the `message` of an Apprise
 json:// body, or each alert's `labels.run_id` in an Alertmanager webhook body.
@@ -28,6 +33,9 @@ from typing import Any
 
 OK = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
       b"\r\nok")
+TOO_MANY = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nRetry-After: 1"
+            b"\r\nContent-Length: 12\r\n\r\nrate_limited")
+LIMIT_RATE, LIMIT_BURST = 1.0, 25.0
 OK_CLOSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
             b"Connection: close\r\n\r\nok")
 
@@ -39,6 +47,19 @@ class Store:
         self.upto = 0
         self.requests: dict[str, int] = {}
         self.items: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
+        self.buckets: dict[str, tuple[float, float]] = {}  # path -> (tokens, stamp)
+
+    def admit(self, path: str, now: float) -> bool:
+        """The /limited/ token bucket: False (and counted) when the channel is over its rate."""
+        tokens, stamp = self.buckets.get(path, (LIMIT_BURST, now))
+        tokens = min(LIMIT_BURST, tokens + (now - stamp) * LIMIT_RATE)
+        if tokens < 1:
+            self.buckets[path] = (tokens, now)
+            self.refused[path] = self.refused.get(path, 0) + 1
+            return False
+        self.buckets[path] = (tokens - 1, now)
+        return True
 
     def add(self, mono: float, wall: float, path: str, body: bytes) -> None:
         self.raw.append((mono, wall, path, body))
@@ -114,6 +135,8 @@ class Http(asyncio.Protocol):
             path = target.split("?", 1)[0]
             if path.startswith("/__"):
                 self.transport.write(self.control(method, path))
+            elif path.startswith("/limited/") and not self.store.admit(path, mono):
+                self.transport.write(TOO_MANY)
             else:
                 self.store.add(mono, wall, path, body)
                 self.transport.write(OK_CLOSE if close else OK)
@@ -128,7 +151,10 @@ class Http(asyncio.Protocol):
             out: Any = {"ok": True}
         elif path == "/__stats":
             store.parse_pending()
-            out = {"requests": store.requests, "items": store.items}
+            out = {"requests": store.requests, "items": store.items, "refused": store.refused}
+        elif path == "/__bodies":
+            out = [[m, p, b.decode(errors="replace")] for m, _w, p, b in store.raw
+                   if p.startswith("/limited/")]
         elif path == "/__records":
             store.parse_pending()
             out = store.parsed

@@ -9,7 +9,8 @@ spool, SQLite database; the daemon is a real `python -m nomaflowd run` process, 
 over $NOTIFY_SOCKET; deliveries go to bench/receiver.py, a raw asyncio HTTP/1.1 server in its
 own process):
 
-  a  backlog      N event files present at start -> time until all are in `events`
+  a  backlog      N event files present at start -> time until all are in `events`; the floor
+                  (read + parse + unlink, no database) and the fraction of it
   b  live burst   N files staged in spool/tmp/, then renamed into a running daemon's spool as
                   fast as one process can
   c  paced        FAILED events at R/s for S s -> rename-to-POST latency (CLOCK_MONOTONIC)
@@ -18,7 +19,10 @@ own process):
   e  Alertmanager the alerts of c and d posted to a local Alertmanager, same receiver
   f  long-run poll with 100,000 RUNNING runs in the database
   g  audit        5,000,000 notifications over six months: SQL and `nomaflowd audit` for one job
-  h  footprint    RSS idle, RSS peak (scenario a), CPU while idle
+  h  footprint    RSS idle, RSS peak (scenario a), CPU while idle, start-up time
+  i  schedules    the due-schedule poll over 10,000 scheduled jobs
+  j  replicas     1 and 3 replicas on PostgreSQL (own spools, a shared spool): backlog and burst
+  k  storm        10,000 failures over 200 jobs to a Slack-like channel (1/s, bursts of 25)
 
 This file is the driver (flags, the repeat loop, the summary table, the JSON); each scenario is
 a module of bench/scenarios/, and the trees and daemon processes are tests/harness.py's.
@@ -56,18 +60,23 @@ from bench.scenarios import SCENARIOS  # noqa: E402
 from bench.scenarios.alertmanager import alertmanager_binary  # noqa: E402
 from bench.scenarios.base import Ctx, Metric, Receiver, Skip, fmt, log  # noqa: E402
 
-ORDER = "abcdefghi"
+ORDER = "abcdefghijk"
 FULL = {"a_files": 40_000, "b_files": 10_000, "c_rate": 200, "c_seconds": 30, "d_count": 5_000,
         "f_runs": 100_000, "g_rows": 5_000_000, "h_seconds": 60, "apprise_limit": 60.0,
-        "am_batch": 64, "g_jobs": 1_000, "f_polls": 30, "i_jobs": 10_000, "i_polls": 30}
+        "am_batch": 64, "g_jobs": 1_000, "f_polls": 30, "i_jobs": 10_000, "i_polls": 30,
+        "j_files": 20_000, "j_burst": 3_000, "k_count": 10_000}
 QUICK = {"a_files": 2_000, "b_files": 1_000, "c_rate": 50, "c_seconds": 2, "d_count": 300,
          "f_runs": 10_000, "g_rows": 100_000, "h_seconds": 3, "apprise_limit": 10.0,
-         "am_batch": 64, "g_jobs": 1_000, "f_polls": 10, "i_jobs": 10_000, "i_polls": 10}
+         "am_batch": 64, "g_jobs": 1_000, "f_polls": 10, "i_jobs": 10_000, "i_polls": 10,
+         "j_files": 1_000, "j_burst": 200, "k_count": 1_000}
 METRICS: dict[str, list[Metric]] = {name: s.metrics for name, s in SCENARIOS.items()}
 RATIOS = [  # (label, numerator (scenario, key), denominator (scenario, key))
     ("c p50 nomaflowd / Alertmanager (lower is better)", ("c", "p50_ms"), ("e", "am_c_p50_ms")),
     ("c p99 nomaflowd / Alertmanager (lower is better)", ("c", "p99_ms"), ("e", "am_c_p99_ms")),
     ("d rate nomaflowd / Alertmanager (higher is better)", ("d", "rate"), ("e", "am_d_rate")),
+    ("j 1 PostgreSQL replica / SQLite, backlog events/s", ("j", "r1_events_per_s"),
+     ("a", "events_per_s")),
+    ("j 1 PostgreSQL replica / SQLite, burst deliveries/s", ("j", "r1_rate"), ("d", "rate")),
 ]
 
 
@@ -132,7 +141,7 @@ def ratio_rows(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
         a, b = med.get(num), med.get(den)
         if a is None or b is None or not b:
             continue
-        out.append({"scenario": "e", "metric": label, "key": f"ratio_{num[1]}", "unit": "x",
+        out.append({"scenario": num[0], "metric": label, "key": f"ratio_{num[1]}", "unit": "x",
                     "median": a / b, "min": None, "max": None, "n": 1, "target": "-",
                     "verdict": "n.a.", "kind": "info"})
     return out

@@ -123,7 +123,6 @@ def setup_logging() -> None:
     handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    logging.getLogger("watchdog").setLevel(logging.WARNING)
 
 
 def load_config(args: argparse.Namespace, *, decrypt: bool = True) -> Config:

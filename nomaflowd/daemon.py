@@ -2,7 +2,8 @@
 
 The work itself lives elsewhere and flows one way: spool -> ingest -> policy -> deliveries
 -> dispatcher -> transports -> audit. This module only drives it. The main thread owns all
-of it; APScheduler's thread only says "the poll is due" through a queue (and prunes).
+of it, the poll every poll_seconds included; only the daily retention runs on a thread of
+its own (with its own connection), so that a long prune never holds the spool.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ import threading
 import time
 import uuid
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from types import FrameType
 from typing import Any
-
-from apscheduler.schedulers.background import BackgroundScheduler
 
 from nomaflowd import config, db, fallback, longrun, metrics, systemd, transports
 from nomaflowd.config import Config
@@ -30,12 +29,14 @@ from nomaflowd.errors import NomaflowError
 from nomaflowd.ingest import Ingest, SpoolUnreadable
 from nomaflowd.policy import Policy
 from nomaflowd.schedules import Schedules
-from nomaflowd.spool import Spool, watch
+from nomaflowd.spool import Spool, Watcher, watch
 
 logger = logging.getLogger(__name__)
 
 # Keys whose change needs a restart: a reload keeps the running value and says so.
 RESTART_ONLY = ("spool_dir", "database", "web_listen", "metrics_listen", "replica_id")
+PRUNE_FIRST = 60.0          # seconds after start
+PRUNE_EVERY = 86400.0
 
 
 class Daemon:
@@ -57,8 +58,13 @@ class Daemon:
         self.twin_seen = 0.0           # ...last seen then (time.monotonic())
         self.beats = 0
         self.pace_wait: float | None = None
+        self.next_poll = 0.0                     # time.monotonic(): the first poll at start
+        self.next_prune = time.monotonic() + PRUNE_FIRST
+        self.pruner: threading.Thread | None = None
         # A peer silent for this long is taken for dead and its unfinished sends are redone.
         self.lease_seconds = max(3 * cfg.poll_seconds, 2 * cfg.send_timeout_seconds + 5)
+        if cfg.metrics_listen:
+            metrics.enable()  # before anything is counted
         self.policy = Policy(cfg)
         self.dispatcher = Dispatcher(transports.build(cfg.transports, cfg.send_timeout_seconds),
                                      cfg.replica_id, wake=self.wakeup.set)
@@ -68,8 +74,7 @@ class Daemon:
         self.schedules = Schedules()
         self.deliveries.on_recorded = lambda results, now: fallback.observe(
             results, self.policy, now)
-        self.observer: Any = None
-        self.scheduler: BackgroundScheduler | None = None
+        self.observer: Watcher | None = None
         self.web: Any = None  # nomaflowd.web.WebServer when daemon.web_listen is set
         self.metrics_server: metrics.MetricsServer | None = None
 
@@ -86,14 +91,6 @@ class Daemon:
         self.ingest.count_tries(utcnow())
         self.heartbeat()
         self.deliveries.resume()
-        self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={
-            "max_instances": 1, "coalesce": True, "misfire_grace_time": None})
-        self.scheduler.add_job(self.poll_due, "interval", seconds=self.config.poll_seconds,
-                               next_run_time=datetime.now().astimezone(), id="poll")
-        self.scheduler.add_job(self.prune_job, "interval", days=1,
-                               next_run_time=datetime.now().astimezone() + timedelta(minutes=1),
-                               id="prune")
-        self.scheduler.start()
         if self.config.metrics_listen:
             self.metrics_server = metrics.MetricsServer(
                 self.config.metrics_listen, self.gauges, self.healthy)
@@ -112,14 +109,28 @@ class Daemon:
         self.wakeup.set()
 
     def hint(self) -> None:
-        """watchdog's thread: a `*.json` arrived."""
+        """The spool watcher's thread: a `*.json` arrived."""
+        self.ingest.hinted_at = time.monotonic()
         self.ingest.hinted = True
         self.wakeup.set()
 
     def poll_due(self) -> None:
-        """APScheduler's thread: only tell the main loop."""
+        """The poll is due now (any thread): tell the main loop."""
         self.timers.put("poll")
         self.wakeup.set()
+
+    def due(self) -> None:
+        """Start what the clock says is due: the poll (coalesced: one however late), the
+        daily retention (on its own thread, one at a time)."""
+        mono = time.monotonic()
+        if mono >= self.next_poll:
+            self.next_poll = mono + self.config.poll_seconds
+            self.timers.put("poll")
+        if mono >= self.next_prune:
+            self.next_prune = mono + PRUNE_EVERY
+            if self.pruner is None or not self.pruner.is_alive():
+                self.pruner = threading.Thread(target=self.prune_job, name="prune", daemon=True)
+                self.pruner.start()
 
     # --- the loop --------------------------------------------------------------------
 
@@ -137,6 +148,10 @@ class Daemon:
                 self.stopping.wait(1.0)
                 more = False
             self.maybe_ping()
+            if not more and self.observer is not None and self.observer.drain():
+                self.ingest.hinted_at = time.monotonic()
+                self.ingest.hinted = True  # arrived during the step: no need to wait
+                continue
             if not more:
                 self.wakeup.wait(self.idle_timeout())
                 self.wakeup.clear()
@@ -146,7 +161,8 @@ class Daemon:
     def step(self, now: datetime | None = None) -> bool:
         """Finish what came back, do what is due, ingest at most one batch.
         Returns "more work right away?"."""
-        self.last_progress = time.monotonic()
+        self.last_progress = self.ingest.woke_at = time.monotonic()
+        self.due()
         try:
             self.deliveries.collect()
             while not self.timers.empty():
@@ -245,9 +261,14 @@ class Daemon:
         timeout = self.config.rescan_seconds - (time.monotonic() - self.ingest.last_scan)
         if self.watchdog_every:
             timeout = min(timeout, self.watchdog_every)
+        timeout = min(timeout, self.next_poll - time.monotonic(),
+                      self.next_prune - time.monotonic())
         if self.pace_wait is not None:
             timeout = min(timeout, self.pace_wait)
-        return max(0.01, timeout)
+        record = self.deliveries.record_due()
+        if record is not None:
+            timeout = min(timeout, record)
+        return max(0.001 if record is not None else 0.01, timeout)
 
     def maybe_ping(self) -> None:
         if not self.ready:
@@ -290,8 +311,8 @@ class Daemon:
         if self.observer is not None:
             self.observer.stop()
             self.observer.join()
-        if self.scheduler is not None:
-            self.scheduler.shutdown(wait=True)
+        if self.pruner is not None:
+            self.pruner.join()
         if self.metrics_server is not None:
             self.metrics_server.close()
         if self.web is not None:
@@ -332,7 +353,7 @@ class Daemon:
         return values
 
     def prune_job(self) -> None:
-        """APScheduler's thread, daily: retention (database rows only, no shared state)."""
+        """The prune thread, daily: retention (database rows only, no shared state)."""
         try:
             removed: dict[str, int] = dict(db.prune(utcnow(), self.config.retention_days))
             removed["rejected files"] = self.spool.prune_rejected(utcnow(),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
@@ -23,6 +24,12 @@ from nomaflowd.policy import Routed
 logger = logging.getLogger(__name__)
 
 BATCH = 1000
+# How long a result may wait for its audit row. Each record is a commit, and a commit is an
+# fsync (synchronous=FULL) on the main thread; one per result took a paced event's ingest
+# and its audit row to two fsyncs each, and the next file queued behind them. Waiting this
+# long records ~10 results in one commit at 200 events/s. A crash in this window only
+# re-sends (the claims are still open), as a crash between send and record always did.
+RECORD_DELAY = 0.05
 RESENT = "sent again after a restart (the earlier attempt got no verdict)"
 HELD = "held in line when the daemon stopped; sent after the restart"
 NO_TRANSPORT = "no transport is configured, so nobody was notified"
@@ -68,6 +75,7 @@ class Deliveries:
         # (the fallback's transport streaks, see fallback.py).
         self.on_recorded: Callable[[list[Result], datetime], list[Routed]] | None = None
         self.closing = False  # at shutdown: what on_recorded claims waits for the next start
+        self.waiting_since = 0.0  # time.monotonic() when the oldest unrecorded result came
 
     def claim(self, routed: Iterable[Routed], now: datetime | str) -> list[Attempt]:
         return claim(routed, self.replica, now)
@@ -77,10 +85,24 @@ class Deliveries:
             self.dispatcher.submit(attempt)
 
     def collect(self) -> int:
-        """Finish whatever the dispatcher handed back; returns how many attempts."""
+        """Take whatever the dispatcher handed back; record it all once the oldest result has
+        waited RECORD_DELAY (or BATCH wait). Returns how many attempts came back."""
         results = self.dispatcher.take()
-        self.finish(results)
+        if results:
+            if not self.unrecorded:
+                self.waiting_since = time.monotonic()
+            self.unrecorded.extend(results)
+        if self.record_due() == 0.0:
+            self.finish([])
         return len(results)
+
+    def record_due(self) -> float | None:
+        """Seconds until the waiting results are to be recorded; None when none wait."""
+        if not self.unrecorded:
+            return None
+        if len(self.unrecorded) >= BATCH:
+            return 0.0
+        return max(0.0, self.waiting_since + RECORD_DELAY - time.monotonic())
 
     def finish(self, results: list[Result]) -> None:
         """Audit rows, log lines and done marks for `results` (and any kept from an outage)."""

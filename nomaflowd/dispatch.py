@@ -126,7 +126,7 @@ def execute(transport: Transport, attempt: Attempt, *, paced: bool) -> list[Resu
     outcome, detail = verdict(attempt.transport, lambda: transport.send_digest(
         [m.alert for m in attempt.members], attempt.recipient, attempt.digest_id),
         reraise_429=True)
-    metrics.DIGESTS.labels(attempt.transport).inc()
+    metrics.count_digest(attempt.transport)
     elapsed = int((time.monotonic() - started) * 1000)
     if isinstance(detail, Sent):
         detail = detail.detail  # a digest starts no thread
@@ -206,6 +206,7 @@ class Dispatcher:
 
     def _work(self, transport: Transport, attempt: Attempt, paced: bool) -> None:
         """On a worker thread: send, hand the verdict back, nothing else."""
+        started = time.monotonic()
         try:
             done = _Done(attempt, transport, execute(transport, attempt, paced=paced))
         except RateLimited as exc:
@@ -216,6 +217,9 @@ class Dispatcher:
             done = _Done(attempt, transport, [result(m, transport, FAILED_TRANSPORT,
                                                      f"internal error: {type(exc).__name__}", 0)
                                               for m in members])
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("stages send run=%s started=%.6f sent=%.6f", attempt.alert.run_id or "-",
+                         started, time.monotonic())
         self._done.put(done)
         self.wake()
 

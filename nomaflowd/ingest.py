@@ -46,6 +46,10 @@ class Ingest:
         self.hinted = True
         self.last_scan = 0.0
         self.last_event_at: float | None = None
+        # time.monotonic() of the latest spool hint and of the loop's wake-up after it: the
+        # first stages of NOMAFLOWD_DEBUG's per-batch "stages" line (bench/stages.py).
+        self.hinted_at = 0.0
+        self.woke_at = 0.0
 
     def refill(self, rescan_seconds: float) -> bool:
         """Scan the spool when hinted or due; returns whether anything is pending."""
@@ -88,6 +92,7 @@ class Ingest:
     def ingest(self, names: list[str], now: datetime) -> None:
         """Read a batch of files, commit their events and claims in one transaction, then send."""
         accepted: list[tuple[str, events.Event]] = []
+        started = time.monotonic()
         self.spool.mark_handling(names)
         cat = self.policy.current()
         for name in names:
@@ -109,12 +114,19 @@ class Ingest:
             except Exception as exc:  # a parser bug must quarantine the file, not stop the loop
                 logger.exception("spool file %r could not be handled", name)
                 self.reject(name, f"internal error: {type(exc).__name__}", now)
+        parsed = time.monotonic()
         attempts = self.commit(accepted, now)
+        committed = time.monotonic()
         self.spool.clear_handling()
         if self.suspects.intersection(names):
             self.suspects.difference_update(names)
             db.SpoolTryRow.delete().where(db.SpoolTryRow.name.in_(names)).execute()
         self.deliveries.submit(attempts)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("stages batch=%d hinted=%.6f woke=%.6f started=%.6f parsed=%.6f"
+                         " committed=%.6f submitted=%.6f runs=%s", len(names), self.hinted_at,
+                         self.woke_at, started, parsed, committed, time.monotonic(),
+                         ",".join(e.run_id or "-" for _, e in accepted))
 
     def commit(self, accepted: list[tuple[str, events.Event]], now: datetime) -> list[Attempt]:
         """Store the batch in one transaction; if the database refuses it for a reason that is

@@ -6,39 +6,62 @@ import logging
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from prometheus_client.core import REGISTRY, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from nomaflowd.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-NOTIFICATIONS = Counter("nomaflowd_notifications", "Delivery attempts by outcome",
-                        ["transport", "transport_type", "alert", "outcome"])
-SEND_SECONDS = Histogram("nomaflowd_send_duration_seconds", "Time of one delivery attempt",
-                         ["transport"],
-                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-EVENTS = Counter("nomaflowd_events_ingested", "Events recorded, by state", ["state"])
-REJECTED = Counter("nomaflowd_files_rejected", "Spool files moved to rejected/")
-DIGESTS = Counter("nomaflowd_digests_sent", "Digest messages sent", ["transport"])
-# One per alert raised (not per recipient, which NOTIFICATIONS counts), by this replica.
-SCHEDULE_ALERTS = Counter("nomaflowd_schedule_alerts", "missed, stale and reminder alerts raised",
-                          ["alert"])
+# The counters exist once enable() made them: prometheus_client is imported only by a daemon
+# that serves metrics (daemon.metrics_listen), and counting is a no-op in one that does not.
+NOTIFICATIONS: Any = None
+SEND_SECONDS: Any = None
+EVENTS: Any = None
+REJECTED: Any = None
+DIGESTS: Any = None
+SCHEDULE_ALERTS: Any = None
+_EVENT_CHILDREN: dict[str, Any] = {}
+
+
+def enable() -> None:
+    """Create the counters (once per process)."""
+    global NOTIFICATIONS, SEND_SECONDS, EVENTS, REJECTED, DIGESTS, SCHEDULE_ALERTS
+    if NOTIFICATIONS is not None:
+        return
+    from prometheus_client import Counter, Histogram
+
+    NOTIFICATIONS = Counter("nomaflowd_notifications", "Delivery attempts by outcome",
+                            ["transport", "transport_type", "alert", "outcome"])
+    SEND_SECONDS = Histogram("nomaflowd_send_duration_seconds", "Time of one delivery attempt",
+                             ["transport"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                                     1, 2.5, 5, 10, 30))
+    EVENTS = Counter("nomaflowd_events_ingested", "Events recorded, by state", ["state"])
+    REJECTED = Counter("nomaflowd_files_rejected", "Spool files moved to rejected/")
+    DIGESTS = Counter("nomaflowd_digests_sent", "Digest messages sent", ["transport"])
+    # One per alert raised (not per recipient, which NOTIFICATIONS counts), by this replica.
+    SCHEDULE_ALERTS = Counter("nomaflowd_schedule_alerts",
+                              "missed, stale and reminder alerts raised", ["alert"])
 
 
 def count_schedule_alert(kind: str) -> None:
-    SCHEDULE_ALERTS.labels(kind).inc()
+    if SCHEDULE_ALERTS is not None:
+        SCHEDULE_ALERTS.labels(kind).inc()
 
 
-_EVENT_CHILDREN: dict[str, Any] = {}
+def count_rejected() -> None:
+    if REJECTED is not None:
+        REJECTED.inc()
+
+
+def count_digest(transport: str) -> None:
+    if DIGESTS is not None:
+        DIGESTS.labels(transport).inc()
 
 
 def count_event(state: str) -> None:
     """EVENTS.labels(state).inc(), with the child looked up once (it is on the ingest path)."""
+    if EVENTS is None:
+        return
     child = _EVENT_CHILDREN.get(state)
     if child is None:
         child = _EVENT_CHILDREN[state] = EVENTS.labels(state)
@@ -46,19 +69,23 @@ def count_event(state: str) -> None:
 
 
 def observe_result(result: Any) -> None:
+    if NOTIFICATIONS is None:
+        return
     a = result.attempt
     NOTIFICATIONS.labels(a.transport or "-", result.transport_type or "-", a.alert.kind,
                          result.outcome).inc()
     SEND_SECONDS.labels(a.transport or "-").observe(result.duration_ms / 1000)
 
 
-class Live(Collector):
-    """Gauges read at scrape time from the running daemon."""
+class Live:
+    """Gauges read at scrape time from the running daemon (a prometheus_client collector)."""
 
     def __init__(self, source: Callable[[], dict[str, float]]) -> None:
         self.source = source
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
         try:
             values = self.source()
         except Exception:  # a scrape must still answer with the counters
@@ -74,13 +101,18 @@ class Live(Collector):
                 yield GaugeMetricFamily(f"nomaflowd_{name}", help_text, value=values[name])
 
 
-class _Server6(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-
-
 class MetricsServer:
     def __init__(self, address: tuple[str, int], gauges: Callable[[], dict[str, float]],
                  healthy: Callable[[], bool]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+        class Server6(ThreadingHTTPServer):
+            address_family = socket.AF_INET6
+
+        enable()
+        self.registry = REGISTRY
         self.collector = Live(gauges)
         REGISTRY.register(self.collector)
 
@@ -108,11 +140,11 @@ class MetricsServer:
             def log_message(self, format: str, *args: object) -> None:
                 pass  # scrapes are not news
 
-        server_class = _Server6 if ":" in address[0] else ThreadingHTTPServer
+        server_class = Server6 if ":" in address[0] else ThreadingHTTPServer
         try:
             self.server = server_class(address, Handler)
         except OSError as exc:
-            REGISTRY.unregister(self.collector)
+            self.registry.unregister(self.collector)
             raise ConfigError(f"daemon.metrics_listen {address[0]}:{address[1]}: cannot listen"
                               f" ({exc.strerror or exc}); pick another address or port"
                               ) from None
@@ -127,5 +159,5 @@ class MetricsServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-        REGISTRY.unregister(self.collector)
+        self.registry.unregister(self.collector)
 

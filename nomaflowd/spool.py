@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import logging
 import os
+import select
 import stat
+import struct
+import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-from watchdog.events import (
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers import Observer
 
 from nomaflowd import metrics
 from nomaflowd.errors import Rejected
@@ -34,6 +28,11 @@ TMP = "tmp"
 # A quarantined name leaves room for ".error", a draft's "." + ".error.xxxxxxxx" and a
 # collision suffix ".xxxxxxxx" within NAME_MAX (255 bytes on every Linux file system).
 NAME_ROOM = 255 - len(".") - len(".error.") - 8 - len(".") - 8
+# inotify(7): <sys/inotify.h>
+IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x08, 0x80, 0x100
+IN_Q_OVERFLOW, IN_ONLYDIR, IN_ISDIR = 0x4000, 0x01000000, 0x40000000
+HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def escape(text: str) -> str:
@@ -203,7 +202,7 @@ class Spool:
                 return  # FileNotFoundError: another replica or an operator got there first
             raise
         os.rename(draft, self.rejected / f"{target}.error")
-        metrics.REJECTED.inc()
+        metrics.count_rejected()
         if target == name:
             logger.warning("spool file %s rejected: %s", escape(name), escape(reason))
         else:
@@ -303,27 +302,82 @@ class Spool:
         return out
 
 
-class Hints(FileSystemEventHandler):
-    """watchdog callback: a `*.json` appeared. Only a hint; the scan finds the files."""
+class Watcher(threading.Thread):
+    """inotify on the spool directory; any `*.json` that arrives calls `wake()` on this thread.
 
-    def __init__(self, wake: Callable[[], None]) -> None:
+    One thread between the kernel and the main loop. watchdog's observer put two more in
+    the way (its reader, its emitter and its dispatcher, each a queue and a GIL hand-off),
+    which was most of a paced event's rename-to-POST time. Only a hint: the scan finds the
+    files, so an overflowed inotify queue just wakes the loop too.
+    """
+
+    MASK = IN_MOVED_TO | IN_CREATE | IN_CLOSE_WRITE | IN_Q_OVERFLOW
+
+    def __init__(self, path: Path, wake: Callable[[], None]) -> None:
+        super().__init__(name="spool-watch", daemon=True)
         self.wake = wake
+        self.fd = _libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        if _libc.inotify_add_watch(self.fd, os.fsencode(path), self.MASK | IN_ONLYDIR) < 0:
+            err = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(err, os.strerror(err), str(path))
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
 
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        path = getattr(event, "dest_path", "") or event.src_path
-        if isinstance(path, bytes):
-            path = path.decode(errors="replace")
-        if path.endswith(".json") and event.event_type in ("moved", "created", "closed"):
-            self.wake()
+    def run(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        try:
+            while True:
+                ready = {fd for fd, _ in poller.poll()}
+                if self._stop_r in ready:
+                    return
+                try:
+                    data = os.read(self.fd, 65536)
+                except BlockingIOError:
+                    continue
+                if self.arrived(data):
+                    self.wake()
+        finally:
+            os.close(self.fd)
+            os.close(self._stop_r)
+
+    def drain(self) -> bool:
+        """On the main loop, before it sleeps: read what the kernel has queued, without waiting
+        for this thread to get the GIL (up to a switch interval after a busy step)."""
+        try:
+            return self.arrived(os.read(self.fd, 65536))
+        except OSError:  # nothing queued (EAGAIN), or closed by stop()
+            return False
+
+    @staticmethod
+    def arrived(data: bytes) -> bool:
+        """Does this read of inotify records hold a `*.json` arrival (or an overflow)?"""
+        pos = 0
+        while pos + HEADER.size <= len(data):
+            _wd, mask, _cookie, length = HEADER.unpack_from(data, pos)
+            name = data[pos + HEADER.size:pos + HEADER.size + length].rstrip(b"\0")
+            pos += HEADER.size + length
+            if mask & IN_Q_OVERFLOW or (name.endswith(b".json") and not mask & IN_ISDIR):
+                return True
+        return False
+
+    def stop(self) -> None:
+        os.write(self._stop_w, b"!")
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if not self.is_alive() and self._stop_w >= 0:
+            os.close(self._stop_w)
+            self._stop_w = -1
 
 
-def watch(path: Path, wake: Callable[[], None]) -> Any:
-    observer = Observer()
-    # Only arrivals (a rename from tmp/ reads as "created"; from the spool itself as
-    # "moved") and closed writes: with every open, read and unlink of our own reported
-    # too, the watcher thread took the GIL from the ingest loop and cut its rate by half.
-    observer.schedule(Hints(wake), str(path), recursive=False,
-                      event_filter=[FileCreatedEvent, FileMovedEvent, FileClosedEvent])
-    observer.daemon = True
-    observer.start()
-    return observer
+def watch(path: Path, wake: Callable[[], None]) -> Watcher:
+    """Watch for arrivals only (a rename in: IN_MOVED_TO; a write in place: IN_CREATE and
+    IN_CLOSE_WRITE). Our own opens, reads and unlinks are not reported, so the watcher
+    never competes with the ingest loop during a burst."""
+    watcher = Watcher(path, wake)
+    watcher.start()
+    return watcher

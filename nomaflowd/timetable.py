@@ -11,11 +11,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
+if TYPE_CHECKING:  # imported by parse(): a catalogue without schedules never loads APScheduler
+    from apscheduler.triggers.base import BaseTrigger
 
 NICKNAMES = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
              "@weekly": "0 0 * * 0", "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *",
@@ -113,6 +113,9 @@ def parse(text: object, timezone: object, where: str) -> Schedule:
         raise ValueError(f"{where}.timezone {timezone!r} is not a known IANA time zone"
                          " (e.g. \"Europe/Paris\", \"UTC\")") from None
     expr = " ".join(text.split())
+    from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.interval import IntervalTrigger
+
     trigger: BaseTrigger
     try:
         if expr.startswith("@every"):

@@ -118,7 +118,8 @@ class InProcess:
                 value = until()
                 if value:
                     return value
-            elif not more and not d.ingest.pending and not d.dispatcher.busy():
+            elif (not more and not d.ingest.pending and not d.dispatcher.busy()
+                  and not d.deliveries.unrecorded):
                 d.step()
                 return True
             if time.monotonic() > deadline:
@@ -158,6 +159,9 @@ def pg_schema() -> Iterator[str]:
     if not PG_DSN:
         pytest.skip("NOMAFLOWD_TEST_PG_DSN is not set (CI sets it)")
     schema = f"t_{uuid.uuid4().hex[:12]}"
+    from nomaflowd.db import postgres_driver
+
+    postgres_driver()  # peewee was imported without it (nomaflowd.db keeps a SQLite process lean)
     admin = pw.PostgresqlDatabase(None)
     admin.init(**parse(PG_DSN))
     admin.execute_sql(f'CREATE SCHEMA "{schema}"')

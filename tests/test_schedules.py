@@ -225,7 +225,10 @@ def test_nothing_is_expected_while_the_job_is_disabled(tree, http, inproc):
 def test_stale_job_alerts_once_until_the_next_success(tree, http, inproc):
     from prometheus_client import REGISTRY
 
+    from nomaflowd import metrics
     from nomaflowd.db import utcnow
+
+    metrics.enable()  # what a daemon with metrics_listen does; this one has none
 
     def counted() -> float:
         return REGISTRY.get_sample_value("nomaflowd_schedule_alerts_total",

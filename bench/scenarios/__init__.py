@@ -10,7 +10,9 @@ from bench.scenarios import (
     latency,
     live_burst,
     long_runs,
+    replicas,
     schedules,
+    storm,
     throughput,
 )
 from bench.scenarios.base import Scenario
@@ -25,4 +27,6 @@ SCENARIOS: dict[str, Scenario] = {
     "g": audit.SCENARIO,
     "h": footprint.SCENARIO,
     "i": schedules.SCENARIO,
+    "j": replicas.SCENARIO,
+    "k": storm.SCENARIO,
 }

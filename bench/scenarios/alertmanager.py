@@ -47,16 +47,18 @@ def free_port() -> int:
 
 
 class Alertmanager:
-    def __init__(self, binary: str, base: Path, hook_url: str, tag: str) -> None:
+    def __init__(self, binary: str, base: Path, hook_url: str, tag: str, *,
+                 group_by: str = "['...']", group_wait: str = "0s",
+                 group_interval: str = "1s") -> None:
         self.root = Path(tempfile.mkdtemp(prefix=f"am-{tag}-", dir=base))
         self.port = free_port()
         config = self.root / "alertmanager.yml"
         config.write_text(
             "route:\n"
             "  receiver: bench\n"
-            "  group_by: ['...']\n"
-            "  group_wait: 0s\n"
-            "  group_interval: 1s\n"
+            f"  group_by: {group_by}\n"
+            f"  group_wait: {group_wait}\n"
+            f"  group_interval: {group_interval}\n"
             "  repeat_interval: 24h\n"
             "receivers:\n"
             "  - name: bench\n"

@@ -169,6 +169,13 @@ class Receiver:
     def reset(self) -> None:
         self._get("/__reset", "POST")
 
+    def refused(self, path: str) -> int:
+        return int(self._get("/__stats")["refused"].get(path, 0))
+
+    def bodies(self, path: str) -> list[tuple[float, str]]:
+        """The bodies a /limited/ path accepted, with their arrival times."""
+        return [(m, b) for m, p, b in self._get("/__bodies") if p == path]
+
     def wait_items(self, path: str, count: int, timeout: float, every: float = 0.05) -> int:
         deadline = time.monotonic() + timeout
         while True:
@@ -206,14 +213,16 @@ class BenchTree(Tree):
     def database_url(self) -> str:
         return f"sqlite:///{self.db_path}"
 
-    def configure(self, hook_url: str, *, poll_seconds: float = 30) -> Path:
-        """One webhook transport (URL encrypted) to `hook_url`; relaxed timeouts and polls."""
-        return self.write_config(self.webhook(HOOK, hook_url), daemon=(
-            'spool_dir = "../var/spool"\n'
+    def configure(self, hook_url: str, *, poll_seconds: float = 30, replica: str = "bench",
+                  spool: Path | None = None, extra: str = "", transport: str = "") -> Path:
+        """One webhook transport (URL encrypted) to `hook_url`; relaxed timeouts and polls.
+        `spool`: another tree's spool (replicas sharing one); `transport`: its own body."""
+        return self.write_config(transport or self.webhook(HOOK, hook_url), daemon=(
+            f'spool_dir = "{spool or "../var/spool"}"\n'
             'base_url = "https://nomaflow.bench"\n'
-            'replica_id = "bench"\n'
+            f'replica_id = "{replica}"\n'
             f"poll_seconds = {poll_seconds}\n"
-            "send_timeout_seconds = 10\n"))
+            "send_timeout_seconds = 10\n" + extra))
 
     def spool_left(self) -> int:
         return sum(1 for n in os.listdir(self.spool) if n.endswith(".json"))

@@ -4,6 +4,9 @@ scenario a's run with the same number.
 
 from __future__ import annotations
 
+import statistics
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -19,7 +22,9 @@ from bench.scenarios.base import (
 )
 
 METRICS = [
-    Metric("idle_rss_mb", "RSS idle", "MB", ("le", 64.0)),
+    Metric("idle_rss_mb", "RSS idle", "MB", ("le", 40.0)),
+    Metric("ready_s", "start-up: spawn -> READY=1, empty spool", "s", kind="info"),
+    Metric("version_ms", "start-up: `nomaflowd --version`, spawn -> exit", "ms", kind="info"),
     Metric("peak_rss_mb", "RSS peak (VmHWM during scenario a)", "MB", ("le", 128.0)),
     Metric("idle_cpu_pct", "CPU while idle", "%", ("le", 1.0)),
 ]
@@ -49,6 +54,13 @@ def run(ctx: Ctx, rep: int) -> dict[str, Any]:
     finally:
         daemon.close()
         finish_tree(ctx, tree)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "nomaflowd", "--version"], capture_output=True,
+                       check=True)
+        times.append((time.perf_counter() - t) * 1000)
+    result["version_ms"] = statistics.median(times)
     a_runs = (ctx.results or {}).get("a", {}).get("runs", [])
     peak = a_runs[rep].get("peak_rss_mb") if rep < len(a_runs) else None
     result["peak_rss_mb"] = peak  # VmHWM of scenario a's run with the same number
