@@ -2,8 +2,8 @@
 
 The work itself lives elsewhere and flows one way: spool -> ingest -> policy -> deliveries
 -> dispatcher -> transports -> audit. This module only drives it. The main thread owns all
-of it, the poll every poll_seconds included; only the daily retention runs on a thread of
-its own (with its own connection), so that a long prune never holds the spool.
+of it; APScheduler's thread only says "the poll is due" through a queue, and runs the daily
+retention (with its own connection, so that a long prune never holds the spool).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
 
@@ -35,8 +35,6 @@ logger = logging.getLogger(__name__)
 
 # Keys whose change needs a restart: a reload keeps the running value and says so.
 RESTART_ONLY = ("spool_dir", "database", "web_listen", "metrics_listen", "replica_id")
-PRUNE_FIRST = 60.0          # seconds after start
-PRUNE_EVERY = 86400.0
 
 
 class Daemon:
@@ -58,9 +56,7 @@ class Daemon:
         self.twin_seen = 0.0           # ...last seen then (time.monotonic())
         self.beats = 0
         self.pace_wait: float | None = None
-        self.next_poll = 0.0                     # time.monotonic(): the first poll at start
-        self.next_prune = time.monotonic() + PRUNE_FIRST
-        self.pruner: threading.Thread | None = None
+        self.scheduler: Any = None  # APScheduler's BackgroundScheduler, once started
         # A peer silent for this long is taken for dead and its unfinished sends are redone.
         self.lease_seconds = max(3 * cfg.poll_seconds, 2 * cfg.send_timeout_seconds + 5)
         if cfg.metrics_listen:
@@ -91,6 +87,16 @@ class Daemon:
         self.ingest.count_tries(utcnow())
         self.heartbeat()
         self.deliveries.resume()
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={
+            "max_instances": 1, "coalesce": True, "misfire_grace_time": None})
+        self.scheduler.add_job(self.poll_due, "interval", seconds=self.config.poll_seconds,
+                               next_run_time=datetime.now().astimezone(), id="poll")
+        self.scheduler.add_job(self.prune_job, "interval", days=1,
+                               next_run_time=datetime.now().astimezone() + timedelta(minutes=1),
+                               id="prune")
+        self.scheduler.start()
         if self.config.metrics_listen:
             self.metrics_server = metrics.MetricsServer(
                 self.config.metrics_listen, self.gauges, self.healthy)
@@ -118,19 +124,6 @@ class Daemon:
         """The poll is due now (any thread): tell the main loop."""
         self.timers.put("poll")
         self.wakeup.set()
-
-    def due(self) -> None:
-        """Start what the clock says is due: the poll (coalesced: one however late), the
-        daily retention (on its own thread, one at a time)."""
-        mono = time.monotonic()
-        if mono >= self.next_poll:
-            self.next_poll = mono + self.config.poll_seconds
-            self.timers.put("poll")
-        if mono >= self.next_prune:
-            self.next_prune = mono + PRUNE_EVERY
-            if self.pruner is None or not self.pruner.is_alive():
-                self.pruner = threading.Thread(target=self.prune_job, name="prune", daemon=True)
-                self.pruner.start()
 
     # --- the loop --------------------------------------------------------------------
 
@@ -162,7 +155,6 @@ class Daemon:
         """Finish what came back, do what is due, ingest at most one batch.
         Returns "more work right away?"."""
         self.last_progress = self.ingest.woke_at = time.monotonic()
-        self.due()
         try:
             self.deliveries.collect()
             while not self.timers.empty():
@@ -261,8 +253,6 @@ class Daemon:
         timeout = self.config.rescan_seconds - (time.monotonic() - self.ingest.last_scan)
         if self.watchdog_every:
             timeout = min(timeout, self.watchdog_every)
-        timeout = min(timeout, self.next_poll - time.monotonic(),
-                      self.next_prune - time.monotonic())
         if self.pace_wait is not None:
             timeout = min(timeout, self.pace_wait)
         record = self.deliveries.record_due()
@@ -311,8 +301,8 @@ class Daemon:
         if self.observer is not None:
             self.observer.stop()
             self.observer.join()
-        if self.pruner is not None:
-            self.pruner.join()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
         if self.metrics_server is not None:
             self.metrics_server.close()
         if self.web is not None:
@@ -353,7 +343,7 @@ class Daemon:
         return values
 
     def prune_job(self) -> None:
-        """The prune thread, daily: retention (database rows only, no shared state)."""
+        """APScheduler's thread, daily: retention (database rows only, no shared state)."""
         try:
             removed: dict[str, int] = dict(db.prune(utcnow(), self.config.retention_days))
             removed["rejected files"] = self.spool.prune_rejected(utcnow(),

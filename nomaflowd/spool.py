@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import logging
 import os
-import select
 import stat
-import struct
-import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+from watchdog.observers.inotify_c import (
+    CallbackId,
+    InotifyConstants,
+    InotifyEvent,
+    InotifyFD,
+    Mask,
+)
 
 from nomaflowd import metrics
 from nomaflowd.errors import Rejected
@@ -29,10 +34,6 @@ TMP = "tmp"
 # collision suffix ".xxxxxxxx" within NAME_MAX (255 bytes on every Linux file system).
 NAME_ROOM = 255 - len(".") - len(".error.") - 8 - len(".") - 8
 # inotify(7): <sys/inotify.h>
-IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x08, 0x80, 0x100
-IN_Q_OVERFLOW, IN_ONLYDIR, IN_ISDIR = 0x4000, 0x01000000, 0x40000000
-HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def escape(text: str) -> str:
@@ -302,82 +303,53 @@ class Spool:
         return out
 
 
-class Watcher(threading.Thread):
-    """inotify on the spool directory; any `*.json` that arrives calls `wake()` on this thread.
+class Watcher:
+    """watchdog's inotify reader on the spool directory, calling back on that reader's own
+    thread: one thread between the kernel and the main loop.
 
-    One thread between the kernel and the main loop. watchdog's observer put two more in
-    the way (its reader, its emitter and its dispatcher, each a queue and a GIL hand-off),
-    which was most of a paced event's rename-to-POST time. Only a hint: the scan finds the
-    files, so an overflowed inotify queue just wakes the loop too.
+    watchdog's Observer put two more in the way (an emitter and a dispatcher, each a queue
+    and a GIL hand-off), most of a paced event's rename-to-POST time (bench/README.md,
+    stages). Only a hint: the scan finds the files, so an overflowed queue just wakes the
+    loop too.
     """
 
-    MASK = IN_MOVED_TO | IN_CREATE | IN_CLOSE_WRITE | IN_Q_OVERFLOW
+    MASK = Mask(InotifyConstants.IN_MOVED_TO | InotifyConstants.IN_CREATE
+                | InotifyConstants.IN_CLOSE_WRITE | InotifyConstants.IN_ONLYDIR)
 
     def __init__(self, path: Path, wake: Callable[[], None]) -> None:
-        super().__init__(name="spool-watch", daemon=True)
         self.wake = wake
-        self.fd = _libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
-        if self.fd < 0:
-            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-        if _libc.inotify_add_watch(self.fd, os.fsencode(path), self.MASK | IN_ONLYDIR) < 0:
-            err = ctypes.get_errno()
-            os.close(self.fd)
-            raise OSError(err, os.strerror(err), str(path))
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self.reader = InotifyFD()  # its own (get_instance() would be shared process-wide)
+        self.reader.name = "spool-watch"
+        self.reader.add_callback(os.fsencode(path), self.MASK, self, CallbackId(1))
 
-    def run(self) -> None:
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        poller.register(self._stop_r, select.POLLIN)
-        try:
-            while True:
-                ready = {fd for fd, _ in poller.poll()}
-                if self._stop_r in ready:
-                    return
-                try:
-                    data = os.read(self.fd, 65536)
-                except BlockingIOError:
-                    continue
-                if self.arrived(data):
-                    self.wake()
-        finally:
-            os.close(self.fd)
-            os.close(self._stop_r)
+    def start(self) -> None:
+        self.reader.start()
+
+    def on_event(self, event: InotifyEvent) -> None:
+        if event.name.endswith(b".json"):
+            self.wake()
+
+    def on_queue_overflow(self) -> None:
+        self.wake()  # events were lost: the scan finds the files
+
+    def on_watch_deleted(self, wd: Any) -> None:
+        self.wake()  # the spool went away: the scan says so
 
     def drain(self) -> bool:
-        """On the main loop, before it sleeps: read what the kernel has queued, without waiting
-        for this thread to get the GIL (up to a switch interval after a busy step)."""
-        try:
-            return self.arrived(os.read(self.fd, 65536))
-        except OSError:  # nothing queued (EAGAIN), or closed by stop()
-            return False
-
-    @staticmethod
-    def arrived(data: bytes) -> bool:
-        """Does this read of inotify records hold a `*.json` arrival (or an overflow)?"""
-        pos = 0
-        while pos + HEADER.size <= len(data):
-            _wd, mask, _cookie, length = HEADER.unpack_from(data, pos)
-            name = data[pos + HEADER.size:pos + HEADER.size + length].rstrip(b"\0")
-            pos += HEADER.size + length
-            if mask & IN_Q_OVERFLOW or (name.endswith(b".json") and not mask & IN_ISDIR):
-                return True
+        """Nothing to read here: the reader thread calls back as soon as it has the GIL."""
         return False
 
     def stop(self) -> None:
-        os.write(self._stop_w, b"!")
+        self.reader.stop()
 
     def join(self, timeout: float | None = None) -> None:
-        super().join(timeout)
-        if not self.is_alive() and self._stop_w >= 0:
-            os.close(self._stop_w)
-            self._stop_w = -1
+        self.reader.join(timeout)
 
 
 def watch(path: Path, wake: Callable[[], None]) -> Watcher:
     """Watch for arrivals only (a rename in: IN_MOVED_TO; a write in place: IN_CREATE and
     IN_CLOSE_WRITE). Our own opens, reads and unlinks are not reported, so the watcher
-    never competes with the ingest loop during a burst."""
+    never competes with the ingest loop during a burst. A missing spool raises OSError."""
     watcher = Watcher(path, wake)
     watcher.start()
     return watcher

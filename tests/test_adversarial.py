@@ -18,10 +18,13 @@ from tests.servers import wait_until
 NOBODY = 65534
 
 
-def put(tree: Tree, name: str | bytes, body: bytes) -> None:
-    """Write `body` aside and rename it in, as a writer would (names as raw bytes allowed)."""
+def put(tree: Tree, name: str | bytes, body: bytes, owner: int | None = None) -> None:
+    """Write `body` aside and rename it in, as a writer would (names as raw bytes allowed);
+    `owner`: the uid and gid the file has before it lands (as another runner's would)."""
     tmp = tree.spool / "tmp" / f"t-{time.monotonic_ns()}"
     tmp.write_bytes(body)
+    if owner is not None:
+        os.chown(tmp, owner, owner)
     dest = os.fsencode(tree.spool) + b"/" + (name if isinstance(name, bytes) else name.encode())
     os.rename(tmp, dest)
 
@@ -53,8 +56,8 @@ def hostile(tree: Tree) -> list[str]:
     (tree.spool / "directory.json").mkdir()
     (tree.spool / "sub").mkdir()
     (tree.spool / "sub" / "nested.json").write_bytes(event(run="nested"))
-    path = tree.drop({"job_id": "guarded", "run_id": "x", "state": "SUCCEEDED"})
-    os.chown(path, NOBODY, NOBODY)                                        # not a writer
+    put(tree, "guarded.json", json.dumps({"job_id": "guarded", "run_id": "x",
+                                          "state": "SUCCEEDED"}).encode(), owner=NOBODY)
     tree.drop({"job_id": "victim", "run_id": "r2", "state": "FAILED",
                "alerts": {"recipients": ["ceo@elsewhere.example"]}})      # not allowed
     tree.drop({"job_id": "victim", "run_id": "r3", "state": "FAILED",
@@ -97,8 +100,8 @@ def test_no_hostile_file_stalls_the_spool(backend: Tree, http, daemon_factory):
                for n in quarantined)
     for note in rejected.glob("*.error"):
         assert note.read_text(errors="replace").count("\n") == 1, note.name  # one record
-    guarded = [n for n in quarantined if "guarded" in (rejected / f"{n}.error").read_text()]
-    assert guarded, "the foreign writer's file is rejected for its job"
+    assert "guarded.json" in quarantined, "the foreign writer's file is rejected for its job"
+    assert "may not write events for job guarded" in (rejected / "guarded.json.error").read_text()
 
     def fan_out() -> list[object]:
         return [r for r in http.requests if r.json().get("run_id") == "r3"]

@@ -143,10 +143,6 @@ def test_check_warns_when_a_writer_group_is_the_spools_setgid_group(tree: Tree, 
     assert "@nogroup is the spool's set-group-ID group" in capsys.readouterr().out
 
 
-# The daemon's ingest loop and Policy are being moved on another branch; these two say what
-# they must do once wired (strict: they fail loudly when the wiring lands, to drop the mark).
-
-
 def test_daemon_rejects_a_file_whose_owner_may_not_write_for_its_job(tree: Tree, inproc):
     tree.write_config("")
     tree.write_jobs('[jobs.etl]\nwriters = ["root"]\n')

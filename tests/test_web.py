@@ -290,8 +290,12 @@ def test_page_and_test_button_on_postgresql(tree, http, daemon_factory, pg_schem
     assert "no longer kept" in page  # an id the page never gave out
     page = web.get().text
     assert "<span class=SENT>SENT</span>" in page and "<td>warehouse-load<td>run_77<td>" in page
-    filtered = web.get("/?job=reporting-nightly-sync&outcome=SENT&transport=ops").text
-    assert filtered.count("<td>reporting-nightly-sync<td>run_a8c4d<td>") == 1
+
+    def filtered() -> str:  # the POST lands a moment before its audit row: await the row
+        return web.get("/?job=reporting-nightly-sync&outcome=SENT&transport=ops").text
+
+    row = "<td>reporting-nightly-sync<td>run_a8c4d<td>"
+    assert wait_until(lambda: row in filtered() and filtered()).count(row) == 1
     none = web.get("/?job=reporting-nightly-sync&outcome=FAILED_DELIVERY").text
     assert "No notifications match" in none
 
