@@ -14,7 +14,6 @@ import queue
 import signal
 import threading
 import time
-import uuid
 from dataclasses import replace
 from datetime import datetime, timedelta
 from types import FrameType
@@ -28,6 +27,7 @@ from nomaflowd.dispatch import Dispatcher
 from nomaflowd.errors import NomaflowError
 from nomaflowd.ingest import Ingest, SpoolUnreadable
 from nomaflowd.policy import Policy
+from nomaflowd.replicas import Identity
 from nomaflowd.schedules import Schedules
 from nomaflowd.spool import Spool, Watcher, watch
 
@@ -40,7 +40,6 @@ RESTART_ONLY = ("spool_dir", "database", "web_listen", "metrics_listen", "replic
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.config = cfg
-        self.instance = uuid.uuid4().hex[:12]
         self.wakeup = threading.Event()
         self.stopping = threading.Event()
         self.reload_requested = False
@@ -52,13 +51,11 @@ class Daemon:
         self.logged: dict[str, float] = {}
         self.outage = False
         self.spool_lost = False
-        self.twin: str | None = None  # another live process using our replica_id...
-        self.twin_seen = 0.0           # ...last seen then (time.monotonic())
-        self.beats = 0
         self.pace_wait: float | None = None
         self.scheduler: Any = None  # APScheduler's BackgroundScheduler, once started
         # A peer silent for this long is taken for dead and its unfinished sends are redone.
         self.lease_seconds = max(3 * cfg.poll_seconds, 2 * cfg.send_timeout_seconds + 5)
+        self.identity = Identity(cfg.replica_id, self.lease_seconds)
         if cfg.metrics_listen:
             metrics.enable()  # before anything is counted
         self.policy = Policy(cfg)
@@ -206,19 +203,7 @@ class Daemon:
         return self.schedules.poll(self.policy, self.deliveries, now)
 
     def heartbeat(self) -> None:
-        _, other = db.heartbeat(self.config.replica_id, self.instance)
-        self.beats += 1
-        if other and self.beats > 1:  # at the first beat it is our own predecessor's id
-            self.twin, self.twin_seen = other, time.monotonic()
-        elif self.twin and time.monotonic() - self.twin_seen > self.lease_seconds:
-            logger.info("replica_id %r: the other daemon using it is gone",
-                        self.config.replica_id)
-            self.twin = None
-        if self.twin:
-            self.say_once_a_minute(
-                "twin", "replica_id %r is also used by another live daemon (instance %s; this"
-                " is %s): take-over and claims need one id per daemon; set daemon.replica_id",
-                self.config.replica_id, self.twin, self.instance)
+        self.identity.beat()
 
     def database_down(self, exc: BaseException) -> None:
         """Files stay in the spool; say so once a minute, wait a moment, try again."""
@@ -325,7 +310,7 @@ class Daemon:
     def healthy(self) -> bool:
         """/healthz: the loop turns, the database answers, and our replica id is our own."""
         turning = time.monotonic() - self.last_progress < max(10.0, 3 * self.config.rescan_seconds)
-        return turning and not self.outage and self.twin is None
+        return turning and not self.outage and self.identity.unique
 
     def gauges(self) -> dict[str, float]:
         """Live values for /metrics (called on the metrics thread)."""
