@@ -53,8 +53,12 @@ def hostile(tree: Tree) -> list[str]:
     (tree.spool / "directory.json").mkdir()
     (tree.spool / "sub").mkdir()
     (tree.spool / "sub" / "nested.json").write_bytes(event(run="nested"))
-    path = tree.drop({"job_id": "guarded", "run_id": "x", "state": "SUCCEEDED"})
-    os.chown(path, NOBODY, NOBODY)                                        # not a writer
+    # Owned by a foreign writer before it lands: chown after the rename raced the daemon.
+    draft = tree.spool / "tmp" / ".guarded.tmp"
+    draft.write_bytes(json.dumps({"job_id": "guarded", "run_id": "x",
+                                  "state": "SUCCEEDED"}).encode())
+    os.chown(draft, NOBODY, NOBODY)                                       # not a writer
+    os.rename(draft, tree.spool / "guarded.json")
     tree.drop({"job_id": "victim", "run_id": "r2", "state": "FAILED",
                "alerts": {"recipients": ["ceo@elsewhere.example"]}})      # not allowed
     tree.drop({"job_id": "victim", "run_id": "r3", "state": "FAILED",

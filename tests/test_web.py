@@ -290,7 +290,10 @@ def test_page_and_test_button_on_postgresql(tree, http, daemon_factory, pg_schem
     assert "no longer kept" in page  # an id the page never gave out
     page = web.get().text
     assert "<span class=SENT>SENT</span>" in page and "<td>warehouse-load<td>run_77<td>" in page
-    filtered = web.get("/?job=reporting-nightly-sync&outcome=SENT&transport=ops").text
+    # The audit row, not the POST: a result waits up to 50 ms for its row (one commit for many).
+    filtered = wait_until(
+        lambda: (text := web.get("/?job=reporting-nightly-sync&outcome=SENT&transport=ops").text)
+        .count("<td>reporting-nightly-sync<td>run_a8c4d<td>") and text, what="the audit row")
     assert filtered.count("<td>reporting-nightly-sync<td>run_a8c4d<td>") == 1
     none = web.get("/?job=reporting-nightly-sync&outcome=FAILED_DELIVERY").text
     assert "No notifications match" in none
