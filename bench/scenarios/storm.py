@@ -4,7 +4,8 @@ path: 1 message/s with bursts of 25, 429 beyond that. What the channel received 
 every job, with 0 answers 429 and an audit row per alert; the messages are counted.
 
 Alertmanager (when installed) gets the same alerts (batches of 64, grouped by job) and sends
-to the same kind of channel: its webhook does not retry a 429, so the groups refused are lost.
+to the same kind of channel: it retries a refused group with backoff until the notification
+times out, and the groups still refused then are lost.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ METRICS = [
     Metric("rows_missing", "nomaflowd: alerts without a SENT audit row", "", ("eq", 0), "loss"),
     Metric("drained_s", "nomaflowd: first rename -> every alert recorded", "s", kind="info"),
     Metric("am_messages", "Alertmanager: messages the channel accepted", "", kind="info"),
-    Metric("am_refused", "Alertmanager: answers 429 (not retried)", "", kind="info"),
+    Metric("am_refused", "Alertmanager: answers 429", "", kind="info"),
     Metric("am_jobs_missing", "Alertmanager: jobs never named in the channel (of 200)", "",
            kind="info"),
     Metric("am_alerts_delivered", "Alertmanager: alerts in the accepted messages", "",
@@ -101,7 +102,7 @@ def alertmanager(ctx: Ctx, rep: int, n: int) -> dict[str, Any]:
         for i in range(0, n, ctx.sizes["am_batch"]):
             am.post(alerts[i:i + ctx.sizes["am_batch"]])
         # Wait until the channel has been quiet for group_interval and then some: every group
-        # flushed once, and a refused one is not retried.
+        # flushed, its retries given up.
         last, quiet_since = -1, time.monotonic()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
