@@ -9,9 +9,8 @@ from urllib.parse import quote
 from nomaflowd.alerts import SEVERITY, Alert, digest_by_job, digest_headline, digest_line
 from nomaflowd.routing import SLACK_DEFAULT
 from nomaflowd.transports.base import HttpTransport, Rendered, retry_after
+from nomaflowd.transports.chat import DIGEST_LINES, compact_lines, one_line, pack
 
-DIGEST_LINES = 30  # jobs with a full line in a digest; a longer list stops being read
-COMPACT_WIDTH = 400  # characters of `job xN` entries (a times sign for x) on a digest line
 # Slack cuts a message's text off past 40,000 characters
 # (https://api.slack.com/changelog/2018-04-truncating-really-long-messages) and reads
 # poorly long before; a digest part stays well under, headline included.
@@ -26,8 +25,6 @@ def escape(text: str) -> str:
 
 # Kept as is by quote(): everything a URL needs, minus `|`, `<`, `>` and spaces.
 _URL_SAFE = "/:?#[]@!$&'()*+,;=%~"
-# Slack truncates or refuses very long messages; an alert must still get through.
-MAX_PIECE = 1000
 
 
 def link(url: str, label: str) -> str:
@@ -39,10 +36,6 @@ def link(url: str, label: str) -> str:
     return f"<{escape(quote(url, safe=_URL_SAFE))}|{escape(label)}>"
 
 
-def one_line(text: str) -> str:
-    """Line breaks of any kind become spaces; over-long text is clipped (before escaping)."""
-    text = " ".join(text.splitlines())
-    return text if len(text) <= MAX_PIECE else text[:MAX_PIECE - 1] + "\u2026"
 
 
 class Slack(HttpTransport):
@@ -99,8 +92,8 @@ class Slack(HttpTransport):
         rest = groups[DIGEST_LINES:]
         if rest:
             lines.append(f"_{len(rest)} more jobs ({sum(len(g) for _, g in rest)} alerts):_")
-            lines += _compact_lines(rest)
-        parts = _pack(lines, MAX_TEXT - HEAD_ROOM)
+            lines += compact_lines(rest, escape)
+        parts = pack(lines, MAX_TEXT - HEAD_ROOM)
         headline = digest_headline(alerts)
         worst = min(alerts, key=lambda a: SEVERITY.index(a.kind) if a.kind in SEVERITY else 99)
         base = self.payload(alerts[0], recipient)
@@ -155,33 +148,3 @@ def mattermost_error(data: bytes) -> str:
         return ""
     words = f"{doc['id']}: {doc['message']}" if doc.get("id") else str(doc["message"])
     return " ".join(words.split())[:300]
-
-
-def _compact_lines(groups: list[tuple[str, list[Alert]]]) -> list[str]:
-    """`job-a x7 · job-b · job-c x3` (a times sign for x; no count for a single alert),
-    wrapped at about COMPACT_WIDTH characters."""
-    lines: list[str] = []
-    line = ""
-    for job, group in groups:
-        entry = escape(one_line(job)) + (f" \u00d7{len(group)}" if len(group) > 1 else "")
-        if line and len(line) + 3 + len(entry) > COMPACT_WIDTH:
-            lines.append(line)
-            line = ""
-        line = f"{line} \u00b7 {entry}" if line else entry
-    if line:
-        lines.append(line)
-    return lines
-
-
-def _pack(lines: list[str], budget: int) -> list[list[str]]:
-    """Whole lines into as few parts as fit `budget` characters each (a line is never split:
-    each is far shorter, MAX_PIECE per piece)."""
-    parts: list[list[str]] = [[]]
-    size = 0
-    for line in lines:
-        if parts[-1] and size + 1 + len(line) > budget:
-            parts.append([])
-            size = 0
-        parts[-1].append(line)
-        size += 1 + len(line)
-    return parts

@@ -21,7 +21,8 @@ from nomaflowd.transports.base import (
     TransportError,
     retry_after,
 )
-from nomaflowd.transports.slack import Slack, escape, one_line
+from nomaflowd.transports.chat import one_line
+from nomaflowd.transports.slack import Slack, escape
 
 
 def slack_error(data: bytes) -> str:
