@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import signal
 import threading
@@ -37,6 +38,10 @@ logger = logging.getLogger(__name__)
 RESTART_ONLY = ("spool_dir", "database", "web_listen", "metrics_listen", "replica_id")
 
 
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    """A Python-level handler that does nothing: the wakeup fd carries the signal."""
+
+
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.config = cfg
@@ -53,6 +58,8 @@ class Daemon:
         self.spool_lost = False
         self.pace_wait: float | None = None
         self.scheduler: Any = None  # APScheduler's BackgroundScheduler, once started
+        self._relay: threading.Thread | None = None
+        self._signal_pipe = (-1, -1)
         # A peer silent for this long is taken for dead and its unfinished sends are redone.
         self.lease_seconds = max(3 * cfg.poll_seconds, 2 * cfg.send_timeout_seconds + 5)
         self.identity = Identity(cfg.replica_id, self.lease_seconds)
@@ -99,17 +106,42 @@ class Daemon:
                 self.config.metrics_listen, self.gauges, self.healthy)
 
     def install_signals(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_reload)
+        """SIGTERM/SIGINT stop, SIGHUP reloads. The kernel's signal reaches a relay thread
+        through signal.set_wakeup_fd, and the relay sets the events: a Python handler that
+        set them itself could run while the main thread holds the same Event's lock (inside
+        wait() or clear()) and hang the daemon on its own lock, deaf to SIGTERM."""
+        read, write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        os.set_blocking(read, True)
+        self._signal_pipe = (read, write)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, _ignore)  # replaces the default (die); the relay acts
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        self._relay = threading.Thread(target=self._relay_signals, name="signals", daemon=True)
+        self._relay.start()
 
-    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
-        self.stopping.set()
-        self.wakeup.set()
+    def _relay_signals(self) -> None:
+        read = self._signal_pipe[0]
+        while True:
+            data = os.read(read, 64)
+            if not data or 0 in data:  # closed, or the stop byte of shutdown()
+                return
+            for signum in data:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self.stopping.set()
+                elif signum == signal.SIGHUP:
+                    self.reload_requested = True
+            self.wakeup.set()
 
-    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
-        self.reload_requested = True
-        self.wakeup.set()
+    def _close_signals(self) -> None:
+        if self._relay is None:
+            return
+        signal.set_wakeup_fd(-1)
+        read, write = self._signal_pipe
+        os.write(write, b"\0")
+        self._relay.join(5)
+        os.close(read)
+        os.close(write)
+        self._relay = None
 
     def hint(self) -> None:
         """The spool watcher's thread: a `*.json` arrived."""
@@ -282,6 +314,7 @@ class Daemon:
 
     def shutdown(self) -> None:
         systemd.notify("STOPPING=1")
+        self._close_signals()
         logger.info("stopping: waiting for %d send(s) in flight", self.dispatcher.sending)
         if self.observer is not None:
             self.observer.stop()

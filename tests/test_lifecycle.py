@@ -204,3 +204,16 @@ def test_a_newline_in_a_recipient_cannot_forge_a_log_record(tree, http, daemon_f
     lines = d.output().splitlines()
     assert not any(line.startswith("2026-05-26 02:00:00,000") for line in lines)
     assert any("recipient=#x\\n2026-05-26" in line for line in lines)
+
+
+def test_a_storm_of_signals_never_hangs_the_daemon(tree, http, daemon_factory):
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = daemon_factory()
+    for i in range(200):  # reloads land at every point of the loop, waits and clears included
+        d.signal(signal.SIGHUP)
+        if i % 50 == 0:
+            tree.drop({**FAILED, "run_id": f"s{i}"})
+    wait_until(lambda: "reloaded" in d.output(), what="a reload")
+    http.wait_for(4)
+    assert d.stop(timeout=20) == 0
+    assert "Traceback" not in d.output()
