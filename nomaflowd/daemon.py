@@ -170,10 +170,6 @@ class Daemon:
                 self.stopping.wait(1.0)
                 more = False
             self.maybe_ping()
-            if not more and self.observer is not None and self.observer.drain():
-                self.ingest.hinted_at = time.monotonic()
-                self.ingest.hinted = True  # arrived during the step: no need to wait
-                continue
             if not more:
                 self.wakeup.wait(self.idle_timeout())
                 self.wakeup.clear()

@@ -36,7 +36,7 @@ class Policy:
     def route(self, alert: Alert, eff: Effective, notice_to: list[str] | None = None) -> Routed:
         """Recipients an event file named (a NOTICE's, its own alerts block's) must be known
         or allowed by daemon.event_recipients: a runner cannot send anywhere it likes."""
-        cat = self.current()
+        cat = self.catalogue.current  # refreshed once per batch by the caller, not per alert
         if notice_to:
             plan = self.router.plan(notice_to, (), use_rules=False, from_event=True,
                                     catalogue=cat)

@@ -335,10 +335,6 @@ class Watcher:
     def on_watch_deleted(self, wd: Any) -> None:
         self.wake()  # the spool went away: the scan says so
 
-    def drain(self) -> bool:
-        """Nothing to read here: the reader thread calls back as soon as it has the GIL."""
-        return False
-
     def stop(self) -> None:
         self.reader.stop()
 

@@ -381,16 +381,8 @@ class _Connection(urllib3.connection.HTTPConnection):
             super().request(*args, **kwargs)
 
 
-class _TlsConnection(urllib3.connection.HTTPSConnection):
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        _register(sock)
-        return sock
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _register(self.sock)
-        with _corked(self.sock):
-            super().request(*args, **kwargs)
+class _TlsConnection(_Connection, urllib3.connection.HTTPSConnection):
+    """The same registration; HTTPSConnection's connect() (TLS included) comes next in line."""
 
 
 class _Pool(urllib3.HTTPConnectionPool):
@@ -425,7 +417,7 @@ def describe_request_error(exc: BaseException) -> str:
     if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
         exc = exc.reason  # what went wrong on the one attempt
     text = str(exc)
-    if isinstance(exc, requests.exceptions.ProxyError | urllib3.exceptions.ProxyError):
+    if isinstance(exc, urllib3.exceptions.ProxyError):
         reason = "refused the connection" if "refused" in text.lower() else "failed"
         if "407" in text:
             reason = "asked for authentication (407)"
@@ -433,7 +425,7 @@ def describe_request_error(exc: BaseException) -> str:
             answer = text.split("Tunnel connection failed: ")[-1][:60].strip(" ')\"")
             reason = f"refused to tunnel ({answer})"
         return f"proxy {reason}"
-    if isinstance(exc, requests.exceptions.SSLError | urllib3.exceptions.SSLError | ssl.SSLError):
+    if isinstance(exc, urllib3.exceptions.SSLError | ssl.SSLError):
         if "CERTIFICATE_VERIFY_FAILED" in text:
             return "TLS error: certificate verify failed (set ca_file for a private CA)"
         return "TLS error"
@@ -446,16 +438,12 @@ def describe_request_error(exc: BaseException) -> str:
         return "connection refused"
     if isinstance(exc, urllib3.exceptions.NewConnectionError):
         return "connection failed"
-    if isinstance(exc, requests.exceptions.Timeout | urllib3.exceptions.TimeoutError
-                  | TimeoutError):
+    if isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError):
         return "timed out"
-    if isinstance(exc, requests.exceptions.InvalidURL | requests.exceptions.MissingSchema
-                  | requests.exceptions.InvalidSchema | urllib3.exceptions.LocationValueError):
+    # requests itself only prepares the URL for a pool (HttpTransport._route).
+    if isinstance(exc, requests.RequestException | urllib3.exceptions.LocationValueError):
         return "the URL is not valid"
-    if isinstance(exc, requests.exceptions.InvalidHeader):
-        return "a header value is not valid"
-    if isinstance(exc, requests.exceptions.ConnectionError | urllib3.exceptions.HTTPError
-                  | OSError):
+    if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
         return "connection failed (reset or closed)"
     return type(exc).__name__
 
@@ -520,12 +508,12 @@ class HttpTransport(Transport):
     def _session(self) -> requests.Session:
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
+            # Only its adapter is used (see _route): proxies are resolved once, in proxies(),
+            # and the User-Agent goes with each request.
             session = requests.Session()
-            session.trust_env = False  # proxies are resolved once, in proxies()
             adapter = _Adapter(pool_connections=16, pool_maxsize=4, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
-            session.headers.update({"User-Agent": USER_AGENT})
             self._local.session = session
             with self._lock:
                 self._sessions.add(session)
