@@ -195,7 +195,6 @@ def _email(t: Table, secret: SecretReader, base: Path) -> dict[str, Any]:
     tls = t.get("tls", str, "starttls")
     if tls not in TLS_MODES:
         raise ConfigError(f"{t.key('tls')} must be one of starttls, tls, none; not {tls!r}")
-    ca_file = t.get("ca_file", str)
     port = t.get("port", int, required=True)
     if not 0 < port < 65536:
         raise ConfigError(f"{t.key('port')} must be a TCP port (1-65535)")
@@ -207,7 +206,7 @@ def _email(t: Table, secret: SecretReader, base: Path) -> dict[str, Any]:
         "password": secret(t, "password", False),
         "default_from": _address(t, "default_from", required=True),
         "default_recipient": _address(t, "default_recipient"),
-        "ca_file": _resolve(base, ca_file) if ca_file else None,
+        "ca_file": _ca_file(t, base),
     }
 
 
@@ -252,8 +251,19 @@ def _http(t: Table, secret: SecretReader, base: Path) -> dict[str, Any]:
         if parts.password and not isinstance(proxy, Secret):
             raise ConfigError(f"{t.key('proxy')} holds a password in plaintext; run"
                               " `nomaflowd secret encrypt` and paste the enc: token")
-    ca_file = t.get("ca_file", str)
-    return {"proxy": proxy, "ca_file": _resolve(base, ca_file) if ca_file else None}
+    return {"proxy": proxy, "ca_file": _ca_file(t, base)}
+
+
+def _ca_file(t: Table, base: Path) -> Path | None:
+    """A CA file to trust; a missing one is a config error, not a failed send at 03:00."""
+    value = t.get("ca_file", str)
+    if not value:
+        return None
+    path = _resolve(base, value)
+    if not path.is_file():
+        raise ConfigError(f"{t.key('ca_file')}: no such file {path}; give the PEM file of the"
+                          " CA that signed the server's certificate")
+    return path
 
 
 def _pacing(t: Table, kind: str) -> dict[str, Any]:

@@ -130,3 +130,11 @@ def test_a_tls_handshake_that_never_completes_is_cut_at_the_send_timeout(tree):
     assert result.outcome == FAILED_TRANSPORT
     assert "timed out" in result.detail
     assert result.duration_ms < 4000  # send_timeout_seconds = 2 in the test tree
+
+
+def test_a_missing_ca_file_is_refused_at_start_naming_the_key(tree, capsys):
+    tree.write_config(tree.webhook("hook", "https://hooks.example/x",
+                                   'ca_file = "no-such-ca.pem"'))
+    assert main(["check", "--config", str(tree.config_path)]) == 1
+    out = capsys.readouterr()
+    assert "transports.hook.ca_file: no such file" in out.out + out.err
