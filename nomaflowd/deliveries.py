@@ -24,11 +24,11 @@ from nomaflowd.policy import Routed
 logger = logging.getLogger(__name__)
 
 BATCH = 1000
-# How long a result may wait for its audit row. Each record is a commit, and a commit is an
-# fsync (synchronous=FULL) on the main thread; one per result took a paced event's ingest
-# and its audit row to two fsyncs each, and the next file queued behind them. Waiting this
-# long records ~10 results in one commit at 200 events/s. A crash in this window only
-# re-sends (the claims are still open), as a crash between send and record always did.
+# How long a result may wait for its audit row. Each record is a commit on the main thread
+# (with synchronous=FULL, an fsync); one per result put the next file in line behind it.
+# Waiting this long records ~10 results in one commit at 200 events/s. A crash in this
+# window only re-sends (the claims are still open), as a crash between send and record
+# always did.
 RECORD_DELAY = 0.05
 RESENT = "sent again after a restart (the earlier attempt got no verdict)"
 HELD = "held in line when the daemon stopped; sent after the restart"

@@ -1,9 +1,10 @@
 """Ingest: spool files -> events, runs and claims, committed together; then the attempts go out.
 
-The spool directory is the queue: a file is deleted only after its event commits, so a stop
-between files loses nothing. An error that belongs to one file (it cannot be read, parsed,
-stored or moved) is that file's: it is quarantined with its reason, or set aside and said
-once, and the files after it flow. Only the database itself failing holds the spool.
+The spool directory is the queue: a file is deleted only after its event is committed and on
+disk, so neither a stop between files nor a power cut loses one. An error that belongs to one
+file (it cannot be read, parsed, stored or moved) is that file's: it is quarantined with its
+reason, or set aside and said once, and the files after it flow. Only the database itself
+failing holds the spool.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Ingest:
         self.stuck: set[str] = set()   # files that could be neither stored nor moved aside
         self.hinted = True
         self.last_scan = 0.0
+        self.recorded: list[str] = []  # committed, deleted once on disk (remove())
         self.last_event_at: float | None = None
         # time.monotonic() of the latest spool hint and of the loop's wake-up after it: the
         # first stages of NOMAFLOWD_DEBUG's per-batch "stages" line (bench/stages.py).
@@ -122,6 +124,10 @@ class Ingest:
             self.suspects.difference_update(names)
             db.SpoolTryRow.delete().where(db.SpoolTryRow.name.in_(names)).execute()
         self.deliveries.submit(attempts)
+        # The commit did not wait for the disk (synchronous=NORMAL): the POSTs are under way
+        # while this thread flushes the WAL, once for the batch, and only then deletes files.
+        self.remove(self.recorded)
+        self.recorded = []
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("stages batch=%d hinted=%.6f woke=%.6f started=%.6f parsed=%.6f"
                          " committed=%.6f submitted=%.6f runs=%s", len(names), self.hinted_at,
@@ -149,7 +155,7 @@ class Ingest:
             for one in accepted:
                 attempts += self.commit([one], now)
             return attempts
-        self.remove([name for name, _ in accepted])
+        self.recorded.extend(name for name, _ in accepted)
         return attempts
 
     def reject(self, name: str, reason: str, now: datetime) -> None:
@@ -160,6 +166,16 @@ class Ingest:
             self.set_aside(name, f"cannot be moved to rejected/ ({exc.strerror or exc})")
 
     def remove(self, names: list[str]) -> None:
+        """Delete recorded files, once their events are safe from a power cut."""
+        if not names:
+            return
+        try:
+            db.make_durable()
+        except OSError as exc:  # they stay: the next read finds them recorded, a duplicate
+            for name in names:
+                self.set_aside(name, "recorded, but the database could not be flushed to disk"
+                               f" ({exc.strerror or exc})")
+            return
         for name in names:
             try:
                 self.spool.remove([name])
