@@ -27,7 +27,9 @@ OPTIONAL = ("nomaflowd.transports.slack", "nomaflowd.transports.slack_app",
             "nomaflowd.transports.incident", "nomaflowd.transports.pagerduty",
             "nomaflowd.transports.opsgenie", "nomaflowd.transports.teams",
             "nomaflowd.transports.discord", "nomaflowd.transports.google_chat",
-            "smtplib", "nomaflowd.web", "prometheus_client", "psycopg2")
+            "smtplib", "nomaflowd.web", "prometheus_client", "psycopg2",
+            # requests' character-set detectors: this client never decodes an answer as text
+            "charset_normalizer", "chardet")
 
 
 def modules_at_start(tree) -> set[str]:
