@@ -29,7 +29,9 @@ OPTIONAL = ("nomaflowd.transports.slack", "nomaflowd.transports.slack_app",
             "nomaflowd.transports.discord", "nomaflowd.transports.google_chat",
             "smtplib", "nomaflowd.web", "prometheus_client", "psycopg2",
             # requests' character-set detectors: this client never decodes an answer as text
-            "charset_normalizer", "chardet")
+            "charset_normalizer", "chardet",
+            # schema migration: only for a database made by an older version
+            "playhouse.migrate")
 
 
 def modules_at_start(tree) -> set[str]:
