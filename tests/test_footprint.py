@@ -31,7 +31,9 @@ OPTIONAL = ("nomaflowd.transports.slack", "nomaflowd.transports.slack_app",
             # requests' character-set detectors: this client never decodes an answer as text
             "charset_normalizer", "chardet",
             # schema migration: only for a database made by an older version
-            "playhouse.migrate")
+            "playhouse.migrate",
+            # secrets are decrypted in a child process
+            "cryptography")
 
 
 def modules_at_start(tree) -> set[str]:
