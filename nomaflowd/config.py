@@ -7,7 +7,7 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -363,6 +363,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _tokens(value: Any) -> Iterator[str]:
+    """The `enc:` tokens anywhere in parsed TOML."""
+    if isinstance(value, str) and value.startswith(crypto.PREFIX):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tokens(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _tokens(item)
+
+
 def load(path: Path, *, decrypt: bool = True) -> Config:
     """Read and validate the whole config; raises ConfigError with one line.
 
@@ -373,7 +385,9 @@ def load(path: Path, *, decrypt: bool = True) -> Config:
     data = read_toml(path)
     base = path.parent
     top = Table(data, "")
-    keys: list[Any] = []  # loaded lazily: a config without secrets needs no key
+    # Every token of the file, decrypted at the first secret field in one go: a config
+    # without secrets needs no key.
+    plain: list[dict[str, str]] = []
 
     def secret(t: Table, name: str, required: bool) -> Secret | None:
         value = t.get(name, str, required=required, secret=True)
@@ -383,9 +397,11 @@ def load(path: Path, *, decrypt: bool = True) -> Config:
             crypto.decrypt(None, value, t.key(name))  # type: ignore[arg-type]
         if not decrypt:
             return Secret("")
-        if not keys:
-            keys.append(crypto.load_keys(crypto.key_path(key_file)))
-        return crypto.decrypt(keys[0], value, t.key(name))
+        if not plain:
+            plain.append(crypto.decrypt_tokens(crypto.key_path(key_file), _tokens(data)))
+        if value not in plain[0]:
+            raise crypto.undecryptable(t.key(name))
+        return Secret(plain[0][value])
 
     d = Table(top.get("daemon", dict, required=True), "daemon")
     spool = _resolve(base, d.get("spool_dir", str, required=True))

@@ -15,19 +15,25 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-# peewee and playhouse import every driver they find when they are themselves imported, and
-# psycopg2 (libpq with its own OpenSSL) is 10 MB of a SQLite sidecar's RSS that it never
-# uses. So psycopg2 is hidden from those imports and handed to peewee when a PostgreSQL URL
-# is opened (postgres_driver()).
-_HIDE_PG = "peewee" not in sys.modules and "psycopg2" not in sys.modules
-if _HIDE_PG:
-    sys.modules["psycopg2"] = None  # type: ignore[assignment]  # import psycopg2: ImportError
-try:
+
+@contextmanager
+def _without_psycopg2() -> Iterator[None]:
+    """peewee and playhouse import every driver they find when they are themselves imported,
+    and psycopg2 (libpq with its own OpenSSL) is 10 MB of a SQLite sidecar's RSS that it
+    never uses. So psycopg2 is hidden from those imports and handed to peewee when a
+    PostgreSQL URL is opened (postgres_driver())."""
+    hide = "psycopg2" not in sys.modules
+    if hide:
+        sys.modules["psycopg2"] = None  # type: ignore[assignment]  # import psycopg2: ImportError
+    try:
+        yield
+    finally:
+        if hide:
+            del sys.modules["psycopg2"]
+
+
+with _without_psycopg2():
     import peewee as pw
-    from playhouse.migrate import SchemaMigrator, migrate
-finally:
-    if _HIDE_PG:
-        del sys.modules["psycopg2"]
 
 from nomaflowd.errors import ConfigError  # noqa: E402
 
@@ -485,26 +491,35 @@ def create_or_migrate(db: pw.Database) -> None:
             # without it two replicas both see no table and one dies on pg_type's unique key.
             db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
         existing = set(db.get_tables(schema=schema))
-        migrator = SchemaMigrator.from_database(db)
         for model in MODELS:
             table = model._meta.table_name
             if table not in existing:
                 model.create_table(safe=True)
                 continue
             have = {c.name for c in db.get_columns(table, schema=schema)}
-            operations = []
-            for f in model._meta.sorted_fields:
-                if f.column_name not in have:
-                    column = copy.copy(f)
-                    column.null = True  # existing rows have no value for it
-                    operations.append(migrator.add_column(table, f.column_name, column))
-            if operations:
-                logger.info("adding %d column(s) to %s", len(operations), table)
-                migrate(*operations)
+            missing = [f for f in model._meta.sorted_fields if f.column_name not in have]
+            if missing:
+                _add_columns(db, table, missing)
             if schema is not None:
                 _widen_columns(db, model, schema)
             _drop_changed_indexes(db, model, schema)
             model._schema.create_indexes(safe=True)
+
+
+def _add_columns(db: pw.Database, table: str, fields: list[pw.Field]) -> None:
+    """Add the columns a newer version introduced; existing rows hold NULL in them."""
+    # Imported only when a column is missing: playhouse.migrate and the playhouse modules it
+    # pulls in were 1.3 MB of an idle daemon's RSS (bench h).
+    with _without_psycopg2():
+        from playhouse.migrate import SchemaMigrator, migrate
+    migrator = SchemaMigrator.from_database(db)
+    operations = []
+    for f in fields:
+        column = copy.copy(f)
+        column.null = True
+        operations.append(migrator.add_column(table, f.column_name, column))
+    logger.info("adding %d column(s) to %s", len(operations), table)
+    migrate(*operations)
 
 
 def _widen_columns(db: pw.Database, model: type[Model], schema: str) -> None:

@@ -110,6 +110,27 @@ def test_token_from_another_key_is_refused_naming_the_field(tree, tmp_path):
         load(tree, f'[transports.h]\ntype = "webhook"\nurl = "{token}"\n')
 
 
+@pytest.mark.parametrize("apart", [False, True], ids=["in-process", "child-process"])
+def test_tokens_decrypt_alike_in_process_and_in_a_child(tree, tmp_path, apart):
+    other = tmp_path / "other.key"
+    crypto.write_key(other)
+    mine, theirs = tree.enc("https://hooks.example/T0/CANARY"), crypto.encrypt(
+        crypto.load_keys(other), "https://x")
+    plain = crypto.decrypt_tokens(tree.key, [mine, theirs, mine], apart=apart)
+    assert plain == {mine: "https://hooks.example/T0/CANARY"}  # another key's token left out
+
+
+@pytest.mark.parametrize("apart", [False, True], ids=["in-process", "child-process"])
+def test_key_file_problems_read_alike_in_process_and_in_a_child(tree, tmp_path, apart):
+    token = tree.enc("x")
+    with pytest.raises(ConfigError, match=r"key file \S+missing\.key not found; create it"):
+        crypto.decrypt_tokens(tmp_path / "missing.key", [token], apart=apart)
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key\n")
+    with pytest.raises(ConfigError, match=r"key file \S+bad\.key is not a nomaflowd key"):
+        crypto.decrypt_tokens(bad, [token], apart=apart)
+
+
 def test_credentials_directory_key_wins(tree, tmp_path, monkeypatch):
     creds = tmp_path / "creds"
     creds.mkdir()

@@ -1,26 +1,22 @@
-"""Transport classes by their `type` in nomaflowd.toml."""
+"""Transport classes by their `type` in nomaflowd.toml, imported when a config uses one."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 
 from nomaflowd.config import TransportConfig
 from nomaflowd.transports.base import DeliveryError, Transport, TransportError
-from nomaflowd.transports.discord import Discord
-from nomaflowd.transports.email import Email
-from nomaflowd.transports.google_chat import GoogleChat
-from nomaflowd.transports.opsgenie import Opsgenie
-from nomaflowd.transports.pagerduty import PagerDuty
-from nomaflowd.transports.slack import Slack
-from nomaflowd.transports.slack_app import SlackApp
-from nomaflowd.transports.teams import Teams
-from nomaflowd.transports.webhook import Webhook
 
-TRANSPORT_TYPES: dict[str, type[Transport]] = {"slack": Slack, "email": Email, "webhook": Webhook}
+# "module:Class" in this package. A sidecar imports only the transports its config names:
+# smtplib and the presets' modules are idle RSS on every host that does not use them.
+TRANSPORT_TYPES: dict[str, str] = {"slack": "slack:Slack", "email": "email:Email",
+                                   "webhook": "webhook:Webhook"}
 # A webhook with `preset = "..."` speaks that provider's API (config.PRESET_URLS).
-PRESETS: dict[str, type[Transport]] = {"pagerduty": PagerDuty, "opsgenie": Opsgenie,
-                                       "teams": Teams, "discord": Discord,
-                                       "google_chat": GoogleChat}
+PRESETS: dict[str, str] = {"pagerduty": "pagerduty:PagerDuty", "opsgenie": "opsgenie:Opsgenie",
+                           "teams": "teams:Teams", "discord": "discord:Discord",
+                           "google_chat": "google_chat:GoogleChat"}
+SLACK_APP = "slack_app:SlackApp"  # slack with a bot_token: the Web API, not a webhook
 
 __all__ = ["PRESETS", "TRANSPORT_TYPES", "DeliveryError", "Transport", "TransportError", "build",
            "transport_class"]
@@ -32,7 +28,12 @@ def build(configs: Mapping[str, TransportConfig], timeout: float) -> dict[str, T
 
 
 def transport_class(c: TransportConfig) -> type[Transport]:
+    """The class for one [transports.X] section, its module imported on first use."""
     if c.type == "slack" and c.settings.get("bot_token") is not None:
-        return SlackApp  # app mode: the Web API instead of an incoming webhook
-    preset = c.settings.get("preset") if c.type == "webhook" else None
-    return PRESETS[preset] if preset else TRANSPORT_TYPES[c.type]
+        where = SLACK_APP
+    else:
+        preset = c.settings.get("preset") if c.type == "webhook" else None
+        where = PRESETS[preset] if preset else TRANSPORT_TYPES[c.type]
+    module, _, name = where.partition(":")
+    cls: type[Transport] = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    return cls
