@@ -11,7 +11,8 @@ clock as the writer's and the receiver's), and prints the median and p99 of each
   awake -> batch start   the loop's other work first (results to record, timers, the scan)
   read + parse           the batch's files read and parsed
   commit                 events, runs and claims in one transaction
-  commit -> submitted    files unlinked, the attempt handed to the transport's worker
+  commit -> submitted    the attempt handed to the transport's worker (the WAL flush and the
+                         unlinks come after it, while the POST is under way)
   submitted -> worker    the worker thread starts the send
   worker -> POST         the HTTP exchange as far as the receiver's arrival stamp
 """

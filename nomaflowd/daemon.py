@@ -35,6 +35,7 @@ from nomaflowd.spool import Spool, Watcher, watch
 logger = logging.getLogger(__name__)
 
 # Keys whose change needs a restart: a reload keeps the running value and says so.
+CHECKPOINT_SECONDS = 1.0
 RESTART_ONLY = ("spool_dir", "database", "web_listen", "metrics_listen", "replica_id")
 
 
@@ -100,6 +101,8 @@ class Daemon:
         self.scheduler.add_job(self.prune_job, "interval", days=1,
                                next_run_time=datetime.now().astimezone() + timedelta(minutes=1),
                                id="prune")
+        self.scheduler.add_job(self.checkpoint_job, "interval", seconds=CHECKPOINT_SECONDS,
+                               id="checkpoint")
         self.scheduler.start()
         if self.config.metrics_listen:
             self.metrics_server = metrics.MetricsServer(
@@ -355,6 +358,16 @@ class Daemon:
         finally:
             db.proxy.close()
         return values
+
+    def checkpoint_job(self) -> None:
+        """APScheduler's thread: the SQLite WAL copied back into the database file, off the
+        main loop (a checkpoint inside a commit held that event for milliseconds)."""
+        try:
+            db.checkpoint()
+        except db.OUTAGES:
+            pass  # the main loop says so; the backstop or the next turn checkpoints
+        finally:
+            self.database.close()
 
     def prune_job(self) -> None:
         """APScheduler's thread, daily: retention (database rows only, no shared state)."""

@@ -390,7 +390,11 @@ def open_database(url: str) -> pw.Database:
                 name,
                 # NORMAL: a commit survives a crash at once and a power cut once
                 # make_durable() has run; spool files are deleted only after that.
+                # wal_autocheckpoint: the daemon checkpoints on its scheduler's thread
+                # (checkpoint()), so its main loop's commits do not stop to copy the WAL
+                # back; this larger limit is only a backstop.
                 pragmas={"journal_mode": "wal", "synchronous": "normal", "busy_timeout": 10000,
+                         "wal_autocheckpoint": 10000,
                          "foreign_keys": 0},
                 timeout=10,
             )
@@ -436,6 +440,12 @@ def make_durable() -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def checkpoint() -> None:
+    """Copy the SQLite WAL back into the database file without blocking writers (PASSIVE)."""
+    if _wal_path is not None:
+        proxy.execute_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
 
 @contextmanager

@@ -124,6 +124,7 @@ class Ingest:
             self.suspects.difference_update(names)
             db.SpoolTryRow.delete().where(db.SpoolTryRow.name.in_(names)).execute()
         self.deliveries.submit(attempts)
+        submitted = time.monotonic()
         # The commit did not wait for the disk (synchronous=NORMAL): the POSTs are under way
         # while this thread flushes the WAL, once for the batch, and only then deletes files.
         self.remove(self.recorded)
@@ -131,7 +132,7 @@ class Ingest:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("stages batch=%d hinted=%.6f woke=%.6f started=%.6f parsed=%.6f"
                          " committed=%.6f submitted=%.6f runs=%s", len(names), self.hinted_at,
-                         self.woke_at, started, parsed, committed, time.monotonic(),
+                         self.woke_at, started, parsed, committed, submitted,
                          ",".join(e.run_id or "-" for _, e in accepted))
 
     def commit(self, accepted: list[tuple[str, events.Event]], now: datetime) -> list[Attempt]:

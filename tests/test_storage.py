@@ -290,3 +290,18 @@ def test_a_column_made_wider_is_widened_on_an_existing_postgresql_database(pg_sc
         assert length == 512
     finally:
         database.close()
+
+
+def test_the_wal_is_copied_back_off_the_main_loop(tree: Tree, inproc):
+    """SQLite's own checkpoint runs inside a commit, holding that event for milliseconds;
+    the daemon's scheduler thread copies the WAL back into the database file instead."""
+    tree.write_config()
+    d = inproc()
+    main_file = tree.db_path.stat().st_size
+    for i in range(100):  # far below the backstop of wal_autocheckpoint pages
+        tree.drop({"job_id": "etl", "run_id": f"r{i}", "state": "SUCCEEDED"})
+    d.pump()
+    assert tree.sql("SELECT count(*) FROM events") == [(100,)]
+    # The rows reach the database file itself within a turn of the checkpoint job.
+    d.pump(until=lambda: tree.db_path.stat().st_size > main_file, timeout=10.0,
+           what="the WAL to be checkpointed into the database file")
