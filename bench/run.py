@@ -70,13 +70,14 @@ QUICK = {"a_files": 2_000, "b_files": 1_000, "c_rate": 50, "c_seconds": 2, "d_co
          "am_batch": 64, "g_jobs": 1_000, "f_polls": 10, "i_jobs": 10_000, "i_polls": 10,
          "j_files": 1_000, "j_burst": 200, "k_count": 1_000}
 METRICS: dict[str, list[Metric]] = {name: s.metrics for name, s in SCENARIOS.items()}
-RATIOS = [  # (label, numerator (scenario, key), denominator (scenario, key))
-    ("c p50 nomaflowd / Alertmanager (lower is better)", ("c", "p50_ms"), ("e", "am_c_p50_ms")),
-    ("c p99 nomaflowd / Alertmanager (lower is better)", ("c", "p99_ms"), ("e", "am_c_p99_ms")),
-    ("d rate nomaflowd / Alertmanager (higher is better)", ("d", "rate"), ("e", "am_d_rate")),
+RATIOS = [  # (label, numerator (scenario, key), denominator (scenario, key), target)
+    ("c p50 nomaflowd / Alertmanager", ("c", "p50_ms"), ("e", "am_c_p50_ms"), ("le", 1.5)),
+    ("c p99 nomaflowd / Alertmanager", ("c", "p99_ms"), ("e", "am_c_p99_ms"), ("le", 1.0)),
+    ("d rate nomaflowd / Alertmanager", ("d", "rate"), ("e", "am_d_rate"), ("ge", 0.3)),
     ("j 1 PostgreSQL replica / SQLite, backlog events/s", ("j", "r1_events_per_s"),
-     ("a", "events_per_s")),
-    ("j 1 PostgreSQL replica / SQLite, burst deliveries/s", ("j", "r1_rate"), ("d", "rate")),
+     ("a", "events_per_s"), ("ge", 0.5)),
+    ("j 1 PostgreSQL replica / SQLite, burst deliveries/s", ("j", "r1_rate"), ("d", "rate"),
+     ("ge", 0.5)),
 ]
 
 
@@ -134,16 +135,18 @@ def summarize(name: str, runs: list[dict[str, Any]], quick: bool) -> list[dict[s
     return rows
 
 
-def ratio_rows(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def ratio_rows(summary: list[dict[str, Any]], quick: bool) -> list[dict[str, Any]]:
     med = {(r["scenario"], r["key"]): r["median"] for r in summary}
     out = []
-    for label, num, den in RATIOS:
+    for label, num, den, target in RATIOS:
         a, b = med.get(num), med.get(den)
         if a is None or b is None or not b:
             continue
-        out.append({"scenario": num[0], "metric": label, "key": f"ratio_{num[1]}", "unit": "x",
-                    "median": a / b, "min": None, "max": None, "n": 1, "target": "-",
-                    "verdict": "n.a.", "kind": "info"})
+        m = Metric(f"ratio_{num[1]}", label, "x", target)
+        out.append({"scenario": num[0], "metric": label, "key": m.key, "unit": "x",
+                    "median": a / b, "min": None, "max": None, "n": 1,
+                    "target": m.target_text(), "verdict": m.verdict(a / b, quick),
+                    "kind": "timed"})
     return out
 
 
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                             "target": "-", "verdict": "n.a.", "kind": "info"})
             continue
         summary += summarize(name, entry["runs"], args.quick)
-    summary += ratio_rows(summary)
+    summary += ratio_rows(summary, args.quick)
     doc["summary"] = summary
     doc["machine"]["loadavg_end"] = os.getloadavg()
     doc["finished"] = datetime.now(UTC).isoformat()

@@ -32,7 +32,7 @@ METRICS = [
     Metric("rate", "deliveries/s (first rename -> last POST)", "/s", ("ge", 3_000)),
     Metric("send_rate", "deliveries/s (first POST -> last POST)", "/s", kind="info"),
     Metric("apprise_rate", "Apprise json:// sends/s (same run)", "/s", kind="info"),
-    Metric("ratio", "nomaflowd / Apprise", "x", ("ge", 2.0)),
+    Metric("ratio", "nomaflowd / Apprise", "x", ("ge", 3.0)),
     Metric("recorded_s", "first rename -> all rows in `notifications`", "s", kind="info"),
     Metric("lost", "deliveries missing", "", ("eq", 0), "loss"),
     Metric("not_sent", "outcome other than SENT", "", ("eq", 0), "loss"),
