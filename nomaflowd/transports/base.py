@@ -468,6 +468,22 @@ def describe_request_error(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _check_url(url: str) -> None:
+    """Raise TransportError for a URL the HTTP libraries would mangle or quote in an error."""
+    if " " in url or not url.isprintable():
+        # requests would quietly percent-encode it and send somewhere else.
+        raise TransportError("the URL is not valid (a space or control character)")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a bad port raises ValueError, quoting the URL)
+    except ValueError:
+        raise TransportError("the URL is not valid (host or port)") from None
+    if parts.scheme not in ("http", "https"):
+        raise TransportError(f"unsupported URL scheme {parts.scheme!r}")
+    if not parts.hostname:
+        raise TransportError("the URL has no host")
+
+
 # One attempt: no retry of a connect or a read (requests' own default for its adapters).
 ONE_ATTEMPT = urllib3.util.Retry(0, read=False)
 
@@ -551,6 +567,7 @@ class HttpTransport(Transport):
         routes: dict[str, tuple[Any, str]] = self._local.__dict__.setdefault("routes", {})
         route = routes.get(url)
         if route is None or route[0].pool is None:  # new, or closed by the manager's LRU
+            _check_url(url)
             adapter = self._session().get_adapter(url)
             assert isinstance(adapter, requests.adapters.HTTPAdapter)
             prepared = requests.PreparedRequest()
@@ -570,18 +587,6 @@ class HttpTransport(Transport):
             # The HTTP library would raise quoting the whole value (a credential).
             if BAD_HEADER_VALUE.search(value):
                 raise TransportError(f"header {name} has an invalid character (CR/LF)")
-        if " " in url or not url.isprintable():
-            # requests would quietly percent-encode it and send somewhere else.
-            raise TransportError("the URL is not valid (a space or control character)")
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 (a bad port raises ValueError, quoting the URL)
-        except ValueError:
-            raise TransportError("the URL is not valid (host or port)") from None
-        if parts.scheme not in ("http", "https"):
-            raise TransportError(f"unsupported URL scheme {parts.scheme!r}")
-        if not parts.hostname:
-            raise TransportError("the URL has no host")
         deadline = time.monotonic() + self.timeout
         socks: list[Any] = []
         _IN_FLIGHT.socks = socks
@@ -594,7 +599,7 @@ class HttpTransport(Transport):
                     resp = pool.urlopen(
                         "POST", target, body=body, headers=all_headers, redirect=False,
                         assert_same_host=False, preload_content=False, decode_content=False,
-                        retries=ONE_ATTEMPT, timeout=urllib3.Timeout(connect=left, read=left))
+                        retries=ONE_ATTEMPT, timeout=left)
                     data = resp.read(MAX_RESPONSE + 1)
                 except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
                         ValueError) as exc:
