@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import heapq
 import http.client
 import itertools
 import json
+import math
 import re
 import socket
 import ssl
@@ -15,8 +15,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -127,59 +126,79 @@ class Deadlines:
 
     A socket timeout bounds each read, not the request: a server trickling a byte a
     second would hold a send forever. Shutting the socket down wakes the blocked read.
+
+    The requests in flight are a dict, not a heap of every request ever watched: there are
+    only as many as sending threads, and a heap kept each finished request until the thread
+    woke to pop it (a push and a pop per POST). The thread sleeps until the earliest
+    deadline it knew of, then looks again; a watch wakes it only to bring that time forward,
+    so back-to-back POSTs wake it about once per timeout, not once each.
     """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Callable[[], Any]]] = []
-        self._live: dict[int, bool] = {}
-        self._cond = threading.Condition()
+        self._live: dict[int, tuple[float, Callable[[], Any]]] = {}
+        # A plain lock taken directly where the thread needs no waking (cheaper per POST
+        # than the Condition's Python-level __enter__/__exit__), the Condition on it to wait.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._ids = itertools.count()
+        self._wake = math.inf  # when the thread looks next (inf: when notified)
         self._thread: threading.Thread | None = None
 
-    @contextmanager
-    def watch(self, sock: Callable[[], Any], deadline: float) -> Iterator[dict[int, bool]]:
-        """`sock` returns the live socket (STARTTLS swaps it mid-conversation)."""
-        with self._cond:
+    def watch(self, sock: Callable[[], Any], deadline: float) -> _Watch:
+        """For a `with` block; `sock` returns the live socket (STARTTLS swaps it
+        mid-conversation)."""
+        with self._lock:
             ident = next(self._ids)
-            self._live[ident] = False
-            heapq.heappush(self._heap, (deadline, ident, sock))
+            self._live[ident] = (deadline, sock)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="nomaflowd-deadlines",
                                                 daemon=True)
                 self._thread.start()
-            if self._heap[0][1] == ident:  # only an earlier deadline needs the thread awake
+            if deadline < self._wake:
+                self._wake = deadline
                 self._cond.notify()
-        state = {0: False}
-        try:
-            yield state
-        finally:
-            with self._cond:
-                state[0] = self._live.pop(ident, False)
+        return _Watch(self, ident)
+
+    def _done(self, ident: int) -> bool:
+        """Forget a request; whether the deadline cut it short."""
+        with self._lock:
+            return self._live.pop(ident, None) is None  # the thread took it: it fired
 
     def _run(self) -> None:
         with self._cond:
             while True:
-                while self._heap and self._heap[0][1] not in self._live:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                deadline, ident, sock = self._heap[0]
-                delay = deadline - time.monotonic()
-                if delay > 0:
-                    self._cond.wait(delay)
-                    continue
-                heapq.heappop(self._heap)
-                self._live[ident] = True
-                live = sock()
-                for one in live if isinstance(live, list) else [live]:
-                    if one is None:
-                        continue
-                    # The plain socket's shutdown, also for TLS: SSLSocket.shutdown() would
-                    # tear down the SSL object under a reading thread. OSError: already
-                    # closed by its owner, nothing left to interrupt.
-                    with contextlib.suppress(OSError):
-                        socket.socket.shutdown(one, socket.SHUT_RDWR)
+                now = time.monotonic()
+                for ident in [k for k, (d, _) in self._live.items() if d <= now]:
+                    live = self._live.pop(ident)[1]()
+                    for one in live if isinstance(live, list) else [live]:
+                        if one is None:
+                            continue
+                        # The plain socket's shutdown, also for TLS: SSLSocket.shutdown()
+                        # would tear down the SSL object under a reading thread. OSError:
+                        # already closed by its owner, nothing left to interrupt.
+                        with contextlib.suppress(OSError):
+                            socket.socket.shutdown(one, socket.SHUT_RDWR)
+                self._wake = min((d for d, _ in self._live.values()), default=math.inf)
+                self._cond.wait(None if self._wake == math.inf else self._wake - now)
+
+
+class _Watch:
+    """One request registered with Deadlines, for a `with` block: `fired`, once it is left,
+    says whether the deadline cut the request short. A class rather than a @contextmanager
+    generator: ~10,000 instructions less per POST."""
+
+    __slots__ = ("_deadlines", "_ident", "fired")
+
+    def __init__(self, deadlines: Deadlines, ident: int) -> None:
+        self._deadlines = deadlines
+        self._ident = ident
+        self.fired = False
+
+    def __enter__(self) -> _Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.fired = self._deadlines._done(self._ident)
 
 
 DEADLINES = Deadlines()
@@ -592,7 +611,7 @@ class HttpTransport(Transport):
         _IN_FLIGHT.socks = socks
         resp = None
         try:
-            with DEADLINES.watch(lambda: socks, deadline) as fired:
+            with DEADLINES.watch(lambda: socks, deadline) as watch:
                 try:
                     left = max(0.001, deadline - time.monotonic())
                     pool, target = self._route(url)
@@ -616,7 +635,7 @@ class HttpTransport(Transport):
             # Cut off mid-answer (a trickling server), the read ends early without an error:
             # no complete verdict within the bound. An answer read whole stands, even if the
             # deadline fired just after.
-            if fired[0] and resp.length_remaining != 0 and len(data) <= MAX_RESPONSE:
+            if watch.fired and resp.length_remaining != 0 and len(data) <= MAX_RESPONSE:
                 resp.close()
                 resp.release_conn()
                 raise TransportError(f"timed out after {self.timeout:g}s")
