@@ -3,7 +3,9 @@ CAs, and the whole-request deadline, against real local servers (SPEC section 14
 
 from __future__ import annotations
 
+import socket
 import ssl
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +15,7 @@ from nomaflowd import alerts, config
 from nomaflowd.cli import main
 from nomaflowd.dispatch import FAILED_TRANSPORT, SENT, Attempt, attempt_once
 from nomaflowd.transports import build
+from nomaflowd.transports.base import DEADLINES
 from tests.servers import ForwardProxy, HttpRecorder, SilentTls
 
 
@@ -138,3 +141,25 @@ def test_a_missing_ca_file_is_refused_at_start_naming_the_key(tree, capsys):
     assert main(["check", "--config", str(tree.config_path)]) == 1
     out = capsys.readouterr()
     assert "transports.hook.ca_file: no such file" in out.out + out.err
+
+
+def test_a_shorter_deadline_watched_later_still_cuts_its_read_on_time():
+    """The deadline thread sleeps until the earliest deadline it knows; a later watch with
+    an earlier deadline (another transport's shorter timeout) must wake it."""
+    pairs = [socket.socketpair() for _ in range(3)]
+    (long_a, _), (first_a, _), (short_a, _) = pairs
+    try:
+        start = time.monotonic()
+        with DEADLINES.watch(lambda: long_a, start + 60) as long_watch:
+            # Once this one is cut, the thread sleeps towards the 60 s deadline.
+            with DEADLINES.watch(lambda: first_a, start + 0.1):
+                assert first_a.recv(1) == b""
+            with DEADLINES.watch(lambda: [short_a], time.monotonic() + 0.3) as short_watch:
+                assert short_a.recv(1) == b""  # until the deadline shuts it down
+            assert short_watch.fired
+            assert time.monotonic() - start < 3
+        assert not long_watch.fired
+    finally:
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
