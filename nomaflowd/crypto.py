@@ -67,8 +67,9 @@ def _pending(path: Path) -> Path:
 
 
 def load_keys(path: Path) -> MultiFernet:
-    from cryptography.fernet import Fernet, MultiFernet
     """The key file (plus a rotation's pending key, so a rotation cut short still decrypts)."""
+    from cryptography.fernet import Fernet, MultiFernet
+
     keys = []
     for candidate in (path, _pending(path)):
         try:
@@ -110,8 +111,9 @@ def encrypt(keys: MultiFernet, value: str) -> str:
 
 
 def decrypt(keys: MultiFernet, token: str, field: str) -> Secret:
-    from cryptography.fernet import InvalidToken
     """Decrypt an `enc:` token; errors name the field, never the value."""
+    from cryptography.fernet import InvalidToken
+
     if not token.startswith(PREFIX):
         raise ConfigError(
             f"{field} is plaintext; encrypt it with `nomaflowd secret encrypt`"
