@@ -34,8 +34,9 @@ from nomaflowd.spool import Spool, Watcher, watch
 
 logger = logging.getLogger(__name__)
 
-# Keys whose change needs a restart: a reload keeps the running value and says so.
+# How often the scheduler's thread copies the SQLite WAL back (checkpoint_job).
 CHECKPOINT_SECONDS = 1.0
+# Keys whose change needs a restart: a reload keeps the running value and says so.
 RESTART_ONLY = ("spool_dir", "database", "web_listen", "metrics_listen", "replica_id")
 
 
