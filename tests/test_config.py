@@ -131,6 +131,16 @@ def test_key_file_problems_read_alike_in_process_and_in_a_child(tree, tmp_path, 
         crypto.decrypt_tokens(bad, [token], apart=apart)
 
 
+@pytest.mark.parametrize("apart", [False, True], ids=["in-process", "child-process"])
+@pytest.mark.parametrize("hostile", ["enc:\x01\x00abc", "enc:" + "A" * 1_000_000, "enc:%%%%",
+                                     "enc:\u00e4\u20ac\U0001f600"],
+                         ids=["control", "huge", "not-base64", "non-ascii"])
+def test_hostile_tokens_are_refused_naming_the_field_not_the_value(tree, apart, hostile):
+    good = tree.enc("https://hooks.example/T0/CANARY")
+    plain = crypto.decrypt_tokens(tree.key, [hostile, good], apart=apart)
+    assert plain == {good: "https://hooks.example/T0/CANARY"}  # the bad one only left out
+
+
 def test_credentials_directory_key_wins(tree, tmp_path, monkeypatch):
     creds = tmp_path / "creds"
     creds.mkdir()
