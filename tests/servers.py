@@ -140,3 +140,48 @@ class SilentTls:
         self.listener.close()
         for s in self.held:
             s.close()
+
+
+class ScriptedHttp:
+    """Answers every request on a keep-alive connection with the next bytes of `answers`,
+    as they are (header folding, 1xx, chunked bodies, header floods): what an HTTP library's
+    own server classes would not write. Records each request's head."""
+
+    def __init__(self, answers: list[bytes]) -> None:
+        self.answers = list(answers)
+        self.heads: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, name="scripted-http", daemon=True)
+        self.thread.start()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while self.answers:
+                conn, _ = self.listener.accept()
+                with conn, conn.makefile("rb") as reader:
+                    while self.answers:
+                        head = b""
+                        while not head.endswith(b"\r\n\r\n"):
+                            line = reader.readline()
+                            if not line:
+                                break
+                            head += line
+                        if not head.endswith(b"\r\n\r\n"):
+                            break  # the client closed this connection
+                        length = 0
+                        for line in head.split(b"\r\n"):
+                            name, _, value = line.partition(b":")
+                            if name.strip().lower() == b"content-length":
+                                length = int(value)
+                        reader.read(length)
+                        self.heads.append(head)
+                        conn.sendall(self.answers.pop(0))
+
+    def close(self) -> None:
+        self.answers.clear()
+        self.listener.close()
+        self.thread.join(5)

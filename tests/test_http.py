@@ -13,10 +13,10 @@ import trustme
 
 from nomaflowd import alerts, config
 from nomaflowd.cli import main
-from nomaflowd.dispatch import FAILED_TRANSPORT, SENT, Attempt, attempt_once
+from nomaflowd.dispatch import FAILED_DELIVERY, FAILED_TRANSPORT, SENT, Attempt, attempt_once
 from nomaflowd.transports import build
-from nomaflowd.transports.base import DEADLINES
-from tests.servers import ForwardProxy, HttpRecorder, SilentTls
+from nomaflowd.transports.base import DEADLINES, RateLimited
+from tests.servers import ForwardProxy, HttpRecorder, ScriptedHttp, SilentTls
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +163,40 @@ def test_a_shorter_deadline_watched_later_still_cuts_its_read_on_time():
         for pair in pairs:
             for sock in pair:
                 sock.close()
+
+
+# --- answers read by nomaflowd's own header parser (transports/base.py, _read_head) --------
+
+def test_answer_headers_are_read_as_http_client_reads_them(tree):
+    """Folded headers, a 100 Continue before the answer, a chunked body and keep-alive: the
+    parser that replaced the email package's one reads them all; a 429's Retry-After still
+    counts; a line with no colon is skipped (the email parser ended the headers there, lost
+    Content-Length and waited out the deadline); a flood of headers fails the one send."""
+    answers = [
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Folded: one\r\n two\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 429 Too Many Requests\r\nretry-after:   7 \r\nContent-Length: 4\r\n\r\nslow",
+        b"HTTP/1.1 500 Oops\r\nNo colon here\r\nContent-Length: 4\r\n\r\nboom",
+        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(120))
+        + b"Content-Length: 2\r\n\r\nok",
+    ]
+    server = ScriptedHttp(answers)
+    cfg = config.load(tree.write_config(tree.webhook("hook", server.url())))
+    transports = build(cfg.transports, cfg.send_timeout_seconds)
+    hook = transports["hook"]
+    try:
+        alert = alerts.test_alert("https://n.test")
+        first = attempt_once(hook, Attempt(alert, "hook", "hook"))
+        assert first.outcome == SENT, first.detail
+        with pytest.raises(RateLimited) as refused:
+            hook.send(alert, "hook")
+        assert refused.value.retry_after == 7.0
+        third = attempt_once(hook, Attempt(alert, "hook", "hook"))
+        assert (third.outcome, "500" in third.detail) == (FAILED_DELIVERY, True), third.detail
+        fourth = attempt_once(hook, Attempt(alert, "hook", "hook"))
+        assert fourth.outcome == FAILED_TRANSPORT, fourth.detail  # as http.client refuses it
+        assert len(server.heads) == 4
+    finally:
+        hook.close()
+        server.close()
