@@ -119,6 +119,8 @@ class OneLineFormatter(logging.Formatter):
 
 def setup_logging() -> None:
     level = logging.DEBUG if os.environ.get("NOMAFLOWD_DEBUG") else logging.INFO
+    # Not in our format: skip them (a getpid() system call and two look-ups per record).
+    logging.logProcesses = logging.logMultiprocessing = logging.logThreads = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
