@@ -25,7 +25,14 @@ from nomaflowd.spool import Spool
 
 logger = logging.getLogger(__name__)
 
-BATCH = 1000
+# A batch is one transaction. 4,000 files rather than 1,000: a backlog's inserts land in the
+# same index pages more often, and bench a ingested 12 % more per second (0.47-0.48 -> 0.50-
+# 0.53 of the floor); a live burst's first POST came no later (bench d). BATCH_BYTES bounds
+# what a batch holds in memory: 150 files just under the 1 MiB limit took the daemon to a
+# peak RSS of 455 MB when a batch was bounded in files only, 84 MB now. Events of a few
+# hundred bytes never reach it.
+BATCH = 4000
+BATCH_BYTES = 8 * 1024 * 1024
 MAX_TRIES = 3
 # Fault injection for the test suite: exit abruptly while handling a file whose name
 # contains this string, as a crash in a parser or driver would.
@@ -85,25 +92,35 @@ class Ingest:
         else:
             batch = [self.pending.popleft() for _ in range(min(BATCH, len(self.pending)))]
         try:
-            self.ingest(batch, now)
+            unread = self.ingest(batch, now)
         except db.OUTAGES:
             self.pending.extendleft(reversed(batch))
             raise
+        self.pending.extendleft(reversed(unread))
         return bool(self.pending)
 
-    def ingest(self, names: list[str], now: datetime) -> None:
-        """Read a batch of files, commit their events and claims in one transaction, then send."""
+    def ingest(self, names: list[str], now: datetime) -> list[str]:
+        """Read a batch of files, commit their events and claims in one transaction, then send.
+
+        Reading stops once BATCH_BYTES are in hand; returns the names left unread."""
         accepted: list[tuple[str, events.Event]] = []
         started = time.monotonic()
         self.spool.mark_handling(names)
         cat = self.policy.current()
-        for name in names:
+        budget = BATCH_BYTES
+        unread: list[str] = []
+        for i, name in enumerate(names):
+            if budget <= 0:
+                names, unread = names[:i], names[i:]
+                self.spool.mark_handling(names)
+                break
             if CRASH_ON and CRASH_ON in name:
                 os._exit(70)
             try:
                 raw = self.spool.read(name)
                 if raw is None:
                     continue
+                budget -= len(raw)
                 event = events.parse(raw, name, now)
                 refused = cat.may_write(event.job_id, raw.uid, raw.gid)
                 if refused:
@@ -134,6 +151,7 @@ class Ingest:
                          " committed=%.6f submitted=%.6f runs=%s", len(names), self.hinted_at,
                          self.woke_at, started, parsed, committed, submitted,
                          ",".join(e.run_id or "-" for _, e in accepted))
+        return unread
 
     def commit(self, accepted: list[tuple[str, events.Event]], now: datetime) -> list[Attempt]:
         """Store the batch in one transaction; if the database refuses it for a reason that is

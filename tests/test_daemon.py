@@ -241,3 +241,21 @@ def test_renames_are_noticed_by_the_watcher_not_only_by_the_rescan(tree, http, d
     os.rename(local, tree.spool / "in-spool.json")
     http.wait_for(2, timeout=10)
     assert sorted(r.json()["run_id"] for r in http.requests) == ["from-tmp", "in-spool"]
+
+
+def test_a_backlog_of_large_files_is_read_a_bounded_amount_at_a_time(tree, http,
+                                                                     daemon_factory):
+    """Runners are untrusted: 150 files just under the 1 MiB limit, waiting at start, must not
+    be held in memory all at once (a batch is bounded in bytes, not only in files)."""
+    tree.write_config(tree.webhook("ops", http.url()))
+    tree.spool.mkdir(parents=True)
+    big = "x" * (900 * 1024)
+    for i in range(150):
+        (tree.spool / f"big-{i:03d}.json").write_text(json.dumps(
+            {"job_id": "bulky", "state": "SUCCEEDED", "run_id": f"b{i}", "error": big}))
+    d = daemon_factory()
+    wait_until(lambda: tree.sql("SELECT count(*) FROM events")[0][0] == 150, timeout=60,
+               what="150 events recorded")
+    wait_until(lambda: not tree.spool_files(), what="spool empty")
+    peak_mb = d.status_kb("VmHWM") / 1024
+    assert peak_mb < 250, f"peak RSS {peak_mb:.0f} MB for 135 MB of files"  # 455 MB unbounded, 84 MB
