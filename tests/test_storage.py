@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import stat
+import threading
 import warnings
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -305,3 +306,19 @@ def test_the_wal_is_copied_back_off_the_main_loop(tree: Tree, inproc):
     # The rows reach the database file itself within a turn of the checkpoint job.
     d.pump(until=lambda: tree.db_path.stat().st_size > main_file, timeout=10.0,
            what="the WAL to be checkpointed into the database file")
+
+
+def test_sqlite_keeps_16_mb_of_pages_per_connection(tmp_path):
+    """README, Design notes: a backlog's index pages stay in memory (SQLite's default is
+    2 MB), on the connection the main loop opens and on any other thread's."""
+    database = db.open_database(f"sqlite:///{tmp_path / 'n.db'}")
+    try:
+        assert database.execute_sql("PRAGMA cache_size").fetchone() == (-16000,)
+        seen: list[Any] = []
+        worker = threading.Thread(target=lambda: seen.append(
+            database.execute_sql("PRAGMA cache_size").fetchone()))
+        worker.start()
+        worker.join()
+        assert seen == [(-16000,)]
+    finally:
+        database.close()
