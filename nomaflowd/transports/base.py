@@ -385,6 +385,10 @@ def _register(sock: Any) -> None:
         socks.append(sock)
 
 
+_MAXLINE = 65536     # http.client's own limits (_MAXLINE, _MAXHEADERS)
+_MAXHEADERS = 100
+
+
 def _read_head(fp: Any) -> http.client.HTTPMessage:
     """An answer's header lines as http.client.parse_headers() gives them, without the email
     package's parser: 4 us for a five-header answer against its 49, and the CPU of one
@@ -414,10 +418,6 @@ def _read_head(fp: Any) -> http.client.HTTPMessage:
     for name, value in pairs:
         msg[name] = value
     return msg
-
-
-_MAXLINE = 65536     # http.client's own limits (_MAXLINE, _MAXHEADERS)
-_MAXHEADERS = 100
 
 
 class _Response(http.client.HTTPResponse):
