@@ -171,7 +171,8 @@ def test_answer_headers_are_read_as_http_client_reads_them(tree):
     """Folded headers, a 100 Continue before the answer, a chunked body and keep-alive: the
     parser that replaced the email package's one reads them all; a 429's Retry-After still
     counts; a line with no colon is skipped (the email parser ended the headers there, lost
-    Content-Length and waited out the deadline); a flood of headers fails the one send."""
+    Content-Length and waited out the deadline); a garbled Retry-After means the default
+    wait; a flood of headers or a header line over 64 KiB fails that one send."""
     answers = [
         b"HTTP/1.1 100 Continue\r\n\r\n"
         b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Folded: one\r\n two\r\n"
@@ -180,6 +181,8 @@ def test_answer_headers_are_read_as_http_client_reads_them(tree):
         b"HTTP/1.1 500 Oops\r\nNo colon here\r\nContent-Length: 4\r\n\r\nboom",
         b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(120))
         + b"Content-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 429 Slow\r\nRetry-After: \x00\xff\x1b[2J\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\nContent-Length: 2\r\n\r\nok",
     ]
     server = ScriptedHttp(answers)
     cfg = config.load(tree.write_config(tree.webhook("hook", server.url())))
@@ -196,7 +199,13 @@ def test_answer_headers_are_read_as_http_client_reads_them(tree):
         assert (third.outcome, "500" in third.detail) == (FAILED_DELIVERY, True), third.detail
         fourth = attempt_once(hook, Attempt(alert, "hook", "hook"))
         assert fourth.outcome == FAILED_TRANSPORT, fourth.detail  # as http.client refuses it
-        assert len(server.heads) == 4
+        with pytest.raises(RateLimited) as garbled:  # a Retry-After that is no number
+            hook.send(alert, "hook")
+        assert garbled.value.retry_after == 30.0
+        assert "\x1b" not in str(garbled.value)
+        long_line = attempt_once(hook, Attempt(alert, "hook", "hook"))
+        assert long_line.outcome == FAILED_TRANSPORT, long_line.detail
+        assert len(server.heads) == 6
     finally:
         hook.close()
         server.close()
