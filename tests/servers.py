@@ -145,11 +145,17 @@ class SilentTls:
 class ScriptedHttp:
     """Answers every request on a keep-alive connection with the next bytes of `answers`,
     as they are (header folding, 1xx, chunked bodies, header floods): what an HTTP library's
-    own server classes would not write. Records each request's head."""
+    own server classes would not write. Records each request's head, counts connections,
+    and hangs up after the answers whose index is in `hang_up_after` (an upstream closing
+    an idle keep-alive connection); `hung_up` is set each time it has."""
 
-    def __init__(self, answers: list[bytes]) -> None:
+    def __init__(self, answers: list[bytes], hang_up_after: set[int] = frozenset()) -> None:
         self.answers = list(answers)
+        self.hang_up_after = set(hang_up_after)
         self.heads: list[bytes] = []
+        self.connections = 0
+        self.closed_by_client = threading.Event()  # a connection the client closed
+        self.hung_up = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.thread = threading.Thread(target=self._serve, name="scripted-http", daemon=True)
@@ -162,6 +168,7 @@ class ScriptedHttp:
         with contextlib.suppress(OSError):
             while self.answers:
                 conn, _ = self.listener.accept()
+                self.connections += 1
                 with conn, conn.makefile("rb") as reader:
                     while self.answers:
                         head = b""
@@ -171,6 +178,7 @@ class ScriptedHttp:
                                 break
                             head += line
                         if not head.endswith(b"\r\n\r\n"):
+                            self.closed_by_client.set()
                             break  # the client closed this connection
                         length = 0
                         for line in head.split(b"\r\n"):
@@ -180,8 +188,14 @@ class ScriptedHttp:
                         reader.read(length)
                         self.heads.append(head)
                         conn.sendall(self.answers.pop(0))
+                        if len(self.heads) - 1 in self.hang_up_after:
+                            conn.shutdown(socket.SHUT_RDWR)
+                            self.hung_up.set()
+                            break
 
     def close(self) -> None:
         self.answers.clear()
+        with contextlib.suppress(OSError):  # wake an accept() waiting for the next client
+            socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
         self.listener.close()
         self.thread.join(5)

@@ -165,6 +165,32 @@ def test_a_shorter_deadline_watched_later_still_cuts_its_read_on_time():
                 sock.close()
 
 
+def test_sends_share_a_connection_and_connect_again_when_the_upstream_hangs_up(tree):
+    """Sends to one webhook reuse one kept-alive connection. An upstream that closes it while
+    it sits idle, or answers `Connection: close`, costs no alert: the next send connects
+    again. close() closes the connection a send left open."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    last = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    server = ScriptedHttp([ok, ok, ok, last, ok, ok], hang_up_after={1})
+    cfg = config.load(tree.write_config(tree.webhook("hook", server.url())))
+    hook = build(cfg.transports, cfg.send_timeout_seconds)["hook"]
+    alert = alerts.test_alert("https://n.test")
+    try:
+        sends = [attempt_once(hook, Attempt(alert, "hook", "hook")) for _ in range(2)]
+        assert server.hung_up.wait(5)
+        sends += [attempt_once(hook, Attempt(alert, "hook", "hook")) for _ in range(3)]
+        assert [r.outcome for r in sends] == [SENT] * 5, [r.detail for r in sends]
+        assert server.connections == 3  # the first, after the hang-up, after the close
+        # The client closed the second (`Connection: close`), before the third connected.
+        assert server.closed_by_client.is_set()
+        server.closed_by_client.clear()
+        hook.close()
+        assert server.closed_by_client.wait(5)
+    finally:
+        hook.close()
+        server.close()
+
+
 # --- answers read by nomaflowd's own header parser (transports/base.py, _read_head) --------
 
 def test_answer_headers_are_read_as_http_client_reads_them(tree):
