@@ -66,6 +66,20 @@ def test_a_private_ca_is_trusted_with_ca_file_and_refused_without(tree, https, c
     assert https.wait_for(1)[0].json()["alert"] == "test"
 
 
+def test_a_certificate_for_another_host_is_refused_even_from_a_trusted_ca(tree, ca):
+    """The CA is trusted (ca_file), but the certificate names another host: no send."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("other.test").configure_cert(context)
+    server = HttpRecorder(tls=context)
+    try:
+        refused = send(tree, tree.webhook("hook", server.url(), ca_file(tree, ca)))
+        assert refused.outcome == FAILED_TRANSPORT
+        assert refused.detail.startswith("TLS error"), refused.detail
+        assert server.requests == []
+    finally:
+        server.close()
+
+
 def test_the_transports_own_proxy_carries_plain_http(tree, http, proxy):
     result = send(tree, tree.webhook("hook", http.url("/via"), f'proxy = "{proxy.url}"'))
     assert result.outcome == SENT, result.detail
