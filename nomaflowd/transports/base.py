@@ -687,14 +687,14 @@ class HttpTransport(Transport):
         deadline = time.monotonic() + self.timeout
         socks: list[Any] = []
         _IN_FLIGHT.socks = socks
-        resp = conn = None
+        resp = conn = pool = None
         try:
             with DEADLINES.watch(lambda: socks, deadline) as watch:
                 try:
                     left = max(0.001, deadline - time.monotonic())
                     pool, target = self._route(url)
                     if pool.proxy is None:
-                        conn, resp = self._exchange(url, pool, target, body, all_headers, left)
+                        conn, resp = self._exchange(pool, target, body, all_headers, left)
                     else:
                         resp = pool.urlopen(
                             "POST", target, body=body, headers=all_headers, redirect=False,
@@ -703,7 +703,8 @@ class HttpTransport(Transport):
                     data = resp.read(MAX_RESPONSE + 1)
                 except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
                         ValueError, http.client.HTTPException) as exc:
-                    self._drop(url)
+                    if pool is not None:
+                        self._drop(pool)
                     if resp is not None and conn is None:
                         resp.close()
                         resp.release_conn()
@@ -738,24 +739,25 @@ class HttpTransport(Transport):
             _IN_FLIGHT.socks = None
         return resp.status, data[:MAX_RESPONSE], resp.headers
 
-    def _exchange(self, url: str, pool: Any, target: str, body: bytes,
-                  headers: Mapping[str, str], left: float) -> tuple[Any, Any]:
-        """Send one POST on this thread's kept-alive connection to `url` (no proxy); the
-        connection and its answer, headers read, body not.
+    def _exchange(self, pool: Any, target: str, body: bytes, headers: Mapping[str, str],
+                  left: float) -> tuple[Any, Any]:
+        """Send one POST on this thread's kept-alive connection to the pool's host (no
+        proxy); the connection and its answer, headers read, body not.
 
         The connection is urllib3's, taken from the route's pool: its connect() does the
         TCP and TLS work, certificate and host name checks included, and it writes the
         request. http.client reads the answer. Through pool.urlopen() a POST cost 171 us of
-        CPU, this way 91 us (medians of 7 x 2,000 POSTs to bench/receiver.py, one thread):
+        CPU, this way 100 us (medians of 7 x 2,000 POSTs to bench/receiver.py, one thread):
         urlopen adds timeout, retry and pool objects and urllib3's response wrapper, for one
         attempt on a connection that no other thread uses.
         """
-        conns: dict[str, Any] = self._local.__dict__.setdefault("conns", {})
-        conn = conns.get(url)
+        conns: dict[tuple[str, str, int], Any] = self._local.__dict__.setdefault("conns", {})
+        key = (pool.scheme, pool.host, pool.port)
+        conn = conns.get(key)
         if conn is not None and conn.sock is not None and not conn.is_connected:
             conn.close()  # the upstream closed it while it sat idle: connect again
         if conn is None:
-            conn = conns[url] = pool._new_conn()
+            conn = conns[key] = pool._new_conn()
         if conn.sock is None:
             with self._lock:
                 self._conns.add(conn)  # for close(), from any thread
@@ -767,9 +769,9 @@ class HttpTransport(Transport):
             conn.request("POST", target, body=body, headers=headers)
         return conn, http.client.HTTPConnection.getresponse(conn)
 
-    def _drop(self, url: str) -> None:
-        """Close this thread's connection to `url` after a failed exchange."""
-        conn = self._local.__dict__.get("conns", {}).get(url)
+    def _drop(self, pool: Any) -> None:
+        """Close this thread's connection to the pool's host after a failed exchange."""
+        conn = self._local.__dict__.get("conns", {}).get((pool.scheme, pool.host, pool.port))
         if conn is not None:
             conn.close()
 
