@@ -93,10 +93,20 @@ class RunRow(Model):
         # (state, long_run_deadline): the long-run poll is one range scan over due runs only.
         indexes = ((("job_id", "run_id"), True), (("state", "updated_at"), False),
                    (("state", "long_run_deadline"), False),
-                   (("long_run_alerted_at", "job_id"), False),
                    (("job_id", "state", "finished_at"), False),
                    # a job's runs around a scheduled time (schedules: was it missed?)
                    (("job_id", "updated_at"), False))
+
+
+# The runs that had a long-run warning, by job (incidents.open_candidates, once a batch):
+# a partial index, so it holds only those runs. It replaced an index on
+# (long_run_alerted_at, job_id) that SQLite's planner passed over for (job_id, updated_at),
+# reading every run of the batch's jobs: 7.4 ms a batch at 20,000 runs and growing with the
+# history, against 0.18 ms; and every run insert paid for an entry in it.
+RunRow.add_index(RunRow.index(RunRow.job_id, where=RunRow.long_run_alerted_at.is_null(False),
+                              name="runs_warned_job_id"))
+# Indexes an earlier version created that nothing reads any more: dropped at start.
+RETIRED_INDEXES = {"runs": ("runs_long_run_alerted_at_job_id",)}
 
 
 class NotificationRow(Model):
@@ -394,7 +404,7 @@ def open_database(url: str) -> pw.Database:
                 # (checkpoint()), so its main loop's commits do not stop to copy the WAL
                 # back; this larger limit is only a backstop.
                 # cache_size: 16 MB of pages per connection, not SQLite's 2 MB. A backlog
-                # inserts at random places in the nine indexes of events and runs; with
+                # inserts at random places in the eight indexes of events and runs; with
                 # 2 MB their pages were read back ten times a file (strace: 390,000 pread
                 # for 40,000 files; 35,000 now), and bench a ran at 0.37-0.47 of the floor
                 # against 0.53-0.61 (peak RSS 44.6 -> 61.7 MB).
@@ -553,15 +563,20 @@ def _widen_columns(db: pw.Database, model: type[Model], schema: str) -> None:
 
 
 def _drop_changed_indexes(db: pw.Database, model: type[Model], schema: str | None) -> None:
-    """Drop our indexes whose uniqueness changed, so create_indexes() makes them anew.
+    """Drop our indexes whose uniqueness changed, so create_indexes() makes them anew, and
+    the retired ones (RETIRED_INDEXES).
 
     CREATE INDEX IF NOT EXISTS goes by name alone: without this, a database from before
     event ids became per job would keep `events_event_id` unique forever.
     """
     table = model._meta.table_name
     declared = {index._name: index._unique for index in model._meta.fields_to_index()}
+    retired = RETIRED_INDEXES.get(table, ())
     for index in db.get_indexes(table, schema=schema):
-        if index.name in declared and index.unique != declared[index.name]:
+        if index.name in retired:
+            logger.info("dropping index %s of %s (no longer used)", index.name, table)
+            db.execute_sql(f'DROP INDEX "{index.name}"')
+        elif index.name in declared and index.unique != declared[index.name]:
             logger.info("rebuilding index %s of %s (%s)", index.name, table,
                         "now unique" if declared[index.name] else "no longer unique")
             db.execute_sql(f'DROP INDEX "{index.name}"')

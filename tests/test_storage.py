@@ -322,3 +322,71 @@ def test_sqlite_keeps_16_mb_of_pages_per_connection(tmp_path):
         assert seen == [(-16000,)]
     finally:
         database.close()
+
+
+def test_an_index_an_earlier_version_made_is_dropped_at_start(backend):
+    """runs (long_run_alerted_at, job_id) is retired: a database that has it loses it, and
+    gets the partial index of warned runs instead."""
+    backend.write_config()
+    url = _url(backend)
+    old = db.open_database(url)
+    old.execute_sql('DROP INDEX "runs_warned_job_id"')
+    old.execute_sql('CREATE INDEX "runs_long_run_alerted_at_job_id" ON runs'
+                    " (long_run_alerted_at, job_id)")
+    old.close()
+
+    database = db.open_database(url)
+    try:
+        names = {i.name for i in database.get_indexes("runs", schema=_schema(database))}
+        assert "runs_long_run_alerted_at_job_id" not in names
+        assert "runs_warned_job_id" in names
+        db.create_or_migrate(database)  # a second start finds nothing left to do
+    finally:
+        database.close()
+
+
+def test_the_recovery_check_of_a_batch_does_not_grow_with_the_jobs_history(tree: Tree):
+    """Once a batch, incidents.open_candidates asks which of its jobs may have an episode to
+    close. Its work must not grow with every run the jobs ever had: counted in SQLite
+    virtual-machine steps, a history of 20,000 runs costs about what 200 do (it read every
+    run of those jobs when SQLite's planner chose the (job_id, updated_at) index)."""
+    from nomaflowd import events, incidents
+
+    tree.write_config()
+    database = db.open_database(_url(tree))
+    jobs = [f"job-{i:02d}" for i in range(20)]
+    now = datetime(2026, 11, 30, 12, 0)
+    successes = [events.parse(
+        f'{{"job_id": "{job}", "run_id": "new", "state": "SUCCEEDED"}}'.encode(), "x.json", now)
+        for job in jobs]
+
+    def history(first: int, last: int) -> None:
+        when = db.stamp(now - timedelta(days=1))
+        with db.proxy.atomic():
+            db.executemany(
+                "INSERT INTO runs (job_id, run_id, state, started_at, finished_at, updated_at)"
+                " VALUES (?, ?, 'SUCCEEDED', ?, ?, ?)",
+                [(job, f"r{k}", when, when, when) for k in range(first, last) for job in jobs])
+
+    def steps() -> int:
+        count = [0]
+
+        def tick() -> int:
+            count[0] += 1
+            return 0
+
+        database.connection().set_progress_handler(tick, 10)
+        try:
+            assert incidents.open_candidates(successes, now) == set()
+        finally:
+            database.connection().set_progress_handler(None, 10)
+        return count[0]
+
+    try:
+        history(0, 10)             # 200 runs
+        small = steps()
+        history(10, 1000)          # 20,000 runs
+        large = steps()
+        assert large < 2 * small, (small, large)
+    finally:
+        database.close()
