@@ -50,6 +50,29 @@ def test_ingest_is_idempotent_and_runs_never_go_back(backend, http):
         d.close()
 
 
+def test_the_first_final_state_of_a_run_wins_within_one_batch(backend, http):
+    """Two final states of one run in one batch (and a RUNNING after them): the first file's
+    state stays, on a run new to the database and on one already RUNNING; PostgreSQL must not
+    be asked to change one row twice in a statement."""
+    backend.write_config(backend.webhook("hook", http.url()))
+    d = InProcess(backend)
+    try:
+        backend.drop({"job_id": "j", "run_id": "old", "state": "RUNNING"})
+        d.pump()
+        for run in ("new", "old"):
+            backend.drop({"job_id": "j", "run_id": run, "state": "FAILED", "error": "x"})
+            backend.drop({"job_id": "j", "run_id": run, "state": "SUCCEEDED"})
+        backend.drop({"job_id": "j", "run_id": "new", "state": "RUNNING"})
+        d.pump()
+        assert count(db.EventRow) == 6
+        runs = {r.run_id: (r.state, r.finished_at is not None, r.long_run_deadline)
+                for r in db.RunRow.select()}
+        assert runs == {"new": ("FAILED", True, None), "old": ("FAILED", True, None)}
+        assert sorted(r.json()["run_id"] for r in http.wait_for(2)) == ["new", "old"]
+    finally:
+        d.close()
+
+
 def test_two_replicas_ingest_the_same_event_once(backend, http, tmp_path):
     backend.write_config(backend.webhook("hook", http.url()), daemon='replica_id = "a"')
     a = InProcess(backend)
