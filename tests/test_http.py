@@ -205,6 +205,28 @@ def test_sends_share_a_connection_and_connect_again_when_the_upstream_hangs_up(t
         server.close()
 
 
+def test_an_answer_cut_short_by_the_upstream_is_no_verdict(tree):
+    """A 200 whose body stops before its Content-Length, or before the last chunk, when the
+    upstream hangs up: FAILED_TRANSPORT, saying so; the next send connects again."""
+    answers = [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok",
+               b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nok",
+               b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+    server = ScriptedHttp(answers, hang_up_after={0, 1})
+    cfg = config.load(tree.write_config(tree.webhook("hook", server.url())))
+    hook = build(cfg.transports, cfg.send_timeout_seconds)["hook"]
+    alert = alerts.test_alert("https://n.test")
+    try:
+        sends = [attempt_once(hook, Attempt(alert, "hook", "hook")) for _ in range(3)]
+        assert [(r.outcome, r.detail) for r in sends] == [
+            (FAILED_TRANSPORT, "the answer was cut short (connection closed)"),
+            (FAILED_TRANSPORT, "the answer was cut short (connection closed)"),
+            (SENT, "HTTP 200")]
+        assert server.connections == 3
+    finally:
+        hook.close()
+        server.close()
+
+
 # --- answers read by nomaflowd's own header parser (transports/base.py, _read_head) --------
 
 def test_answer_headers_are_read_as_http_client_reads_them(tree):
@@ -239,12 +261,14 @@ def test_answer_headers_are_read_as_http_client_reads_them(tree):
         assert (third.outcome, "500" in third.detail) == (FAILED_DELIVERY, True), third.detail
         fourth = attempt_once(hook, Attempt(alert, "hook", "hook"))
         assert fourth.outcome == FAILED_TRANSPORT, fourth.detail  # as http.client refuses it
+        assert fourth.detail == "not a valid HTTP answer (HTTPException)"
         with pytest.raises(RateLimited) as garbled:  # a Retry-After that is no number
             hook.send(alert, "hook")
         assert garbled.value.retry_after == 30.0
         assert "\x1b" not in str(garbled.value)
         long_line = attempt_once(hook, Attempt(alert, "hook", "hook"))
         assert long_line.outcome == FAILED_TRANSPORT, long_line.detail
+        assert long_line.detail == "not a valid HTTP answer (LineTooLong)"
         assert len(server.heads) == 6
     finally:
         hook.close()

@@ -561,6 +561,10 @@ def describe_request_error(exc: BaseException) -> str:
         return "the URL is not valid"
     if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
         return "connection failed (reset or closed)"
+    if isinstance(exc, http.client.IncompleteRead):
+        return "the answer was cut short (connection closed)"
+    if isinstance(exc, http.client.HTTPException):  # read by http.client (_exchange)
+        return f"not a valid HTTP answer ({type(exc).__name__})"
     return type(exc).__name__
 
 
@@ -601,7 +605,7 @@ class HttpTransport(Transport):
         self._local = threading.local()
         # Every thread's session, so that close() (another thread) can close them all.
         self._sessions: set[requests.Session] = set()
-        self._conns: set[Any] = set()  # every thread's direct connections (_direct)
+        self._conns: set[Any] = set()  # every thread's direct connections (_exchange)
         self._lock = threading.Lock()
         self._proxies: dict[str, dict[str, str]] = {}
         ca_file = settings.get("ca_file")
@@ -724,8 +728,10 @@ class HttpTransport(Transport):
                 whole = resp.length == 0 or (resp.chunked and resp.isclosed())
             # Cut off mid-answer (a trickling server), the read ends early without an error:
             # no complete verdict within the bound. An answer read whole stands, even if the
-            # deadline fired just after.
-            cut = watch.fired and not whole and len(data) <= MAX_RESPONSE
+            # deadline fired just after. On our own connection, a body shorter than its
+            # Content-Length is no verdict either (urllib3's read raises for it).
+            cut = not whole and len(data) <= MAX_RESPONSE and (
+                watch.fired or (conn is not None and bool(resp.length)))
             if cut or len(data) > MAX_RESPONSE or (conn is not None and (
                     not whole or resp.will_close)):
                 # The unread rest of a huge answer, an upstream that closes: drop the
@@ -734,7 +740,8 @@ class HttpTransport(Transport):
             if conn is None:
                 resp.release_conn()  # back to the pool (reconnected if it was closed)
             if cut:
-                raise TransportError(f"timed out after {self.timeout:g}s")
+                raise TransportError(f"timed out after {self.timeout:g}s" if watch.fired
+                                     else "the answer was cut short (connection closed)")
         finally:
             _IN_FLIGHT.socks = None
         return resp.status, data[:MAX_RESPONSE], resp.headers
