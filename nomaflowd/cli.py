@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import logging
 import os
 import stat
 import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -164,10 +167,24 @@ def warn_loose_key(path: Path) -> None:
             path, mode, path)
 
 
+def _import_quietly(name: str) -> None:
+    with contextlib.suppress(Exception):  # the main thread's own import says what failed
+        importlib.import_module(name)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    # The daemon's modules load on a thread while load_config() waits for the child process
+    # that decrypts the secrets (about 45 ms). Spawn -> READY on an empty spool, one
+    # encrypted webhook: 217 and 235 ms before, 174 and 171 after (medians of 7, interleaved).
+    loading = threading.Thread(target=_import_quietly, args=("nomaflowd.daemon",),
+                               name="nomaflowd-import", daemon=True)
+    loading.start()
+    try:
+        cfg = load_config(args)
+    finally:
+        loading.join()
     from nomaflowd.daemon import Daemon
 
-    cfg = load_config(args)
     setup_logging()
     warn_loose_key(crypto.key_path(cfg.key_file))
     daemon = Daemon(cfg)
