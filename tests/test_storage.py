@@ -331,6 +331,23 @@ def test_the_wal_is_copied_back_off_the_main_loop(tree: Tree, inproc):
            what="the WAL to be checkpointed into the database file")
 
 
+def test_an_idle_daemon_does_not_checkpoint_an_unchanged_wal(tree: Tree):
+    """The checkpoint job runs every second; with nothing written since the last checkpoint
+    it opens no connection and copies nothing."""
+    tree.write_config()
+    database = db.open_database(_url(tree))
+    try:
+        db.proxy.execute_sql("CREATE TABLE scratch (x)")
+        assert db.checkpoint() is True
+        assert db.checkpoint() is False
+        # More pages than the WAL holds, so the file grows whatever the clock's resolution.
+        db.proxy.execute_sql("INSERT INTO scratch VALUES (zeroblob(400000))")
+        assert db.checkpoint() is True
+        assert db.checkpoint() is False
+    finally:
+        database.close()
+
+
 def test_sqlite_keeps_16_mb_of_pages_per_connection(tmp_path):
     """README, Design notes: a backlog's index pages stay in memory (SQLite's default is
     2 MB), on the connection the main loop opens and on any other thread's."""
