@@ -34,8 +34,10 @@ from nomaflowd.spool import Spool, Watcher, watch
 
 logger = logging.getLogger(__name__)
 
-# How often the scheduler's thread copies the SQLite WAL back (checkpoint_job).
+# How often the scheduler's thread copies the SQLite WAL back (checkpoint_job); every
+# CHECKPOINT_IDLE_SECONDS once it finds nothing new, until the main loop writes again.
 CHECKPOINT_SECONDS = 1.0
+CHECKPOINT_IDLE_SECONDS = 30.0
 # Keys whose change needs a restart: a reload keeps the running value and says so.
 RESTART_ONLY = ("spool_dir", "database", "web_listen", "metrics_listen", "replica_id")
 
@@ -60,6 +62,8 @@ class Daemon:
         self.spool_lost = False
         self.pace_wait: float | None = None
         self.scheduler: Any = None  # APScheduler's BackgroundScheduler, once started
+        self.checkpoint_idle = False  # the checkpoint job runs every CHECKPOINT_IDLE_SECONDS
+        self._checkpoint_lock = threading.Lock()
         self._relay: threading.Thread | None = None
         self._signal_pipe = (-1, -1)
         # A peer silent for this long is taken for dead and its unfinished sends are redone.
@@ -183,6 +187,12 @@ class Daemon:
     def step(self, now: datetime | None = None) -> bool:
         """Finish what came back, do what is due, ingest at most one batch.
         Returns "more work right away?"."""
+        try:
+            return self._step(now)
+        finally:
+            self.wake_checkpoint()
+
+    def _step(self, now: datetime | None) -> bool:
         self.last_progress = self.ingest.woke_at = time.monotonic()
         try:
             self.deliveries.collect()
@@ -362,13 +372,39 @@ class Daemon:
 
     def checkpoint_job(self) -> None:
         """APScheduler's thread: the SQLite WAL copied back into the database file, off the
-        main loop (a checkpoint inside a commit held that event for milliseconds)."""
+        main loop (a checkpoint inside a commit held that event for milliseconds).
+
+        Finding nothing new, it slows to every CHECKPOINT_IDLE_SECONDS: an idle daemon woke
+        two threads a second for it (bench h: most of its idle CPU). The main loop speeds
+        it up again when it has written (wake_checkpoint).
+        """
+        changed = True
         try:
-            db.checkpoint()
+            changed = db.checkpoint()
         except db.OUTAGES:
             pass  # the main loop says so; the backstop or the next turn checkpoints
         finally:
             self.database.close()
+        with self._checkpoint_lock:
+            if changed == self.checkpoint_idle:
+                self._checkpoint_every(idle=not changed)
+
+    def wake_checkpoint(self) -> None:
+        """The main loop, after each step: back to a checkpoint a second once it wrote."""
+        if self.checkpoint_idle and db.wal_changed():
+            with self._checkpoint_lock:
+                if self.checkpoint_idle:
+                    self._checkpoint_every(idle=False)
+
+    def _checkpoint_every(self, *, idle: bool) -> None:
+        """With _checkpoint_lock held: the job's pace and the flag that says which it is."""
+        from apscheduler.jobstores.base import JobLookupError
+
+        self.checkpoint_idle = idle
+        # JobLookupError: the scheduler is shutting down (it then knows no job by id).
+        with contextlib.suppress(JobLookupError):
+            self.scheduler.reschedule_job("checkpoint", trigger="interval", seconds=(
+                CHECKPOINT_IDLE_SECONDS if idle else CHECKPOINT_SECONDS))
 
     def prune_job(self) -> None:
         """APScheduler's thread, daily: retention (database rows only, no shared state)."""

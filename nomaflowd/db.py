@@ -461,6 +461,24 @@ def make_durable() -> None:
 _checkpointed: tuple[int, int, int, int] | None = None
 
 
+def _wal_seen() -> tuple[int, int, int, int] | None:
+    """The WAL file as it is now, None when there is none (not SQLite, or none written since
+    the last connection closed it)."""
+    if _wal_path is None:
+        return None
+    try:
+        st = os.stat(_wal_path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def wal_changed() -> bool:
+    """Written to since the last checkpoint()? One stat, no connection."""
+    seen = _wal_seen()
+    return seen is not None and seen != _checkpointed
+
+
 def checkpoint() -> bool:
     """Copy the SQLite WAL back into the database file without blocking writers (PASSIVE).
 
@@ -469,14 +487,8 @@ def checkpoint() -> bool:
     idle, most of it this job).
     """
     global _checkpointed
-    if _wal_path is None:
-        return False
-    try:
-        st = os.stat(_wal_path)
-    except FileNotFoundError:
-        return False  # nothing written since the last connection closed it
-    seen = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if seen == _checkpointed:
+    seen = _wal_seen()
+    if seen is None or seen == _checkpointed:
         # A commit within the same clock tick as the last look, over frames already in the
         # file (same size), goes unseen until the next write; it is durable all the same
         # (make_durable), and SQLite's own autocheckpoint remains the backstop.

@@ -348,6 +348,26 @@ def test_an_idle_daemon_does_not_checkpoint_an_unchanged_wal(tree: Tree):
         database.close()
 
 
+def test_the_checkpoint_job_slows_down_while_idle_and_speeds_up_on_a_write(tree: Tree, inproc):
+    """Nothing new in the WAL: the job runs every 30 s instead of every second (an idle
+    daemon woke two threads a second for it). The main loop's next write brings it back."""
+    from nomaflowd.daemon import CHECKPOINT_IDLE_SECONDS, CHECKPOINT_SECONDS
+
+    tree.write_config()
+    d = inproc()
+
+    def every() -> float:
+        return float(d.daemon.scheduler.get_job("checkpoint").trigger.interval.total_seconds())
+
+    d.daemon.checkpoint_job()  # whatever start-up wrote
+    d.daemon.checkpoint_job()  # nothing new
+    assert every() == CHECKPOINT_IDLE_SECONDS
+    tree.drop({"job_id": "etl", "run_id": "r1", "state": "SUCCEEDED"})
+    d.pump()
+    assert tree.sql("SELECT count(*) FROM events") == [(1,)]
+    assert every() == CHECKPOINT_SECONDS
+
+
 def test_sqlite_keeps_16_mb_of_pages_per_connection(tmp_path):
     """README, Design notes: a backlog's index pages stay in memory (SQLite's default is
     2 MB), on the connection the main loop opens and on any other thread's."""
