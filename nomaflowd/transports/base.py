@@ -759,7 +759,7 @@ class HttpTransport(Transport):
         attempt on a connection that no other thread uses.
         """
         conns: dict[tuple[str, str, int], Any] = self._local.__dict__.setdefault("conns", {})
-        key = (pool.scheme, pool.host, pool.port)
+        key = _host_key(pool)
         conn = conns.get(key)
         if conn is not None and conn.sock is not None and not conn.is_connected:
             conn.close()  # the upstream closed it while it sat idle: connect again
@@ -778,7 +778,7 @@ class HttpTransport(Transport):
 
     def _drop(self, pool: Any) -> None:
         """Close this thread's connection to the pool's host after a failed exchange."""
-        conn = self._local.__dict__.get("conns", {}).get((pool.scheme, pool.host, pool.port))
+        conn = self._local.__dict__.get("conns", {}).get(_host_key(pool))
         if conn is not None:
             conn.close()
 
@@ -835,6 +835,11 @@ class HttpTransport(Transport):
             session.close()
         for conn in conns:
             conn.close()
+
+
+def _host_key(pool: Any) -> tuple[str, str, int]:
+    """Which of a sender thread's direct connections serves this pool's host."""
+    return (pool.scheme, pool.host, pool.port)
 
 
 def _in_part(exc: TransportError | DeliveryError, k: int, n: int
