@@ -279,7 +279,9 @@ def insert_new(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
             f' RETURNING {", ".join(returning)}')
     one = "(" + ", ".join([p] * len(columns)) + ")"
     out: list[tuple[Any, ...]] = []
-    step = max(1, 900 // len(columns))  # well under SQLite's variable limit
+    # well under SQLite's variable limit; PostgreSQL takes a page per round trip
+    step = (PAGE_SIZE if isinstance(proxy.obj, pw.PostgresqlDatabase)
+            else max(1, 900 // len(columns)))
     for i in range(0, len(rows), step):
         chunk = rows[i:i + step]
         params = [value for row in chunk for value in row]

@@ -5,12 +5,10 @@ from __future__ import annotations
 from nomaflowd.catalogue import AlertsBlock
 from nomaflowd.events import FINAL_STATES, Event
 
-# A run moves RUNNING -> one final state and never back; the first final state wins.
-INSERT_RUN = (
-    "INSERT INTO runs (job_id, run_id, state, started_at, finished_at, updated_at,"
-    " long_run_deadline, overrides) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})"
-    " ON CONFLICT (job_id, run_id) DO NOTHING"
-)
+# A run moves RUNNING -> one final state and never back; the first final state wins. Its row
+# goes in at its first event (a run already in the table keeps its row), then FINISH_RUN.
+RUN_COLUMNS = ("job_id", "run_id", "state", "started_at", "finished_at", "updated_at",
+               "long_run_deadline", "overrides")
 FINISH_RUN = (
     "UPDATE runs SET state = {p}, finished_at = {p}, updated_at = {p}, long_run_deadline = NULL,"
     " started_at = COALESCE(started_at, {p}) WHERE job_id = {p} AND run_id = {p}"

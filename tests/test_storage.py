@@ -73,6 +73,52 @@ def test_the_first_final_state_of_a_run_wins_within_one_batch(backend, http):
         d.close()
 
 
+def test_a_run_started_and_ended_in_one_batch_is_stored_as_in_two(backend, http):
+    """A backlog holds a run's RUNNING and its end in one batch: its runs row is the one that
+    two batches leave (start kept, end and state set, long-run deadline gone, the RUNNING
+    event's overrides kept), also when its end comes first or twice."""
+    backend.write_config(backend.webhook("hook", http.url()))
+    backend.write_jobs("[defaults.alerts]\non_failure = true\non_long_run_minutes = 30\n")
+    d = InProcess(backend)
+
+    def run(run_id: str) -> list[dict[str, Any]]:
+        return [{"job_id": "j", "run_id": run_id, "state": "RUNNING",
+                 "started_at": "2026-05-26T02:00:00Z", "tags": ["nightly"]},
+                {"job_id": "j", "run_id": run_id, "state": "FAILED", "error": "x",
+                 "finished_at": "2026-05-26T02:10:00Z"}]
+
+    def row(run_id: str) -> tuple[Any, ...]:
+        r = db.RunRow.get(db.RunRow.run_id == run_id)
+        return (r.state, r.started_at, r.finished_at, r.long_run_deadline, r.overrides,
+                r.updated_at is not None)
+
+    try:
+        first, then = run("apart")
+        backend.drop(first)
+        d.pump()
+        assert db.RunRow.get(db.RunRow.run_id == "apart").long_run_deadline is not None
+        backend.drop(then)
+        d.pump()
+        for event in run("together"):
+            backend.drop(event)
+        start, end = run("reversed")
+        backend.drop(end)
+        backend.drop({**end, "state": "SUCCEEDED"})
+        backend.drop(start)
+        d.pump()
+        expected = ("FAILED", datetime(2026, 5, 26, 2, 0), datetime(2026, 5, 26, 2, 10), None,
+                    '{"tags": ["nightly"]}', True)
+        assert row("apart") == expected
+        assert row("together") == expected
+        # the end came first: its row, with no start of its own and no overrides
+        assert row("reversed") == ("FAILED", None, datetime(2026, 5, 26, 2, 10), None, None,
+                                   True)
+        assert sorted(r.json()["run_id"] for r in http.wait_for(3)) == [
+            "apart", "reversed", "together"]
+    finally:
+        d.close()
+
+
 def test_two_replicas_ingest_the_same_event_once(backend, http, tmp_path):
     backend.write_config(backend.webhook("hook", http.url()), daemon='replica_id = "a"')
     a = InProcess(backend)
