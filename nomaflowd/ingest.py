@@ -254,8 +254,8 @@ class Ingest:
         accepted: list[events.Event] = []
         # One runs row per run of the batch, and the first final state each run met in it.
         # A backlog holds a run's RUNNING and its end in one batch: the row goes in already
-        # final, one insert where an insert and an update were (bench a: main-thread CPU -7 %). A run whose
-        # row was there before the batch gets its final state by the update, as always.
+        # final, one insert where an insert and an update were (bench a: main-thread CPU
+        # -7 %). A run whose row was there before the batch gets its end by FINISH_RUN.
         rows: dict[tuple[str, str], list[Any]] = {}
         finishes: dict[tuple[str, str], tuple[Any, ...]] = {}
         for e in batch:
