@@ -58,3 +58,14 @@ def test_a_preset_imports_its_own_module_only(tree):
     assert "nomaflowd.transports.pagerduty" in loaded
     assert sorted(loaded.intersection(OPTIONAL)) == ["nomaflowd.transports.incident",
                                                      "nomaflowd.transports.pagerduty"]
+
+
+def test_an_email_only_daemon_imports_no_http_client(tree):
+    """requests and urllib3 are about 9 MB of RSS and 90 ms of start; SMTP needs neither."""
+    tree.write_config('[transports.mail]\ntype = "email"\nhost = "127.0.0.1"\nport = 25\n'
+                      'tls = "none"\ndefault_from = "nomaflow@corp.test"\n'
+                      'default_recipient = "ops@corp.test"\n')
+    loaded = modules_at_start(tree)
+    assert "nomaflowd.transports.email" in loaded  # the one it uses
+    assert sorted(m for m in loaded if m.split(".")[0] in ("requests", "urllib3")
+                  or m == "nomaflowd.transports.http_client") == []

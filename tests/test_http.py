@@ -227,7 +227,7 @@ def test_an_answer_cut_short_by_the_upstream_is_no_verdict(tree):
         server.close()
 
 
-# --- answers read by nomaflowd's own header parser (transports/base.py, _read_head) --------
+# --- answers read by nomaflowd's own header parser (transports/http_client.py, _read_head) --------
 
 def test_answer_headers_are_read_as_http_client_reads_them(tree):
     """Folded headers, a 100 Continue before the answer, a chunked body and keep-alive: the

@@ -89,5 +89,5 @@ class PagerDuty(IncidentTransport):
         if isinstance(errors, list) and errors:
             parts.append("; ".join(str(e) for e in errors))
         detail = f"HTTP {status}" + (f" {': '.join(parts)}" if parts else "")
-        # The routing key in an echoed answer is masked by refusal() (transports.base).
+        # The routing key in an echoed answer is masked by refusal() (transports.http_client).
         return " ".join(detail.split())[:500] + retry_after(status, headers)

@@ -8,8 +8,9 @@ from urllib.parse import quote
 
 from nomaflowd.alerts import SEVERITY, Alert, digest_by_job, digest_headline, digest_line
 from nomaflowd.routing import SLACK_DEFAULT
-from nomaflowd.transports.base import HttpTransport, Rendered, retry_after
+from nomaflowd.transports.base import Rendered, retry_after
 from nomaflowd.transports.chat import DIGEST_LINES, compact_lines, one_line, pack
+from nomaflowd.transports.http_client import HttpTransport
 
 # Slack cuts a message's text off past 40,000 characters
 # (https://api.slack.com/changelog/2018-04-truncating-really-long-messages) and reads

@@ -9,7 +9,8 @@ import re
 import time
 
 from nomaflowd.alerts import Alert, digest_headline
-from nomaflowd.transports.base import HttpTransport, Rendered
+from nomaflowd.transports.base import Rendered
+from nomaflowd.transports.http_client import HttpTransport
 
 VARIABLE_RE = re.compile(r"\$\{([a-z_]+)\}")
 
