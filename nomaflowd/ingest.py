@@ -274,8 +274,8 @@ class Ingest:
                 run_state = "RUNNING" if e.retrying else e.state
                 started = e.started_at or (e.at if e.state == "RUNNING" else None)
                 final = state.is_final(run_state)
+                finished = (e.finished_at or e.at) if final else None
                 if final and key not in finishes:
-                    finished = e.finished_at or e.at
                     finishes[key] = (e.state, finished, stamp, started, e.job_id, e.run_id)
                     row = rows.get(key)
                     if row is not None and row[2] == "RUNNING":
@@ -294,9 +294,8 @@ class Ingest:
                         overrides["alerts"] = e.fields["alerts"]
                     if e.tags is not None:
                         overrides["tags"] = list(e.tags)
-                    rows[key] = [e.job_id, e.run_id, run_state, started,
-                                 (e.finished_at or e.at) if final else None, stamp, deadline,
-                                 json.dumps(overrides) if overrides else None]
+                    rows[key] = [e.job_id, e.run_id, run_state, started, finished, stamp,
+                                 deadline, json.dumps(overrides) if overrides else None]
             routed.extend(self.policy.for_event(e, eff))
         if rows:
             inserted = {(r[0], r[1]) for r in db.insert_new(
