@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nomaflowd import __version__, config, crypto, db, events
+from nomaflowd import __version__, config, crypto, db, events, logs
 from nomaflowd.config import Config
 from nomaflowd.errors import ConfigError, NomaflowError, Rejected, UsageError
 
@@ -108,26 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-class OneLineFormatter(logging.Formatter):
-    """One record per line: control characters in a message (a newline in a recipient or a
-    job name from an event file) are escaped, so no value can forge a record. A traceback
-    appended by logger.exception keeps its lines."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        from nomaflowd.spool import escape
-
-        record.message = escape(record.message)
-        return super().formatMessage(record)
-
-
 def setup_logging() -> None:
-    level = logging.DEBUG if os.environ.get("NOMAFLOWD_DEBUG") else logging.INFO
-    # Not in our format: skip them (a getpid() system call and two look-ups per record).
-    logging.logProcesses = logging.logMultiprocessing = logging.logThreads = False
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logs.setup(logging.DEBUG if os.environ.get("NOMAFLOWD_DEBUG") else logging.INFO, sys.stderr)
 
 
 def load_config(args: argparse.Namespace, *, decrypt: bool = True) -> Config:

@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from nomaflowd import db, metrics, threads
+from nomaflowd import db, logs, metrics, threads
 from nomaflowd.alerts import Alert, test_alert
 from nomaflowd.config import Config
 from nomaflowd.db import utcnow
@@ -339,13 +339,14 @@ def record(results: list[Result], replica: str) -> None:
         threads.remember(results)
         if done:
             db.executemany(f"UPDATE deliveries SET state = 'done' WHERE id = {p}", done)
-    for r in results:
-        a = r.attempt
-        log = logger.info if r.outcome == SENT else logger.warning
-        log("notification %s job=%s run=%s transport=%s recipient=%s outcome=%s"
-            " duration_ms=%d detail=%s", a.alert.kind, a.alert.job_id or "-",
-            a.alert.run_id or "-", a.transport or "-", a.recipient, r.outcome,
-            r.duration_ms, r.detail)
+    with logs.batched():  # the batch's lines in one write
+        for r in results:
+            a = r.attempt
+            log = logger.info if r.outcome == SENT else logger.warning
+            log("notification %s job=%s run=%s transport=%s recipient=%s outcome=%s"
+                " duration_ms=%d detail=%s", a.alert.kind, a.alert.job_id or "-",
+                a.alert.run_id or "-", a.transport or "-", a.recipient, r.outcome,
+                r.duration_ms, r.detail)
 
 
 def send_test(cfg: Config, name: str, recipient: str | None = None) -> Result:
