@@ -34,10 +34,9 @@ def parse_since(value: str, now: datetime) -> datetime:
     return utc(dt)
 
 
-def query(*, job: str | None = None, run: str | None = None, since: datetime | None = None,
-          outcome: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-    """Audit rows, oldest first. Plain SQL: at thousands of rows, building model objects and
-    parsing every timestamp back into a datetime cost more than the query."""
+def _where(job: str | None, run: str | None, since: datetime | None, outcome: str | None,
+           limit: int | None) -> tuple[str, list[Any]]:
+    """The WHERE, ORDER BY and LIMIT of an audit query, and its parameters."""
     p = db.proxy.param
     where, params = [], []
     for column, value in (("job_id", job), ("run_id", run), ("created_at", since)):
@@ -49,10 +48,17 @@ def query(*, job: str | None = None, run: str | None = None, since: datetime | N
             raise UsageError(f"--outcome must be one of {', '.join(OUTCOMES)}")
         where.append(f"outcome = {p}")
         params.append(outcome.upper())
-    sql = (f"SELECT {', '.join(COLUMNS)} FROM notifications"
-           + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY created_at, id"
-           + (f" LIMIT {int(limit)}" if limit else ""))
-    cursor = db.proxy.execute_sql(sql, params)
+    return ((f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY created_at, id"
+            + (f" LIMIT {int(limit)}" if limit else "")), params
+
+
+def query(*, job: str | None = None, run: str | None = None, since: datetime | None = None,
+          outcome: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """Audit rows, oldest first. Plain SQL: at thousands of rows, building model objects and
+    parsing every timestamp back into a datetime cost more than the query."""
+    tail, params = _where(job, run, since, outcome, limit)
+    cursor = db.proxy.execute_sql(f"SELECT {', '.join(COLUMNS)} FROM notifications{tail}",
+                                  params)
     when = COLUMNS.index("created_at")
     rows = []
     for values in cursor:
@@ -70,10 +76,32 @@ def _timestamp(value: Any) -> str:
     return text + ("Z" if "." in text else ".000000Z")
 
 
+# SQLite's json_object() for one audit row: the same text as json.dumps(row,
+# ensure_ascii=False, separators=(",", ":")) of query()'s dict (tests/test_audit.py).
+_SQLITE_OBJECT = "json_object(" + ", ".join(
+    f"'{c}', " + ("replace(created_at, ' ', 'T') || CASE WHEN instr(created_at, '.') > 0"
+                  " THEN 'Z' ELSE '.000000Z' END" if c == "created_at" else c)
+    for c in COLUMNS) + ")"
+
+
+def query_json(*, job: str | None = None, run: str | None = None,
+               since: datetime | None = None, outcome: str | None = None,
+               limit: int | None = None) -> str:
+    """query()'s rows as one JSON array (`--format json`). On SQLite each row's object comes
+    out of the query itself: a job's six months (5,000 of 5,000,000 rows) took 27 ms this
+    way against 70 ms for the row tuples, dicts and json.dumps (bench g's database)."""
+    if not db.on_sqlite():
+        return render(query(job=job, run=run, since=since, outcome=outcome, limit=limit),
+                      "json")
+    tail, params = _where(job, run, since, outcome, limit)
+    cursor = db.proxy.execute_sql(f"SELECT {_SQLITE_OBJECT} FROM notifications{tail}", params)
+    return "[" + ",".join(text for text, in cursor) + "]"
+
+
 def render(rows: list[dict[str, Any]], fmt: str) -> str:
     if fmt == "json":
         # One call, so json's C encoder does it all (indent= would fall back to Python).
-        return json.dumps(rows, ensure_ascii=False)
+        return json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")

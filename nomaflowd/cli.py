@@ -339,9 +339,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     cfg = load_config(args, decrypt=False)
     db.open_database(cfg.database)
     since = audit.parse_since(args.since, db.utcnow()) if args.since else None
-    rows = audit.query(job=args.job, run=args.run, since=since, outcome=args.outcome,
-                       limit=args.limit)
-    print(audit.render(rows, args.format))
+    filters = {"job": args.job, "run": args.run, "since": since, "outcome": args.outcome,
+               "limit": args.limit}
+    if args.format == "json":
+        print(audit.query_json(**filters))
+    else:
+        print(audit.render(audit.query(**filters), args.format))
     return 0
 
 

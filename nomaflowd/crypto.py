@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -144,6 +143,8 @@ def decrypt_tokens(key_file: Path, tokens: Iterable[str], *, apart: bool | None 
         apart = "cryptography.fernet" not in sys.modules and bool(sys.executable)
     if not apart:
         return _decrypt_here(job)
+    import subprocess  # here: a command that decrypts nothing (audit) skips its import
+
     try:
         proc = subprocess.run([sys.executable, "-I", "-c", _CHILD], input=json.dumps(job),
                               capture_output=True, encoding="utf-8", timeout=CHILD_TIMEOUT,

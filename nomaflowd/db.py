@@ -295,13 +295,17 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def on_sqlite() -> bool:
+    return isinstance(proxy.obj, pw.SqliteDatabase)
+
+
 def stamp(value: datetime) -> datetime | str:
     """A timestamp parameter for plain SQL, converted once for many rows.
 
     SQLite stores what its adapter makes of a datetime, `isoformat(" ")`: doing that once
     per batch instead of once per row and column is measurable at 10,000 events/s.
     """
-    if isinstance(proxy.obj, pw.SqliteDatabase):
+    if on_sqlite():
         return value.isoformat(" ")
     return value
 

@@ -91,3 +91,46 @@ def test_unknown_command_and_missing_config_exit_2(tmp_path, capsys, monkeypatch
     assert main(["audit"]) == 2
     assert "no config found" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
+
+
+TRICKY = ['quote " and backslash \\ ', "new\nline\ttab\x01\x1f\x7f", "é ✓ 🚨 \u2028", "</script>"]
+
+
+def test_json_output_is_the_same_text_from_sqlite_as_from_python_rows(tree, capsys):
+    """On SQLite the JSON is built by the query (audit.query_json); it is the text that
+    json.dumps makes of the rows, tricky values included."""
+    tree.write_config()
+    db.open_database(f"sqlite:///{tree.db_path}")
+    now = db.utcnow().replace(microsecond=0)
+    for i, text in enumerate(TRICKY):
+        db.NotificationRow.insert(
+            created_at=now + timedelta(seconds=i, microseconds=i * 1001), event_id=text,
+            job_id=None if i == 1 else "sync", run_id=f"r{i}", alert="failed", level="high",
+            transport="hook", transport_type="webhook", recipient=text, outcome="SENT",
+            detail=text, duration_ms=2**40 + i, replica="a").execute()
+    from nomaflowd import audit
+    for filters in ({}, {"job": "sync"}, {"limit": 2}, {"job": "nobody"}):
+        expected = audit.render(audit.query(**filters), "json")
+        assert audit.query_json(**filters) == expected
+    everything = audit.query_json()
+    rows = json.loads(everything)
+    assert [r["recipient"] for r in rows] == TRICKY
+    assert rows[0]["created_at"].endswith(".000000Z") and rows[1]["job_id"] is None
+    db.proxy.close()
+    code, out = run(tree, capsys, "audit", "--format", "json")
+    assert code == 0 and out == everything + "\n"
+
+
+def test_json_output_from_postgresql(tree, capsys, pg_schema):
+    tree.database = pg_schema
+    tree.write_config()
+    db.open_database(pg_schema)
+    db.NotificationRow.insert(created_at=db.utcnow(), job_id="sync", run_id="r1", alert="failed",
+                              level="high", transport="hook", transport_type="webhook",
+                              recipient=TRICKY[1], outcome="SENT", detail=TRICKY[2],
+                              duration_ms=3, replica="a").execute()
+    db.proxy.close()
+    code, out = run(tree, capsys, "audit", "--job", "sync", "--format", "json")
+    assert code == 0
+    [row] = json.loads(out)
+    assert (row["recipient"], row["detail"], row["created_at"][-1]) == (TRICKY[1], TRICKY[2], "Z")
