@@ -145,6 +145,9 @@ class Dispatcher:
         self.held: set[int] = set()          # delivery ids submitted and not yet taken back
         self.sending = 0                      # messages handed to workers, not yet handed back
         self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
+        # A worker has woken the owner since its last take(): the next ones need not, as that
+        # take() gets what they queue. One wake per result cost a main-loop turn per POST.
+        self._called = False
         self._ready: list[Result] = []        # results made on this thread (nothing to send)
         self._futures: dict[int, tuple[Future[None], Attempt, Transport]] = {}
         self._using: dict[int, int] = {}      # id(transport) -> messages in flight on it
@@ -221,11 +224,14 @@ class Dispatcher:
             logger.debug("stages send run=%s started=%.6f sent=%.6f", attempt.alert.run_id or "-",
                          started, time.monotonic())
         self._done.put(done)
-        self.wake()
+        if not self._called:
+            self._called = True
+            self.wake()
 
     def take(self, timeout: float | None = None) -> list[Result]:
         """Results handed back so far (waiting up to `timeout` for the first one); a 429 puts
         its alert(s) back in line instead."""
+        self._called = False  # before draining: a result queued after it wakes the owner
         results, self._ready = self._ready, []
         while True:
             try:

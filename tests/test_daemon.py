@@ -7,6 +7,7 @@ import hmac
 import json
 import os
 import signal
+import threading
 
 from tests.servers import Reply, closed_port, wait_until
 
@@ -37,6 +38,36 @@ def test_failed_event_posts_default_body_and_records_sent(tree, http, daemon_fac
     assert tree.sql("SELECT state FROM runs WHERE run_id = 'run_a8c4d'") == [("FAILED",)]
     assert "notification" in d.output() and "SENT" in d.output()
     assert d.stop() == 0
+
+
+def test_an_answer_that_comes_while_the_loop_sleeps_is_recorded_at_once(tree, http,
+                                                                       daemon_factory):
+    """The sender wakes the main loop with its verdict. Here nothing else would for five
+    minutes (no rescan, no poll), so each audit row landing soon after its answer is that
+    wake: for the first result and for one after the loop has taken the first."""
+    arrived, release = threading.Event(), threading.Event()
+
+    def held(_request):
+        arrived.set()
+        release.wait(20)
+        return Reply()
+
+    http.replies["/"] = held
+    tree.write_config(tree.webhook("ops", http.url()), daemon="poll_seconds = 300\n"
+                      "rescan_seconds = 300\nsend_timeout_seconds = 30")
+    daemon_factory()
+    for n in (1, 2):
+        arrived.clear()
+        release.clear()
+        tree.drop({**FAILED, "run_id": f"held-{n}"})
+        wait_until(arrived.is_set, what="the POST at the receiver")
+        # Its file deleted: the loop has finished that batch and has nothing left to do.
+        wait_until(lambda: not tree.spool_files(), what="spool empty")
+        release.set()
+        wait_until(lambda want=n: len(tree.notifications()) == want, timeout=10,
+                   what=f"audit row {n}")
+        last = tree.notifications()[-1]
+        assert (last["run_id"], last["outcome"]) == (f"held-{n}", "SENT")
 
 
 def test_files_dropped_while_down_are_processed_at_start(tree, http, daemon_factory):
