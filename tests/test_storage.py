@@ -181,6 +181,60 @@ def test_prune_removes_only_rows_past_retention(backend, http):
         d.close()
 
 
+def test_prune_waits_for_another_writer_instead_of_failing(tree):
+    """Retention runs on the scheduler's thread while the main loop writes (the poll's
+    heartbeat fires with it). A writer that commits while prune is in its transaction must
+    make prune wait, not fail with "database is locked" and skip retention for a day."""
+    import logging
+    import sqlite3
+
+    db.open_database(f"sqlite:///{tree.db_path}")
+    old = db.utcnow() - timedelta(days=200)
+    db.NotificationRow.insert(created_at=old, job_id="j", run_id="old", alert="failed",
+                              level="high", transport="hook", transport_type="webhook",
+                              recipient="hook", outcome="SENT", detail="", replica="x").execute()
+    other = sqlite3.connect(tree.db_path, isolation_level=None, timeout=10)
+    other.execute("BEGIN IMMEDIATE")  # the other writer, mid-transaction
+    other.execute("INSERT INTO replicas (replica_id, seen_at, started_at) VALUES"
+                  " ('main', '2026-01-01', '2026-01-01')")
+    in_prune = threading.Event()  # prune has read (or waits for the lock): commit now
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            sql = str(record.msg[0] if isinstance(record.msg, tuple) else record.msg)
+            if threading.current_thread().name == "prune" and (
+                    sql.startswith("DELETE") or sql.startswith("BEGIN IMMEDIATE")):
+                in_prune.set()
+
+    peewee_log = logging.getLogger("peewee")
+    watch, level = Watch(), peewee_log.level
+    peewee_log.addHandler(watch)
+    peewee_log.setLevel(logging.DEBUG)
+    outcome: dict[str, Any] = {}
+
+    def prune() -> None:
+        try:
+            outcome["removed"] = db.prune(db.utcnow(), 183)
+        except Exception as exc:  # what the daemon's prune job logs as "retention skipped"
+            outcome["error"] = exc
+        finally:
+            db.proxy.close()
+
+    worker = threading.Thread(target=prune, name="prune")
+    try:
+        worker.start()
+        assert in_prune.wait(10)
+        other.execute("COMMIT")
+        worker.join(20)
+    finally:
+        peewee_log.removeHandler(watch)
+        peewee_log.setLevel(level)
+        other.close()
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["removed"]["notifications"] == 1
+    db.proxy.close()
+
+
 def test_missing_columns_are_added_at_start(backend):
     backend.write_config()
     database = db.open_database(_url(backend))
