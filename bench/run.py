@@ -27,7 +27,8 @@ own process):
 This file is the driver (flags, the repeat loop, the summary table, the JSON); each scenario is
 a module of bench/scenarios/, and the trees and daemon processes are tests/harness.py's.
 
-Exit status: 0 when every selected scenario completed and nothing was lost; 1 otherwise.
+Exit status: 0 when every selected scenario completed, nothing was lost and no daemon logged an
+ERROR line or a traceback; 1 otherwise.
 Timed targets are reported (PASS/FAIL) but do not change the exit status unless --strict.
 """
 
@@ -274,16 +275,25 @@ def main(argv: list[str] | None = None) -> int:
                       for run in doc["scenarios"][name]["runs"]
                       for m in METRICS[name] if m.kind == "loss")
     doc["complete"] = not failed and not incomplete
+    # ERROR lines and tracebacks in any daemon's log: 0 expected (a run that logged one is
+    # not clean, whatever its figures).
+    doc["log_errors"] = {name: errors for name in only if (errors := sum(
+        int(v or 0) for run in doc["scenarios"][name].get("runs", [])
+        for k, v in run.items() if k.endswith("log_errors")))}
     log("")
     print_table(summary)
     log("")
+    for name, errors in doc["log_errors"].items():
+        log(f"scenario {name}: {errors} ERROR line(s) or traceback(s) in the daemon logs"
+            " (--keep keeps them)")
     log(f"load average at end: {doc['machine']['loadavg_end']} (other work on this machine"
         " skews timed figures)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1, default=str), encoding="utf-8")
     log(f"raw runs: {args.out}")
-    if failed or lost or doc["lost"] or incomplete:
-        log("RESULT: something was lost or a scenario did not complete")
+    if failed or lost or doc["lost"] or incomplete or doc["log_errors"]:
+        log("RESULT: something was lost, a scenario did not complete, or a daemon logged an"
+            " error")
         return 1
     if args.strict and any(r["verdict"] == "FAIL" for r in summary):
         return 1
