@@ -557,12 +557,9 @@ def create_or_migrate(db: pw.Database) -> None:
     schema = None
     if isinstance(db, pw.PostgresqlDatabase):  # introspection defaults to "public"
         schema = db.execute_sql("SELECT current_schema()").fetchone()[0]
-        transaction = db.atomic()
-    else:
-        # BEGIN IMMEDIATE: a deferred transaction reads the schema, then fails with "database
-        # is locked" when it tries to write after another process already did.
-        transaction = db.atomic(lock_type="IMMEDIATE")
-    with transaction:
+    # On SQLite, BEGIN IMMEDIATE (_SqliteDatabase): a deferred transaction would read the
+    # schema, then fail with "database is locked" if another process wrote it meanwhile.
+    with db.atomic():
         if isinstance(db, pw.PostgresqlDatabase):
             # DDL is transactional in PostgreSQL, so the lock held to COMMIT covers it all;
             # without it two replicas both see no table and one dies on pg_type's unique key.

@@ -195,8 +195,7 @@ def take_tokens(transport: str, rate_per_minute: float, burst: int, wanted: int,
     """
     per_second = rate_per_minute / 60.0
     database = db.proxy.obj
-    lock = {"lock_type": "IMMEDIATE"} if isinstance(database, pw.SqliteDatabase) else {}
-    with database.atomic(**lock):
+    with database.atomic():  # on SQLite, BEGIN IMMEDIATE (db._SqliteDatabase)
         now = db.db_now()
 
         def locked() -> db.BucketRow | None:
