@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
+import sqlite3
 import stat
 import threading
 import warnings
@@ -185,9 +187,6 @@ def test_prune_waits_for_another_writer_instead_of_failing(tree):
     """Retention runs on the scheduler's thread while the main loop writes (the poll's
     heartbeat fires with it). A writer that commits while prune is in its transaction must
     make prune wait, not fail with "database is locked" and skip retention for a day."""
-    import logging
-    import sqlite3
-
     db.open_database(f"sqlite:///{tree.db_path}")
     old = db.utcnow() - timedelta(days=200)
     db.NotificationRow.insert(created_at=old, job_id="j", run_id="old", alert="failed",
