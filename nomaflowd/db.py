@@ -404,6 +404,49 @@ class _SqliteDatabase(pw.SqliteDatabase):
         super().begin(lock_type or "IMMEDIATE")
 
 
+class write:
+    """`with db.write():` is proxy.atomic() for the hot path (a batch of events, a batch of
+    audit rows). On SQLite, outside any other transaction, it is BEGIN IMMEDIATE and COMMIT
+    (ROLLBACK on an error) sent straight to the connection, with the transaction on peewee's
+    stack so that an atomic() inside it is a savepoint; elsewhere it is atomic().
+
+    peewee's atomic() goes through five objects and three levels of calls per transaction.
+    An empty one cost 98 us of CPU against 41 for the two statements alone, on a thread
+    that had slept 5 ms before each (as the main loop does between paced events: its code is
+    no longer in the CPU's caches); without the sleeps, 14 against 6.
+    """
+
+    __slots__ = ("_atomic", "_conn", "_db")
+
+    def __enter__(self) -> None:
+        database = proxy.obj
+        if type(database) is not _SqliteDatabase or database.transaction_depth():
+            self._atomic = database.atomic()
+            self._atomic.__enter__()
+            return
+        self._atomic = None
+        with pw.__exception_wrapper__:
+            self._conn = database.connection()
+            self._conn.execute("BEGIN IMMEDIATE")
+        database.push_transaction(self)
+        self._db = database
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._atomic is not None:
+            self._atomic.__exit__(exc_type, exc, tb)
+            return
+        self._db.pop_transaction()
+        with pw.__exception_wrapper__:
+            if exc_type is not None:
+                self._conn.execute("ROLLBACK")
+                return
+            try:
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+
 def open_database(url: str) -> pw.Database:
     """Connect, create or migrate the tables, and bind the models."""
     path: Path | None = None

@@ -340,7 +340,7 @@ def record(results: list[Result], replica: str) -> None:
              r.detail[:1000], r.duration_ms, replica) for r in results]
     done = [(r.attempt.delivery_id,) for r in results if r.attempt.delivery_id is not None]
     p = db.proxy.param
-    with db.proxy.atomic():
+    with db.write():
         db.executemany(RECORD.format(p=p), rows)
         threads.remember(results)
         if done:

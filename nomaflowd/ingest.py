@@ -137,12 +137,12 @@ class Ingest:
         parsed = time.monotonic()
         attempts = self.commit(accepted, now)
         committed = time.monotonic()
+        self.deliveries.submit(attempts)  # first: the rest is bookkeeping
+        submitted = time.monotonic()
         self.spool.clear_handling()
         if self.suspects.intersection(names):
             self.suspects.difference_update(names)
             db.SpoolTryRow.delete().where(db.SpoolTryRow.name.in_(names)).execute()
-        self.deliveries.submit(attempts)
-        submitted = time.monotonic()
         # The commit did not wait for the disk (synchronous=NORMAL): the POSTs are under way
         # while this thread flushes the WAL, once for the batch, and only then deletes files.
         self.remove(self.recorded)
@@ -161,7 +161,7 @@ class Ingest:
         if not accepted:
             return []
         try:
-            with db.proxy.atomic():
+            with db.write():
                 attempts = self.commit_events([e for _, e in accepted], now)
         except db.VALUE_ERRORS as exc:
             if len(accepted) == 1:

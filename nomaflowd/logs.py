@@ -64,6 +64,9 @@ def setup(level: int, stream: TextIO) -> None:
     handler.setFormatter(OneLineFormatter(FORMAT))
     logging.basicConfig(level=level, handlers=[handler])
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # peewee logs every statement with its parameters at DEBUG: not what NOMAFLOWD_DEBUG is
+    # for, and formatting them inflated the commit stage that bench/stages.py reports.
+    logging.getLogger("peewee").setLevel(logging.INFO)
 
 
 @contextmanager

@@ -146,14 +146,20 @@ class Spool:
                 raise Rejected("has other hard links; rename a file of its own into the spool")
             if st.st_size > MAX_BYTES:
                 raise Rejected(f"file is larger than {MAX_BYTES} bytes ({st.st_size})")
+            # One read for a file of the size fstat() gave: a second one to find the end
+            # asked for another 1 MiB buffer and a system call, per file.
             chunks = []
             remaining = MAX_BYTES + 1
+            want = st.st_size + 1
             while remaining > 0:
-                chunk = os.read(fd, min(remaining, 1 << 20))
+                chunk = os.read(fd, min(remaining, want))
                 if not chunk:
                     break
                 chunks.append(chunk)
                 remaining -= len(chunk)
+                if len(chunk) == st.st_size and len(chunks) == 1:
+                    break  # short of what was asked, at the size fstat() gave: the end
+                want = 1 << 20
             data = b"".join(chunks)
             if len(data) > MAX_BYTES:
                 raise Rejected(f"file is larger than {MAX_BYTES} bytes")

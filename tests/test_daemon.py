@@ -70,6 +70,20 @@ def test_an_answer_that_comes_while_the_loop_sleeps_is_recorded_at_once(tree, ht
         assert (last["run_id"], last["outcome"]) == (f"held-{n}", "SENT")
 
 
+def test_debug_logging_shows_the_stages_and_not_every_sql_statement(tree, http,
+                                                                      daemon_factory):
+    """NOMAFLOWD_DEBUG=1 adds the per-batch and per-send `stages` lines (bench/stages.py);
+    the database library's own debug lines, every statement with its values, stay out."""
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = daemon_factory({"NOMAFLOWD_DEBUG": "1"})
+    tree.drop(FAILED)
+    http.wait_for(1)
+    wait_until(lambda: "outcome=SENT" in d.output(), what="the notification line")
+    log = d.output()
+    assert "stages batch=1 " in log and "stages send run=run_a8c4d " in log
+    assert "INSERT INTO" not in log and "BEGIN" not in log
+
+
 def test_files_dropped_while_down_are_processed_at_start(tree, http, daemon_factory):
     tree.write_config(tree.webhook("ops", http.url()))
     for i in range(5):

@@ -7,6 +7,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 import trustme
@@ -273,3 +274,28 @@ def test_answer_headers_are_read_as_http_client_reads_them(tree):
     finally:
         hook.close()
         server.close()
+
+
+def test_each_post_on_a_kept_alive_connection_carries_its_own_head(tree, http):
+    """The head of a POST is made once and kept while the URL and headers stay the same:
+    bodies of other lengths, then other headers, then another path, on one connection, each
+    arrive with their own Content-Length, headers and path, and the Host http.client sends."""
+    cfg = config.load(tree.write_config(tree.webhook("hook", http.url())))
+    hook = build(cfg.transports, cfg.send_timeout_seconds)["hook"]
+    base = http.url().rstrip("/")
+    sends = [(base + "/a", b'{"n":1}', {"X-Sig": "one"}),
+             (base + "/a", b'{"n":22222}', {"X-Sig": "one"}),
+             (base + "/a", b"{}", {"X-Sig": "two"}),
+             (base + "/b?q=1", b'{"n":3}', {"X-Sig": "two"})]
+    try:
+        for url, body, headers in sends:
+            status, _data, _headers = hook.post(url, body, headers)
+            assert status == 200
+        got = http.wait_for(4)
+        assert len(http.connections) == 1
+    finally:
+        hook.close()
+    host = urlsplit(base).netloc  # 127.0.0.1:port
+    assert [(r.path, r.body, r.headers["X-Sig"], r.headers["Content-Length"], r.headers["Host"])
+            for r in got] == [(url.split(host, 1)[1], body, headers["X-Sig"], str(len(body)),
+                               host) for url, body, headers in sends]

@@ -359,6 +359,35 @@ def test_an_event_id_is_unique_per_job_only(backend):
         database.close()
 
 
+def test_a_write_commits_rolls_back_on_an_error_and_nests_atomic_as_a_savepoint(backend):
+    """db.write(), the ingest and audit transaction: what it wrote is committed when the
+    block ends, nothing of it when the block raises, and an atomic() inside it undoes only
+    its own part."""
+    backend.write_config()
+    database = db.open_database(_url(backend))
+    try:
+        with db.write():
+            _insert_events(("etl", "a"))
+        with pytest.raises(RuntimeError), db.write():
+            _insert_events(("etl", "b"))
+            raise RuntimeError("boom")
+        with db.write():
+            _insert_events(("etl", "c"))
+            with pytest.raises(RuntimeError), db.proxy.atomic():
+                _insert_events(("etl", "d"))
+                raise RuntimeError("inner")
+            _insert_events(("etl", "e"))
+        assert database.transaction_depth() == 0 and not database.in_transaction()
+        assert sorted(r[0] for r in database.execute_sql("SELECT event_id FROM events")
+                      ) == ["a", "c", "e"]
+    finally:
+        database.close()
+    if backend.database.startswith("sqlite"):  # and another connection sees the commits
+        with sqlite3.connect(backend.db_path) as other:
+            assert sorted(r[0] for r in other.execute("SELECT event_id FROM events")
+                          ) == ["a", "c", "e"]
+
+
 def test_an_old_database_is_migrated_to_per_job_event_ids(backend):
     backend.write_config()
     url = _url(backend)
