@@ -512,7 +512,11 @@ class HttpTransport(Transport):
                 self._conns.add(conn)  # for close(), from any thread
             conn.timeout = left
             conn.connect()
-        conn.sock.settimeout(left)
+            # Connected: blocking from now on, and the deadline thread shuts the socket down
+            # at the deadline, which wakes a blocked send or read. With a timeout, every send
+            # and read is a poll() and then the call, each giving up the GIL and taking it
+            # back, and each setting of it an ioctl().
+            conn.sock.settimeout(None)
         return conn, conn.post(target, body, headers)
 
     def _drop(self, pool: Any) -> None:
