@@ -31,6 +31,15 @@ HOOK = "bench-hook"  # the webhook transport's name (its own default recipient)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(CPU seconds busy on the whole machine, time.monotonic()) now, from /proc/stat: every
+    process counts (daemons, PostgreSQL, the receiver, the writer)."""
+    with open("/proc/stat") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK, time.monotonic()
+
+
 def log(msg: str) -> None:
     print(msg, flush=True)
 

@@ -28,6 +28,7 @@ from bench.scenarios.base import (
     finish_tree,
     latencies,
     lifecycle_events,
+    machine_cpu,
     percentile,
     rename_all,
     stage,
@@ -37,6 +38,7 @@ from bench.scenarios.base import (
 
 DSN = (os.environ.get("NOMAFLOWD_BENCH_PG_DSN") or os.environ.get("NOMAFLOWD_TEST_PG_DSN")
        or "postgresql://postgres@127.0.0.1:5432/test")
+CPUS = os.cpu_count() or 1
 LAYOUTS = (("r1", 1, False, "1 replica"), ("r3", 3, False, "3 replicas, own spools"),
            ("r3s", 3, True, "3 replicas, one shared spool"))
 
@@ -48,6 +50,9 @@ def _metrics() -> list[Metric]:
             Metric(f"{key}_events_per_s", f"{label}: backlog events/s", "/s", kind="info"),
             Metric(f"{key}_rate", f"{label}: burst deliveries/s", "/s", kind="info"),
             Metric(f"{key}_p99_ms", f"{label}: burst rename -> POST p99", "ms", kind="info"),
+            Metric(f"{key}_busy_pct", f"{label}: burst, machine CPU busy", "%", kind="info"),
+            Metric(f"{key}_cpu_ms", f"{label}: burst, machine CPU per delivery", "ms",
+                   kind="info"),
             Metric(f"{key}_duplicates", f"{label}: duplicates", "", ("eq", 0), "loss"),
             Metric(f"{key}_lost", f"{label}: events or deliveries missing", "", ("eq", 0),
                    "loss"),
@@ -138,8 +143,10 @@ def run_layout(ctx: Ctx, rep: int, key: str, replicas: int, shared: bool) -> dic
                                                                   strict=True)])
         pairs = interleave(parts)  # one writer renames into every spool in turn
         staged = [pair for pair, _run in pairs]
+        cpu0 = machine_cpu()
         times = rename_all(staged)
-        got = ctx.receiver.wait_items(path, backlog_alerts + m, max(60.0, m / 20))
+        got = ctx.receiver.wait_items(path, backlog_alerts + m, max(60.0, m / 20), every=0.01)
+        cpu1 = machine_cpu()
         rows, _ = wait_count(schema.counter("SELECT count(*) FROM notifications"),
                              backlog_alerts + m, 30.0, daemons[0])
         codes = [d.stop() for d in daemons]
@@ -157,6 +164,10 @@ def run_layout(ctx: Ctx, rep: int, key: str, replicas: int, shared: bool) -> dic
         return {f"{key}_events_per_s": n / (done - started),
                 f"{key}_rate": len(lat) / (arrivals[-1] - times[0]),
                 f"{key}_p50_ms": percentile(lat, 50), f"{key}_p99_ms": percentile(lat, 99),
+                # Is the machine the limit? Its cores busy from the burst's first rename to
+                # its last POST (+ <= 10 ms), and that CPU time per delivery.
+                f"{key}_busy_pct": (cpu1[0] - cpu0[0]) / (CPUS * (cpu1[1] - cpu0[1])) * 100,
+                f"{key}_cpu_ms": (cpu1[0] - cpu0[0]) / m * 1000,
                 f"{key}_duplicates": dups + twice, f"{key}_lost": missing + events_missing,
                 f"{key}_not_sent": not_sent, f"{key}_notification_rows": rows,
                 f"{key}_exit_codes": codes, f"{key}_log_errors": log_errors,

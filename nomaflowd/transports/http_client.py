@@ -516,7 +516,7 @@ class HttpTransport(Transport):
             # at the deadline, which wakes a blocked send or read. With a timeout, every send
             # and read is a poll() and then the call, each giving up the GIL and taking it
             # back, and each setting of it an ioctl().
-            conn.sock.settimeout(None)
+            conn.sock.settimeout(None)  # type: ignore[attr-defined]  # connected: a socket
         return conn, conn.post(target, body, headers)
 
     def _drop(self, pool: Any) -> None:
