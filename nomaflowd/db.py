@@ -381,6 +381,15 @@ def executemany(sql: str, rows: list[tuple[Any, ...]]) -> None:
             execute_batch(cursor, sql, rows, page_size=PAGE_SIZE)
 
 
+def execute_in(sql: str, values: list[Any]) -> None:
+    """`sql` ends in `IN`: one statement per 900 `values`, where executemany() makes one per
+    value (on PostgreSQL, a page of statements that the server parses one by one)."""
+    p = proxy.param
+    for i in range(0, len(values), 900):
+        chunk = values[i:i + 900]
+        proxy.execute_sql(f"{sql} ({', '.join([p] * len(chunk))})", chunk)
+
+
 def postgres_driver() -> None:
     """Give peewee the psycopg2 it was not allowed to see at its import (see the top)."""
     if getattr(pw, "psycopg2", None) is not None:

@@ -338,13 +338,12 @@ def record(results: list[Result], replica: str) -> None:
              r.attempt.alert.run_id, r.attempt.alert.kind, r.attempt.alert.level,
              r.attempt.transport, r.transport_type, r.attempt.recipient, r.outcome,
              r.detail[:1000], r.duration_ms, replica) for r in results]
-    done = [(r.attempt.delivery_id,) for r in results if r.attempt.delivery_id is not None]
-    p = db.proxy.param
+    done = [r.attempt.delivery_id for r in results if r.attempt.delivery_id is not None]
     with db.write():
-        db.executemany(RECORD.format(p=p), rows)
+        db.executemany(RECORD.format(p=db.proxy.param), rows)
         threads.remember(results)
         if done:
-            db.executemany(f"UPDATE deliveries SET state = 'done' WHERE id = {p}", done)
+            db.execute_in("UPDATE deliveries SET state = 'done' WHERE id IN", done)
     with logs.batched():  # the batch's lines in one write
         for r in results:
             a = r.attempt

@@ -388,6 +388,28 @@ def test_a_write_commits_rolls_back_on_an_error_and_nests_atomic_as_a_savepoint(
                           ) == ["a", "c", "e"]
 
 
+def test_execute_in_covers_more_values_than_one_statement_takes(backend):
+    """The audit's `done` marks go as `UPDATE … WHERE id IN (…)`, 900 ids a statement: a
+    batch of 1,901 marks every one of them and nothing else."""
+    backend.write_config()
+    database = db.open_database(_url(backend))
+    try:
+        now = db.stamp(db.utcnow())
+        ids = [r[0] for r in db.insert_new(
+            "deliveries", ("alert_key", "transport", "recipient", "event_id", "context",
+                           "state", "claimed_by", "claimed_at", "attempts"),
+            [(f"j/r{i}/failed", "hook", "hook", f"e{i}", "{}", "claimed", "x", now, 1)
+             for i in range(1905)],
+            conflict=("alert_key", "transport", "recipient"), returning=("id",))]
+        with db.write():
+            db.execute_in("UPDATE deliveries SET state = 'done' WHERE id IN", ids[:1901])
+        states = dict(database.execute_sql("SELECT state, count(*) FROM deliveries"
+                                           " GROUP BY state").fetchall())
+        assert states == {"done": 1901, "claimed": 4}
+    finally:
+        database.close()
+
+
 def test_an_old_database_is_migrated_to_per_job_event_ids(backend):
     backend.write_config()
     url = _url(backend)
