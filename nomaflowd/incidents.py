@@ -3,7 +3,7 @@
 A job's failure episode is the run of FAILED final runs since its last SUCCEEDED one
 (CANCELLED runs neither open nor close one: a cancel says nothing about the job's health).
 Everything here is read from the `runs`, `notifications` and `deliveries` tables inside the
-transaction that commits the events (see Daemon.commit_events), so a replica that ingests a
+transaction that commits the events (see Ingest.commit_events), so a replica that ingests a
 SUCCEEDED event sees the FAILED runs before it, including those of the same batch.
 """
 

@@ -248,7 +248,7 @@ class Ingest:
             "events", ("event_id", "received_at", "job_id", "run_id", "state", "payload"),
             [(e.event_id, stamp, e.job_id, e.run_id, e.state, e.payload) for e in batch],
             conflict=("job_id", "event_id"), returning=("job_id", "event_id"))}
-        cat = self.policy.current()
+        cat = self.policy.catalogue.current  # ingest() refreshed it for this batch (a stat())
         routed: list[Routed] = []
         recorded: list[events.Event] = []
         accepted: list[events.Event] = []
