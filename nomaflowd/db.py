@@ -281,7 +281,7 @@ def insert_new(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
     out: list[tuple[Any, ...]] = []
     # well under SQLite's variable limit; PostgreSQL takes a page per round trip
     step = (PAGE_SIZE if isinstance(proxy.obj, pw.PostgresqlDatabase)
-            else max(1, 900 // len(columns)))
+            else max(1, MAX_PARAMS // len(columns)))
     for i in range(0, len(rows), step):
         chunk = rows[i:i + step]
         params = [value for row in chunk for value in row]
@@ -358,6 +358,8 @@ VALUE_ERRORS: tuple[type[BaseException], ...] = (pw.DataError, ValueError, Overf
 # Rows per round trip to PostgreSQL. psycopg2's executemany is one round trip per row, which
 # was a third of a PostgreSQL replica's ingest time; SQLite's is in-process and stays as is.
 PAGE_SIZE = 500
+# Parameters per statement, well under SQLite's limit (32,766 since 3.32; 999 before).
+MAX_PARAMS = 900
 _VALUES = re.compile(r"VALUES \((?:%s, )*%s\)")
 
 
@@ -382,11 +384,11 @@ def executemany(sql: str, rows: list[tuple[Any, ...]]) -> None:
 
 
 def execute_in(sql: str, values: list[Any]) -> None:
-    """`sql` ends in `IN`: one statement per 900 `values`, where executemany() makes one per
-    value (on PostgreSQL, a page of statements that the server parses one by one)."""
+    """`sql` ends in `IN`: one statement per MAX_PARAMS `values`, where executemany() makes
+    one per value (on PostgreSQL, a page of statements that the server parses one by one)."""
     p = proxy.param
-    for i in range(0, len(values), 900):
-        chunk = values[i:i + 900]
+    for i in range(0, len(values), MAX_PARAMS):
+        chunk = values[i:i + MAX_PARAMS]
         proxy.execute_sql(f"{sql} ({', '.join([p] * len(chunk))})", chunk)
 
 
