@@ -40,6 +40,39 @@ def machine_cpu() -> tuple[float, float]:
     return (sum(fields[:8]) - idle) / CLK_TCK, time.monotonic()
 
 
+def _ticks(path: str) -> tuple[bytes, int] | None:
+    """(comm, utime + stime in clock ticks) of a /proc/.../stat, None if it is gone."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError:  # ended meanwhile
+        return None
+    fields = raw[raw.rindex(b")") + 2:].split()
+    return raw[raw.index(b"(") + 1:raw.rindex(b")")], int(fields[11]) + int(fields[12])
+
+
+def cpu_by_process(groups: dict[str, set[int]], main_threads: str = "") -> dict[str, float]:
+    """CPU seconds used so far (user + system, all threads) per group of processes: each
+    group's pids, "postgres" (every process named so) and "other"; with `main_threads`, that
+    group's main threads also alone, as "<group> main thread". A process that ended since an
+    earlier call drops out of the difference: take both samples while the ones of interest
+    live."""
+    out = dict.fromkeys([*groups, "postgres", "other"], 0.0)
+    owner = {pid: name for name, pids in groups.items() for pid in pids}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (got := _ticks(f"/proc/{entry.name}/stat")) is not None:
+            comm, ticks = got
+            name = owner.get(int(entry.name)) or ("postgres" if comm == b"postgres" else "other")
+            out[name] += ticks / CLK_TCK
+    if main_threads:
+        key = f"{main_threads} main thread"
+        out[key] = 0.0
+        for pid in groups[main_threads]:
+            if (got := _ticks(f"/proc/{pid}/task/{pid}/stat")) is not None:
+                out[key] += got[1] / CLK_TCK
+    return out
+
+
 def log(msg: str) -> None:
     print(msg, flush=True)
 

@@ -24,6 +24,7 @@ from bench.scenarios.base import (
     Metric,
     Scenario,
     Skip,
+    cpu_by_process,
     failure_events,
     finish_tree,
     latencies,
@@ -53,6 +54,11 @@ def _metrics() -> list[Metric]:
             Metric(f"{key}_busy_pct", f"{label}: burst, machine CPU busy", "%", kind="info"),
             Metric(f"{key}_cpu_ms", f"{label}: burst, machine CPU per delivery", "ms",
                    kind="info"),
+            Metric(f"{key}_main_ms", f"{label}: of which daemons' main threads", "ms",
+                   kind="info"),
+            Metric(f"{key}_senders_ms", f"{label}: of which daemons' other threads", "ms",
+                   kind="info"),
+            Metric(f"{key}_postgres_ms", f"{label}: of which PostgreSQL", "ms", kind="info"),
             Metric(f"{key}_duplicates", f"{label}: duplicates", "", ("eq", 0), "loss"),
             Metric(f"{key}_lost", f"{label}: events or deliveries missing", "", ("eq", 0),
                    "loss"),
@@ -143,10 +149,12 @@ def run_layout(ctx: Ctx, rep: int, key: str, replicas: int, shared: bool) -> dic
                                                                   strict=True)])
         pairs = interleave(parts)  # one writer renames into every spool in turn
         staged = [pair for pair, _run in pairs]
-        cpu0 = machine_cpu()
+        groups = {"daemons": {d.pid for d in daemons}, "receiver": {ctx.receiver.proc.pid},
+                  "writer": {os.getpid()}}
+        cpu0, by0 = machine_cpu(), cpu_by_process(groups, main_threads="daemons")
         times = rename_all(staged)
         got = ctx.receiver.wait_items(path, backlog_alerts + m, max(60.0, m / 20), every=0.01)
-        cpu1 = machine_cpu()
+        cpu1, by1 = machine_cpu(), cpu_by_process(groups, main_threads="daemons")
         rows, _ = wait_count(schema.counter("SELECT count(*) FROM notifications"),
                              backlog_alerts + m, 30.0, daemons[0])
         codes = [d.stop() for d in daemons]
@@ -161,6 +169,7 @@ def run_layout(ctx: Ctx, rep: int, key: str, replicas: int, shared: bool) -> dic
         if not arrivals:
             raise Incomplete(f"{key}: no burst delivery arrived ({got})")
         events_missing = n + m - schema.count("SELECT count(*) FROM events")
+        per_delivery = {name: (by1[name] - by0[name]) / m * 1000 for name in by1}
         return {f"{key}_events_per_s": n / (done - started),
                 f"{key}_rate": len(lat) / (arrivals[-1] - times[0]),
                 f"{key}_p50_ms": percentile(lat, 50), f"{key}_p99_ms": percentile(lat, 99),
@@ -168,6 +177,12 @@ def run_layout(ctx: Ctx, rep: int, key: str, replicas: int, shared: bool) -> dic
                 # its last POST (+ <= 10 ms), and that CPU time per delivery.
                 f"{key}_busy_pct": (cpu1[0] - cpu0[0]) / (CPUS * (cpu1[1] - cpu0[1])) * 100,
                 f"{key}_cpu_ms": (cpu1[0] - cpu0[0]) / m * 1000,
+                # ... and whose it was, in ms per delivery: the daemons' main threads (ingest,
+                # audit) and their other threads (senders), PostgreSQL, receiver, writer
+                f"{key}_cpu_ms_by": per_delivery,
+                f"{key}_main_ms": per_delivery["daemons main thread"],
+                f"{key}_senders_ms": per_delivery["daemons"] - per_delivery["daemons main thread"],
+                f"{key}_postgres_ms": per_delivery["postgres"],
                 f"{key}_duplicates": dups + twice, f"{key}_lost": missing + events_missing,
                 f"{key}_not_sent": not_sent, f"{key}_notification_rows": rows,
                 f"{key}_exit_codes": codes, f"{key}_log_errors": log_errors,
