@@ -191,14 +191,23 @@ class Alert:
         }
 
 
+def alert_key(*parts: str) -> str:
+    """The de-duplication key of an alert, e.g. (job, run, kind): each part prefixed by its
+    length, so that no choice of ids makes two alerts' keys equal. Joined with a bare `/`,
+    job "etl", run "orders/42" and job "etl/orders", run "42" shared one key, and one job's
+    event took the claim of the other's alert."""
+    return "/".join(f"{len(part)}:{part}" for part in parts)
+
+
 def from_event(kind: str, event: Any, url: str, *, minutes: float | None = None) -> Alert:
     """Build the alert of one kind for an events.Event."""
     if event.run_id and kind not in ("notice",):
-        key = f"{event.job_id}/{event.run_id}/{kind}"
         if getattr(event, "retrying", False):  # the final attempt keeps job/run/failed
-            key += f"/attempt-{event.get('attempt')}"
+            key = alert_key(event.job_id, event.run_id, kind, f"attempt-{event.get('attempt')}")
+        else:
+            key = alert_key(event.job_id, event.run_id, kind)
     else:
-        key = f"{event.job_id}/{event.event_id}/{kind}"  # event ids are per job
+        key = alert_key(event.job_id, event.event_id, kind)  # event ids are per job
     details = {k: event.get(k) for k in DETAIL_FIELDS if event.get(k)}
     details.update({k: str(event.get(k)) for k in ("attempt", "max_attempts")
                     if isinstance(event.get(k), int)})

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from nomaflowd import db
-from nomaflowd.alerts import Alert, from_event, span
+from nomaflowd.alerts import Alert, alert_key, from_event, span
 from nomaflowd.catalogue import Catalogue, Effective
 from nomaflowd.config import Config, TransportConfig
 from nomaflowd.events import Event
@@ -214,7 +214,7 @@ def triggered(job_id: str, run_ids: list[str], in_batch: Iterable[Planned] = ()
                            & n.alert.in_(TRIGGERS) & (n.outcome == "SENT"))
                     .order_by(n.id)):
             found.setdefault((row.transport, row.recipient), set()).add(row.alert)
-    keys = {f"{job_id}/{run}/{kind}": kind for run in run_ids for kind in TRIGGERS}
+    keys = {alert_key(job_id, run, kind): kind for run in run_ids for kind in TRIGGERS}
     d = db.DeliveryRow
     names = list(keys)
     for i in range(0, len(names), CHUNK):

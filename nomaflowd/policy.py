@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from nomaflowd import alerts, catalogue, db, events, incidents, state
-from nomaflowd.alerts import Alert
+from nomaflowd.alerts import Alert, alert_key
 from nomaflowd.catalogue import Catalogue, Effective, WatchedCatalogue
 from nomaflowd.config import Config
 from nomaflowd.routing import Plan, Router
@@ -59,7 +59,7 @@ class Policy:
         eff = self.current().effective(run.job_id, block, tags)
         started = run.started_at
         minutes = (now - started).total_seconds() / 60 if started else None
-        alert = Alert(kind="long_run", key=f"{run.job_id}/{run.run_id}/long_run",
+        alert = Alert(kind="long_run", key=alert_key(run.job_id, run.run_id, "long_run"),
                       job_id=run.job_id, run_id=run.run_id, event_id=None, state="RUNNING",
                       url=self.config.run_url(run.run_id),
                       started_at=started.strftime("%Y-%m-%dT%H:%M:%SZ") if started else None,

@@ -19,7 +19,7 @@ from typing import Any
 import peewee as pw
 
 from nomaflowd import db, events, incidents, metrics
-from nomaflowd.alerts import Alert
+from nomaflowd.alerts import Alert, alert_key
 from nomaflowd.catalogue import AlertsBlock, Catalogue
 from nomaflowd.deliveries import BATCH, Deliveries
 from nomaflowd.dispatch import Attempt
@@ -199,7 +199,7 @@ def activity(job_id: str, since: datetime) -> list[datetime]:
 
 def job_alert(kind: str, row: db.ScheduleRow, key: str, url: str, **values: Any) -> Alert:
     details = {k: str(v) for k, v in values.pop("details", {}).items() if v}
-    return Alert(kind=kind, key=f"{row.job_id}/{kind}/{key}", job_id=row.job_id,
+    return Alert(kind=kind, key=alert_key(row.job_id, kind, key), job_id=row.job_id,
                  run_id=values.pop("run_id", None), event_id=None, state=kind.upper(), url=url,
                  details=details, **values)
 

@@ -123,3 +123,20 @@ def test_no_hostile_file_stalls_the_spool(backend: Tree, http, daemon_factory):
     assert (tree.spool / "directory.json").is_dir()
     assert (tree.spool / "sub" / "nested.json").exists()
     del arrived
+
+
+def test_one_jobs_ids_never_claim_another_jobs_alert(tree: Tree, http, daemon_factory):
+    """`/` is allowed in ids: job "etl", run "orders/42" and job "etl/orders", run "42" are
+    two runs, and each failure is sent. Written by another runner for its own job, the first
+    used to take the claim of the second (a guarded job's) and silence it."""
+    tree.write_jobs('[jobs."etl/orders"]\nwriters = ["root"]\n')
+    tree.write_config(tree.webhook("hook", http.url("/hook")))
+    d = daemon_factory()
+    put(tree, "1-other.json", event(job="etl", run="orders/42"), owner=NOBODY)
+    http.wait_for(1, path="/hook", timeout=10)
+    put(tree, "2-guarded.json", event(job="etl/orders", run="42"))
+    wait_until(lambda: len(tree.notifications()) == 2, what="both failures audited")
+    assert d.stop() == 0
+    assert sorted((r.json()["job_id"], r.json()["run_id"]) for r in http.requests) == [
+        ("etl", "orders/42"), ("etl/orders", "42")]
+    assert tree.sql("SELECT count(*) FROM deliveries")[0][0] == 2

@@ -409,10 +409,10 @@ def test_two_replicas_send_each_missed_and_each_reminder_once(tree, http, pg_sch
         a.close()
         b.close()
     keys = [k for (k,) in pg_rows(pg_schema, "SELECT alert_key FROM deliveries WHERE alert_key"
-                                  " LIKE %s OR alert_key LIKE %s", "quiet/missed/%",
-                                  "broken/reminder/%")]
-    assert sent("reminder") == 3 == sum(1 for k in keys if "/reminder/" in k)
-    assert sent("missed") == sum(1 for k in keys if "/missed/" in k)
+                                  " LIKE %s OR alert_key LIKE %s", "5:quiet/6:missed/%",
+                                  "6:broken/8:reminder/%")]
+    assert sent("reminder") == 3 == sum(1 for k in keys if "/8:reminder/" in k)
+    assert sent("missed") == sum(1 for k in keys if "/6:missed/" in k)
     assert sent("failed") == 1
     rows = pg_rows(pg_schema, "SELECT alert, count(*), count(DISTINCT replica) FROM"
                    " notifications GROUP BY alert ORDER BY alert")
