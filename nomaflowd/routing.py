@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from email.utils import parseaddr
+from email.utils import getaddresses, parseaddr
 from fnmatch import fnmatchcase
 
 from nomaflowd.catalogue import Catalogue
@@ -34,7 +34,12 @@ class Plan:
 
 
 def email_address(value: str) -> str | None:
-    """`a@b.c` or `Name <a@b.c>` -> `a@b.c` (lowercased), else None."""
+    """`a@b.c` or `Name <a@b.c>` -> `a@b.c` (lowercased), else None.
+
+    One address only: of `a@b.c, d@e.f` (or `a@b.c <d@e.f>`) parseaddr keeps the first and
+    drops the rest without a word."""
+    if len(getaddresses([value])) != 1:
+        return None
     addr = parseaddr(value)[1]
     if not addr or "@" not in addr or " " in addr:
         return None
@@ -103,8 +108,9 @@ class Router:
         key = (target.transport, target.recipient)
         if key in self.configured or (cat is not None and key in self._named_in(cat)):
             return True
-        forms = {target.recipient.lower(), f"{target.transport}:{target.recipient}".lower(),
-                 target.written.strip().lower()}
+        # The recipient as it will be used, never the text as written: "mallory@…,
+        # alice@corp.local" matched *@corp.local and mailed mallory.
+        forms = {target.recipient.lower(), f"{target.transport}:{target.recipient}".lower()}
         return any(fnmatchcase(form, p) for form in forms for p in self.event_patterns)
 
     def classify(self, written: str, origin: str) -> Target:

@@ -14,7 +14,7 @@ from nomaflowd import catalogue, config, db, events
 from nomaflowd.cli import main
 from nomaflowd.config import Rule, TransportConfig
 from nomaflowd.errors import ConfigError
-from nomaflowd.routing import NOT_ALLOWED, Router
+from nomaflowd.routing import NOT_ALLOWED, Router, email_address
 from nomaflowd.spool import Spool
 from tests.conftest import InProcess, Tree
 
@@ -255,3 +255,29 @@ def test_daemon_records_a_recipient_an_event_may_not_name_as_failed(tree: Tree, 
     assert rows[("failed", "hook")][0] == "SENT"
     assert rows[("notice", "@mallory")] == ("FAILED_TRANSPORT", NOT_ALLOWED)
     assert [r.path for r in http.requests].count("/slack") == 1
+
+
+def test_an_event_cannot_reach_an_address_by_hiding_it_beside_an_allowed_one():
+    """The allow-list is checked on the address that would be mailed, never on the text as
+    written: "mallory@…, alice@corp.local" used to match *@corp.local and mail mallory."""
+    hidden = ["mallory@attacker.example, alice@corp.local",
+              "mallory@attacker.example (alice@corp.local",
+              "mallory@attacker.example (alice@corp.local)",
+              "alice@corp.local <mallory@attacker.example>",
+              "email:mallory@attacker.example, alice@corp.local"]
+    for router in (Router(TRANSPORTS, RULES), Router(TRANSPORTS, RULES, ["*@corp.local"])):
+        plan = router.plan(hidden, (), use_rules=False, from_event=True, catalogue=CATALOGUE)
+        sent = [(t.written, t.recipient) for t in plan.targets if not t.error]
+        assert all(r.endswith("@corp.local") for _w, r in sent), sent
+        assert "mallory@attacker.example" not in {t.recipient for t in plan.targets
+                                                  if not t.error}
+
+
+def test_a_list_of_addresses_is_not_an_address(tree: Tree):
+    assert email_address("a@corp.local, b@corp.local") is None
+    assert email_address("a@corp.local <b@corp.local>") is None
+    assert email_address('"Doe, Jo" <jo@corp.local>') == "jo@corp.local"
+    tree.write_config('[transports.mail]\ntype = "email"\nhost = "127.0.0.1"\nport = 25\n'
+                      'default_from = "a@corp.local, b@corp.local"\n')
+    with pytest.raises(ConfigError, match=r"transports\.mail\.default_from must be an email"):
+        config.load(tree.config_path)
