@@ -9,6 +9,7 @@ failing holds the spool.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -38,6 +39,23 @@ MAX_TRIES = 3
 # Fault injection for the test suite: exit abruptly while handling a file whose name
 # contains this string, as a crash in a parser or driver would.
 CRASH_ON = os.environ.get("NOMAFLOWD_FAULT_CRASH_ON", "")
+
+
+def try_key(name: str) -> str:
+    """A spool file's name as `spool_tries.name` holds it. A name that is not UTF-8 (its
+    bytes as surrogates) is no text either database can store: it goes as `b64:` and its
+    bytes in base64 (255 bytes make 344 characters), which no `*.json` name can be."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "b64:" + base64.b64encode(os.fsencode(name)).decode("ascii")
+    return name
+
+
+def from_try_key(key: str) -> str:
+    if key.startswith("b64:") and not key.endswith(".json"):
+        return os.fsdecode(base64.b64decode(key[4:]))
+    return key
 
 
 class SpoolUnreadable(Exception):
@@ -142,7 +160,8 @@ class Ingest:
         self.spool.clear_handling()
         if self.suspects.intersection(names):
             self.suspects.difference_update(names)
-            db.SpoolTryRow.delete().where(db.SpoolTryRow.name.in_(names)).execute()
+            db.SpoolTryRow.delete().where(db.SpoolTryRow.name.in_(
+                [try_key(n) for n in names])).execute()
         # The commit did not wait for the disk (synchronous=NORMAL): the POSTs are under way
         # while this thread flushes the WAL, once for the batch, and only then deletes files.
         self.remove(self.recorded)
@@ -223,18 +242,20 @@ class Ingest:
         tries: dict[str, int] = {}
         with db.proxy.atomic():
             for name in names:
-                row, _ = t.get_or_create(name=name, defaults={"updated_at": now})
+                row, _ = t.get_or_create(name=try_key(name), defaults={"updated_at": now})
                 tries[name] = row.tries + 1
                 t.update(tries=tries[name], updated_at=now).where(t.id == row.id).execute()
             # Files counted before but not finished since: still suspects, handled alone.
-            for row in t.select(t.name, t.tries).where(t.name.not_in(names)):
-                if os.path.lexists(self.spool.path / row.name):
-                    tries[row.name] = row.tries
+            keys = [try_key(n) for n in names]
+            for row in t.select(t.name, t.tries).where(t.name.not_in(keys)):
+                name = from_try_key(row.name)
+                if os.path.lexists(self.spool.path / name):
+                    tries[name] = row.tries
         for name, count in tries.items():
             if count >= MAX_TRIES:
                 self.reject(name, f"the daemon stopped {count} times while handling this"
                             " file; quarantined to break the crash loop", now)
-                t.delete().where(t.name == name).execute()
+                t.delete().where(t.name == try_key(name)).execute()
             else:
                 if name in names:
                     logger.warning("spool file %r was in hand when the daemon stopped"

@@ -33,6 +33,37 @@ def test_a_file_that_crashes_the_daemon_is_quarantined_after_three_tries(
     assert len(rows) == 1 or all("sent again" in r["detail"] for r in rows[1:])
 
 
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_names_that_are_not_utf8_are_counted_like_any_other(
+        tree, http, daemon_factory, request, backend):
+    """Files in hand at a crash are counted in the database by name; a name that is not
+    UTF-8 (the crasher's or a neighbour's, up to 255 bytes) used to make the count fail, so
+    that every start failed and the crasher was never quarantined."""
+    if backend == "postgres":
+        tree.database = request.getfixturevalue("pg_schema")
+    tree.write_config(tree.webhook("hook", http.url()))
+    tree.spool.mkdir(parents=True, exist_ok=True)
+    spool = os.fsencode(tree.spool)
+    neighbour = b"a-\xff" + b"\xfe" * 240 + b".json"
+    with open(spool + b"/" + neighbour, "wb") as fh:
+        fh.write(b'{"job_id": "j", "run_id": "neighbour", "state": "FAILED"}')
+    with open(spool + b"/zz-poison-\xff.json", "wb") as fh:
+        fh.write(b'{"job_id": "j", "run_id": "p", "state": "FAILED"}')
+    env = {"NOMAFLOWD_FAULT_CRASH_ON": "poison"}
+    for attempt in (1, 2, 3):
+        d = daemon_factory(env, wait=False)
+        assert d.proc.wait(20) == 70, f"start {attempt} should crash on the poison file"
+    d = daemon_factory(env)
+    assert http.wait_for(1)[0].json()["run_id"] == "neighbour"
+    wait_until(lambda: not tree.spool_files(), what="the spool emptied")
+    assert d.stop() == 0
+    rejected = os.listdir(spool + b"/rejected")
+    assert b"zz-poison-\xff.json" in rejected
+    assert b"zz-poison-\xff.json.error" in rejected
+    assert {r.json()["run_id"] for r in http.requests} == {"neighbour"}
+    assert "internal error" not in d.output() and "Traceback" not in d.output()
+
+
 @pytest.fixture
 def small_disk(tree):
     mount = tree.root / "dbfs"
