@@ -11,6 +11,7 @@ from typing import Any
 
 from nomaflowd import db
 from nomaflowd.errors import UsageError
+from nomaflowd.text import escape
 
 COLUMNS = ("id", "created_at", "event_id", "job_id", "run_id", "alert", "level", "transport",
            "transport_type", "recipient", "outcome", "detail", "duration_ms", "replica")
@@ -110,7 +111,10 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
         return out.getvalue().rstrip("\n")
     if not rows:
         return "no notifications match"
-    cells = [[str(r[c] if r[c] is not None else "-")[:60] for c in TABLE_COLUMNS] for r in rows]
+    # escape(): a newline or a terminal escape written by an event file must not forge a
+    # row or reach the terminal (json and csv carry the values as they are)
+    cells = [[escape(str(r[c] if r[c] is not None else "-"))[:60] for c in TABLE_COLUMNS]
+             for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(TABLE_COLUMNS)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(TABLE_COLUMNS, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
+from nomaflowd.text import escape
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _held = threading.local()  # .lines: this thread's formatted lines, while batched()
@@ -27,8 +29,6 @@ class OneLineFormatter(logging.Formatter):
     appended by logger.exception keeps its lines."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        from nomaflowd.spool import escape
-
         record.message = escape(record.message)
         return super().formatMessage(record)
 

@@ -134,3 +134,24 @@ def test_json_output_from_postgresql(tree, capsys, pg_schema):
     assert code == 0
     [row] = json.loads(out)
     assert (row["recipient"], row["detail"], row["created_at"][-1]) == (TRICKY[1], TRICKY[2], "Z")
+
+
+def test_the_table_shows_what_an_event_wrote_on_one_line_each(tree, capsys):
+    """A recipient or id from an event file can hold a newline or a terminal escape: the
+    table must not show a forged row or let the terminal act on it (json and csv carry
+    the values as they are)."""
+    tree.write_config()
+    db.open_database(f"sqlite:///{tree.db_path}")
+    forged = "#x\n2026-01-01T00:00:00Z  payroll  r9  failed  slack  #payroll  SENT"
+    db.NotificationRow.insert(created_at=db.utcnow(), job_id="j\x1b]0;owned\x07", run_id="r\r1",
+                              alert="failed", level="high", transport="slack",
+                              transport_type="slack", recipient=forged, outcome="SENT",
+                              detail="d", duration_ms=1, replica="a").execute()
+    db.proxy.close()
+    code, out = run(tree, capsys, "audit")
+    assert code == 0
+    assert len(out.rstrip("\n").splitlines()) == 2  # the header and one row
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out
+    assert "\\n2026-01-01" in out and "\\x1b]0;owned" in out
+    code, out = run(tree, capsys, "audit", "--format", "json")
+    assert json.loads(out)[0]["recipient"] == forged

@@ -33,7 +33,8 @@ def test_a_file_that_crashes_the_daemon_is_quarantined_after_three_tries(
     assert len(rows) == 1 or all("sent again" in r["detail"] for r in rows[1:])
 
 
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize("backend", ["sqlite",
+                                     pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_names_that_are_not_utf8_are_counted_like_any_other(
         tree, http, daemon_factory, request, backend):
     """Files in hand at a crash are counted in the database by name; a name that is not
