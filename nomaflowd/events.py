@@ -29,6 +29,9 @@ KNOWN = frozenset((*STRING_FIELDS, *TIME_FIELDS, *LIST_FIELDS, *INT_FIELDS, "ale
 # The documented limit of job_id, run_id, event_id and a recipient: well inside the varchar(300)
 # columns, so a long id is refused here with its reason on SQLite and PostgreSQL alike.
 ID_MAX = 200
+# Recipients one event file may name: each is a delivery, and 3,000 channels behind one
+# Slack transport held every other job's alert behind them for most of an hour.
+MAX_RECIPIENTS = 20
 # RFC 3339 section 5.6 with upper-case T and Z. fromisoformat alone also takes ISO 8601 forms that
 # other writers' parsers refuse: 2026-05-26T02Z, +0000, +01:60, week dates, " +00:00".
 RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
@@ -155,6 +158,9 @@ def storable(obj: Any) -> None:
 
 
 def _recipients_fit(values: list[str], where: str) -> None:
+    if len(values) > MAX_RECIPIENTS:
+        raise Rejected(f"{where} names {len(values)} recipients; an event file may name at"
+                       f" most {MAX_RECIPIENTS} (list more in jobs.toml)")
     for i, value in enumerate(values):
         if len(value) > ID_MAX:
             raise Rejected(f"{where}[{i}] is {len(value)} characters; the limit is {ID_MAX}")

@@ -71,6 +71,7 @@ CASES = [
     Case("time on a leap day", at("2024-02-29T23:59:59Z"), None),
     Case("id of 200 characters", {**RUN, "run_id": "r" * 200}, None),
     Case("recipient of 200 characters", {**NOTICE, "recipients": ["@" + "a" * 199]}, None),
+    Case("twenty recipients", alerts(recipients=[f"#c{i}" for i in range(20)]), None),
     Case("id with inner spaces and unicode", {**RUN, "job_id": "nightly sync ✓ 日本"}, None),
     # not an event object
     Case("top level array", [RUN], "must be a JSON object"),
@@ -97,6 +98,10 @@ CASES = [
          "event_id is 201 characters; the limit is 200"),
     Case("notice recipient of 201 characters", {**NOTICE, "recipients": ["ops", "@" + "a" * 200]},
          "recipients[1] is 201 characters; the limit is 200"),
+    Case("21 recipients in an alerts block", alerts(recipients=[f"#c{i}" for i in range(21)]),
+         "alerts.recipients names 21 recipients; an event file may name at most 20"),
+    Case("3,000 recipients in a notice", {**NOTICE, "recipients": [f"#c{i}" for i in range(3000)]},
+         "recipients names 3000 recipients; an event file may name at most 20"),
     Case("alerts recipient of 201 characters", alerts(recipients=["#" + "c" * 200]),
          "alerts.recipients[0] is 201 characters; the limit is 200"),
     Case("numeric by", {**RUN, "by": 7}, "by must be a string"),
