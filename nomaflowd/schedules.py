@@ -47,6 +47,14 @@ def minutes(value: float) -> timedelta:
     return timedelta(minutes=value)
 
 
+def later(at: datetime, delta: timedelta) -> datetime | None:
+    """`at + delta`, or None (never) past year 9999: an event may say it finished in 9999."""
+    try:
+        return at + delta
+    except OverflowError:
+        return None
+
+
 def watched(cat: Catalogue, job_id: str) -> bool:
     """Does the job have a schedule, a staleness limit or reminders (its catalogue block)?"""
     block = cat.effective(job_id).alerts
@@ -76,7 +84,7 @@ def arm(row: db.ScheduleRow, block: AlertsBlock, schedule: Schedule | None,
                            if m and row.expected_at and not row.disabled else None)
     h = block.on_stale_hours
     since = max(row.last_success_at or row.monitored_since, row.toggled_at or row.monitored_since)
-    stale = since + timedelta(hours=h) if h and not row.disabled else None
+    stale = later(since, timedelta(hours=h)) if h and not row.disabled else None
     # Armed only while it has not come due: a stale alert already sent waits for a success.
     row.stale_deadline = stale if stale and (row.stale_deadline or stale > now) else None
     if row.disabled or not block.remind_every_minutes:
@@ -174,14 +182,14 @@ def apply(row: db.ScheduleRow, e: events.Event, block: AlertsBlock, schedule: Sc
             row.missed_deadline = row.expected_at + window
     if run_state == "SUCCEEDED":
         row.last_success_at = e.finished_at or e.at
-        row.stale_deadline = (row.last_success_at + timedelta(hours=block.on_stale_hours)
+        row.stale_deadline = (later(row.last_success_at, timedelta(hours=block.on_stale_hours))
                               if block.on_stale_hours and not row.disabled else None)
         row.failing_since, row.reminders_sent, row.remind_deadline = None, 0, None
     elif run_state == "FAILED" and row.failing_since is None:
         row.failing_since = e.finished_at or e.at
         row.reminders_sent = 0
         every = block.remind_every_minutes
-        row.remind_deadline = (row.failing_since + minutes(every)
+        row.remind_deadline = (later(row.failing_since, minutes(every))
                                if every and not row.disabled else None)
 
 
@@ -270,8 +278,9 @@ class Schedules:
             row.stale_deadline = None
             h = block.on_stale_hours
             since = row.last_success_at or row.monitored_since
-            if h and not row.disabled and since + timedelta(hours=h) > now:
-                row.stale_deadline = since + timedelta(hours=h)  # the limit was raised
+            due = later(since, timedelta(hours=h)) if h and not row.disabled else None
+            if h and not row.disabled and (due is None or due > now):
+                row.stale_deadline = due  # the limit was raised (None: past year 9999)
             elif h and not row.disabled:
                 alerts.append(job_alert(
                     "stale", row, since.isoformat(), url,

@@ -3,6 +3,7 @@ channel breaks. End to end against local servers; time is passed in as `now`."""
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -490,3 +491,22 @@ def test_check_reports_a_fallback_recipient_that_matches_no_transport(tree, caps
     assert main(["check", "--config", str(tree.config_path)]) == 1
     assert "error: daemon.fallback_recipients: no slack transport is configured" \
         in capsys.readouterr().out
+
+
+def test_a_time_near_year_9999_on_a_scheduled_job_is_recorded(tree, http, inproc):
+    """An event may say it finished at 9999-12-31T23:00:00Z: its stale and reminder
+    deadlines fall past year 9999, i.e. never. It used to be quarantined as a value the
+    database cannot store."""
+    setup_slack(tree, http, '[jobs.nightly]\nschedule = "@daily"\n[jobs.nightly.alerts]\n'
+                'on_stale_hours = 26\nremind_every_minutes = 60\nrecipients = ["#ops"]\n')
+    d = inproc()
+    tree.drop({"job_id": "nightly", "run_id": "1", "state": "SUCCEEDED",
+               "finished_at": "9999-12-31T23:00:00Z"})
+    tree.drop({"job_id": "nightly", "run_id": "2", "state": "FAILED",
+               "finished_at": "9999-12-31T23:30:00Z"})
+    d.pump(lambda: len(tree.notifications()) == 1, what="the failure's row")
+    assert [n for n in os.listdir(tree.spool / "rejected") if not n.startswith(".")] == [], \
+        [p.read_text() for p in (tree.spool / "rejected").glob("*.error")]
+    assert sorted(tree.sql("SELECT run_id, state FROM events")) == [
+        ("1", "SUCCEEDED"), ("2", "FAILED")]
+    assert d.daemon.poll_schedules(datetime(9999, 12, 31, 23, 59)) == 0
