@@ -279,7 +279,11 @@ class Spool:
 
     def rejected_files(self) -> list[tuple[str, str]]:
         out = []
-        for note in sorted(self.rejected.glob("*.error")):
+        try:  # not glob("*.error"), which skips a runner's .evt.json.error
+            notes = sorted(p for p in self.rejected.iterdir() if p.name.endswith(".error"))
+        except FileNotFoundError:
+            return []
+        for note in notes:
             try:
                 out.append((note.name[:-len(".error")], note.read_text(errors="replace").strip()))
             except OSError:

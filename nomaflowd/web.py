@@ -127,8 +127,10 @@ def rejected_notes(directory: Path, skip: int, count: int) -> tuple[int, list[tu
     try:
         with os.scandir(directory) as it:
             for entry in it:
-                # Dot names are a reject in progress (.NAME.error.XXXX) or a replica's state.
-                if entry.name.endswith(".error") and not entry.name.startswith("."):
+                # A note ends in .error, whatever its first character (a runner's
+                # .evt.json is quarantined too); the daemon's own dot files do not: a note
+                # being written (.NAME.error.XXXX), a replica's files in hand (.handling-*).
+                if entry.name.endswith(".error"):
                     try:
                         notes.append((entry.stat(follow_symlinks=False).st_mtime_ns,
                                       entry.name))

@@ -61,7 +61,9 @@ def hostile(tree: Tree) -> list[str]:
     tree.drop({"job_id": "victim", "run_id": "r2", "state": "FAILED",
                "alerts": {"recipients": ["ceo@elsewhere.example"]}})      # not allowed
     tree.drop({"job_id": "victim", "run_id": "r3", "state": "FAILED",
-               "alerts": {"recipients": [f"hook:{i}" for i in range(200)]}})  # fan-out
+               "alerts": {"recipients": [f"hook:{i}" for i in range(20)]}})   # fan-out
+    put(tree, "too-many-recipients.json",
+        event(run="r4", alerts={"recipients": [f"#c{i}" for i in range(3000)]}))
     for job in ("victim", "bystander"):  # one event id, two jobs: both are recorded
         tree.drop({"job_id": job, "state": "NOTICE", "message": "m", "event_id": "same-id"})
     return []
@@ -93,7 +95,7 @@ def test_no_hostile_file_stalls_the_spool(backend: Tree, http, daemon_factory):
     assert quarantined == notes  # every quarantined file has its note
     for name in ("surrogate.json", "nul.json", "too-long-id.json", "content-not-utf8.json",
                  "bom.json", "nan.json", "deep.json", "array.json", "huge.json",
-                 "symlink.json", "fifo.json", "hard-link.json"):
+                 "symlink.json", "fifo.json", "hard-link.json", "too-many-recipients.json"):
         assert name in quarantined, name
     assert any(n.startswith("x" * 64 + "~") for n in quarantined)  # the long name, shortened
     assert any("\n" not in (rejected / f"{n}.error").read_text(errors="replace").rstrip("\n")
@@ -102,6 +104,8 @@ def test_no_hostile_file_stalls_the_spool(backend: Tree, http, daemon_factory):
         assert note.read_text(errors="replace").count("\n") == 1, note.name  # one record
     assert "guarded.json" in quarantined, "the foreign writer's file is rejected for its job"
     assert "may not write events for job guarded" in (rejected / "guarded.json.error").read_text()
+    assert "names 3000 recipients; an event file may name at most 20" in (
+        rejected / "too-many-recipients.json.error").read_text()
 
     def fan_out() -> list[object]:
         return [r for r in http.requests if r.json().get("run_id") == "r3"]
@@ -114,7 +118,7 @@ def test_no_hostile_file_stalls_the_spool(backend: Tree, http, daemon_factory):
                                   if r.json().get("job_id") == "j" * 200],
                          what="the event with the longest ids")
     assert d.stop() == 0
-    assert len(fan_out()) == 1  # hook:0 ... hook:199 is one webhook
+    assert len(fan_out()) == 1  # hook:0 ... hook:19 is one webhook
     assert notices and longest[0].json()["run_id"] == "r" * 200
     assert "database unavailable" not in d.output()
     assert "Traceback" not in d.output()

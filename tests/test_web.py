@@ -449,6 +449,19 @@ def test_a_rejected_file_whose_name_is_not_utf8_is_listed(web, tree):
     assert "1 in " in page.text
 
 
+def test_a_rejected_file_whose_name_starts_with_a_dot_is_listed(web, tree):
+    """A runner's `.evt-7.json` is quarantined like any other; only the daemon's own dot
+    files (a note being written, a replica's list of files in hand) are not listed."""
+    rejected = tree.spool / "rejected"
+    (rejected / ".evt-7.json").write_text("{not json")
+    (rejected / ".evt-7.json.error").write_text("2026-05-01T00:00:00Z .evt-7.json: not JSON\n")
+    (rejected / ".other.json.error.0123abcd").write_text("a note being written\n")
+    (rejected / ".handling-local").write_text("")
+    page = web.get()
+    assert "<td>.evt-7.json<td>2026-05-01T00:00:00Z" in page.text
+    assert "1 in " in page.text and "being written" not in page.text
+
+
 @pytest.mark.parametrize(("query", "message"), [
     ("before=" + "9" * 400, "before must be a row number"),
     ("before=%C2%B2", "before must be a row number"),                # "²" passes isdigit()
