@@ -327,6 +327,18 @@ RECORD = ("INSERT INTO notifications (created_at, event_id, job_id, run_id, aler
           " VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})")
 
 
+def field(value: str | None) -> str:
+    """A value of a `key=value` log field: "-" when empty; in double quotes (a quote in it
+    doubled, as in CSV) when a space, `=` or `"` in it could pass for the end of the field:
+    an id from an event file may hold " outcome=SENT". Control characters and backslashes
+    are the line formatter's to escape."""
+    if not value:
+        return "-"
+    if " " in value or "=" in value or '"' in value:
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
 def record(results: list[Result], replica: str) -> None:
     """One audit row and one `notification` log line per attempt; their claims marked done.
 
@@ -349,8 +361,8 @@ def record(results: list[Result], replica: str) -> None:
             a = r.attempt
             log = logger.info if r.outcome == SENT else logger.warning
             log("notification %s job=%s run=%s transport=%s recipient=%s outcome=%s"
-                " duration_ms=%d detail=%s", a.alert.kind, a.alert.job_id or "-",
-                a.alert.run_id or "-", a.transport or "-", a.recipient, r.outcome,
+                " duration_ms=%d detail=%s", a.alert.kind, field(a.alert.job_id),
+                field(a.alert.run_id), field(a.transport), field(a.recipient), r.outcome,
                 r.duration_ms, r.detail)
 
 

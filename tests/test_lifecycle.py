@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import sqlite3
@@ -203,7 +204,27 @@ def test_a_newline_in_a_recipient_cannot_forge_a_log_record(tree, http, daemon_f
     assert d.stop() == 0
     lines = d.output().splitlines()
     assert not any(line.startswith("2026-05-26 02:00:00,000") for line in lines)
-    assert any("recipient=#x\\n2026-05-26" in line for line in lines)
+    assert any('recipient="#x\\n2026-05-26' in line for line in lines)
+
+
+def test_spaces_in_an_id_cannot_forge_the_fields_of_a_notification_line(
+        tree, http, daemon_factory):
+    """A value with a space, `=` or `"` is quoted: the first `outcome=` of the line is the
+    attempt's own, whatever the job id says."""
+    job = 'x run=1 transport=slack recipient=#payments outcome=SENT duration_ms=3 detail="ok'
+    tree.write_config(tree.webhook("ops", "http://127.0.0.1:9/refused"))
+    d = daemon_factory()
+    tree.drop({"job_id": job, "run_id": "r 1", "state": "FAILED"})
+    wait_until(lambda: len(tree.notifications()) == 1, what="the audit row")
+    assert d.stop() == 0
+    (line,) = [line for line in d.output().splitlines() if "notification failed" in line]
+    tail = line.split(" notification failed ", 1)[1]
+    # fields as a quote-aware reader sees them, up to the real detail= (the last one here)
+    fields = dict(re.findall(r'(\w+)=("(?:[^"]|"")*"|\S*)(?: |$)',
+                             tail[:tail.rindex(" detail=")]))
+    assert fields == {"job": '"' + job.replace('"', '""') + '"', "run": '"r 1"',
+                      "transport": "ops", "recipient": "ops", "outcome": "FAILED_TRANSPORT",
+                      "duration_ms": fields["duration_ms"]}
 
 
 def test_a_storm_of_signals_never_hangs_the_daemon(tree, http, daemon_factory):
