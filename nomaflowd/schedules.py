@@ -278,14 +278,15 @@ class Schedules:
             row.stale_deadline = None
             h = block.on_stale_hours
             since = row.last_success_at or row.monitored_since
-            due = later(since, timedelta(hours=h)) if h and not row.disabled else None
-            if h and not row.disabled and (due is None or due > now):
-                row.stale_deadline = due  # the limit was raised (None: past year 9999)
-            elif h and not row.disabled:
-                alerts.append(job_alert(
-                    "stale", row, since.isoformat(), url,
-                    minutes=(now - since).total_seconds() / 60,
-                    details={"last_success": iso(row.last_success_at)}))
+            if h and not row.disabled:
+                due = later(since, timedelta(hours=h))
+                if due is None or due > now:
+                    row.stale_deadline = due  # the limit was raised (None: past year 9999)
+                else:
+                    alerts.append(job_alert(
+                        "stale", row, since.isoformat(), url,
+                        minutes=(now - since).total_seconds() / 60,
+                        details={"last_success": iso(row.last_success_at)}))
         if row.remind_deadline is not None and row.remind_deadline <= now:
             found = self.reminder(row, block, policy, now)
             if found:

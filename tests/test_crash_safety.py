@@ -13,16 +13,21 @@ from tests.servers import wait_until
 FAILED = {"job_id": "j", "state": "FAILED"}
 
 
+def crash_three_times(daemon_factory):
+    """Three starts that crash on the file named *poison*; returns the fourth, running."""
+    env = {"NOMAFLOWD_FAULT_CRASH_ON": "poison"}
+    for attempt in (1, 2, 3):
+        d = daemon_factory(env, wait=False)
+        assert d.proc.wait(20) == 70, f"start {attempt} should crash on the poison file"
+    return daemon_factory(env)
+
+
 def test_a_file_that_crashes_the_daemon_is_quarantined_after_three_tries(
         tree, http, daemon_factory):
     tree.write_config(tree.webhook("hook", http.url()))
     tree.drop({**FAILED, "run_id": "good"})
     (tree.spool / "zz-poison.json").write_text('{"job_id": "j", "run_id": "p", "state": "FAILED"}')
-    env = {"NOMAFLOWD_FAULT_CRASH_ON": "poison"}
-    for attempt in (1, 2, 3):
-        d = daemon_factory(env, wait=False)
-        assert d.proc.wait(20) == 70, f"start {attempt} should crash on the poison file"
-    d = daemon_factory(env)
+    d = crash_three_times(daemon_factory)
     assert http.wait_for(1)[0].json()["run_id"] == "good"
     note = (tree.spool / "rejected" / "zz-poison.json.error").read_text()
     assert "stopped 3 times" in note
@@ -50,11 +55,7 @@ def test_names_that_are_not_utf8_are_counted_like_any_other(
         fh.write(b'{"job_id": "j", "run_id": "neighbour", "state": "FAILED"}')
     with open(spool + b"/zz-poison-\xff.json", "wb") as fh:
         fh.write(b'{"job_id": "j", "run_id": "p", "state": "FAILED"}')
-    env = {"NOMAFLOWD_FAULT_CRASH_ON": "poison"}
-    for attempt in (1, 2, 3):
-        d = daemon_factory(env, wait=False)
-        assert d.proc.wait(20) == 70, f"start {attempt} should crash on the poison file"
-    d = daemon_factory(env)
+    d = crash_three_times(daemon_factory)
     assert http.wait_for(1)[0].json()["run_id"] == "neighbour"
     wait_until(lambda: not tree.spool_files(), what="the spool emptied")
     assert d.stop() == 0
