@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from email.utils import getaddresses, parseaddr
+from email.utils import getaddresses
 from fnmatch import fnmatchcase
 
 from nomaflowd.catalogue import Catalogue
@@ -38,9 +38,10 @@ def email_address(value: str) -> str | None:
 
     One address only: of `a@b.c, d@e.f` (or `a@b.c <d@e.f>`) parseaddr keeps the first and
     drops the rest without a word."""
-    if len(getaddresses([value])) != 1:
+    found = getaddresses([value])  # parseaddr's own parse, every address kept
+    if len(found) != 1:
         return None
-    addr = parseaddr(value)[1]
+    addr = found[0][1]
     if not addr or "@" not in addr or " " in addr:
         return None
     local, _, domain = addr.rpartition("@")
