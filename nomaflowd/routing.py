@@ -42,7 +42,9 @@ def email_address(value: str) -> str | None:
     if len(found) != 1:
         return None
     addr = found[0][1]
-    if not addr or "@" not in addr or " " in addr:
+    # Not a control character, not an encoded word: quoted local parts let both through
+    # the parse, and the email package would refuse (or, `=?`, decode) them in To.
+    if not addr or "@" not in addr or " " in addr or not addr.isprintable() or "=?" in addr:
         return None
     local, _, domain = addr.rpartition("@")
     if not local or "." not in domain.strip("."):

@@ -233,6 +233,25 @@ def test_email_job_id_cannot_inject_headers():
     assert "\n" not in msg["Subject"] and "\r" not in msg["Subject"]
 
 
+@pytest.mark.parametrize("job_id", [
+    "=?utf-8?b?eA0KUmVwbHktVG86IGV2aWxAeC50ZXN0DQoNCllvdXIgcGFzc3dvcmQgZXhwaXJlZA==?=",
+    "=?utf-8?q?x=0D=0ABcc:_evil@x.test?=",
+])
+def test_email_encoded_word_in_a_job_id_stays_text(smtp_factory, rig_factory, job_id):
+    """An RFC 2047 encoded word is printable ASCII, so an event may carry one; Python's email
+    package (before 3.11.10) decoded it in the Subject and wrote its CR LF out raw: a
+    runner's Reply-To, Bcc and body. The Subject must read as the job id, literally."""
+    smtp = smtp_factory()
+    result = rig_factory(smtp.port, 'tls = "none"').attempt(job_id=job_id)
+    assert result.outcome == SENT, result.detail
+    [got] = smtp.wait_for(1)
+    assert got.message["Reply-To"] is None and got.message["Bcc"] is None
+    assert got.message["From"] == "Nomaflow <nomaflow@corp.test>"
+    shown = got.message["Subject"].replace("\u200b", "")
+    assert shown == f"[Nomaflow] FAILED {job_id}"
+    assert "password expired" not in got.part("text/plain")
+
+
 def parsed(rendered: Any) -> Any:
     """The rendered message as a mail client reads it."""
     import email

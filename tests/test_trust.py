@@ -281,3 +281,16 @@ def test_a_list_of_addresses_is_not_an_address(tree: Tree):
                       'default_from = "a@corp.local, b@corp.local"\n')
     with pytest.raises(ConfigError, match=r"transports\.mail\.default_from must be an email"):
         config.load(tree.config_path)
+
+
+@pytest.mark.parametrize("written", ['"evil\nBcc:x"@corp.local', '"a\u2028b"@corp.local',
+                                     "a\x0bb@corp.local", '"=?utf-8?q?a=0Ab?="@corp.local'])
+def test_an_address_with_a_control_character_or_an_encoded_word_is_not_an_address(written):
+    """Quoted local parts let these through the address parser and the *@corp.local rule;
+    the email package then refused to build the message ("internal error", a traceback in
+    the log). They are no address: recorded as matching no transport, nothing sent."""
+    assert email_address(written) is None
+    router = Router(TRANSPORTS, RULES, ["*@corp.local"])
+    plan = router.plan([written], (), use_rules=False, from_event=True, catalogue=CATALOGUE)
+    assert [t.recipient for t in plan.targets if not t.error] == []
+

@@ -202,8 +202,11 @@ AUTH_CODES = frozenset({530, 538})
 
 
 def _header(value: str) -> str:
-    """One line for a header: a CR or LF from an event must not start a new header."""
-    return " ".join(value.splitlines()).strip()
+    """One line for a header: a CR or LF from an event must not start a new header, and an
+    RFC 2047 encoded word in it stays text. Python's email package decodes `=?utf-8?b?...?=`
+    in a header it is given, and before 3.11.10 (CVE-2024-6923) wrote a CR LF decoded from
+    one out raw; a zero-width space after `=` leaves nothing to decode, and reads the same."""
+    return " ".join(value.splitlines()).strip().replace("=?", "=\u200b?")
 
 
 def _describe(exc: BaseException) -> str:
