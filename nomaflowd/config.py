@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from nomaflowd import crypto
 from nomaflowd.crypto import Secret
@@ -61,9 +61,12 @@ class Config:
     fallback_after_failures: int = 3
 
     def run_url(self, run_id: str | None) -> str:
-        if not run_id or not self.base_url:
+        """The run's page. The id is a runner's text: percent-encoded whole, so `/`, `?`, a
+        space or `)` cannot lead elsewhere or close a Markdown link; `.` and `..` (which a
+        browser resolves, encoded or not) have no page to link."""
+        if not run_id or not self.base_url or run_id in (".", ".."):
             return ""
-        return f"{self.base_url.rstrip('/')}/runs/{run_id}/"
+        return f"{self.base_url.rstrip('/')}/runs/{quote(run_id, safe='')}/"
 
 
 def find(explicit: str | None) -> Path:

@@ -4,6 +4,7 @@ does; every body checked against the platform's documented shape, digests too.""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -192,7 +193,7 @@ def test_state_colour_per_preset(rig_for, http, kind):
 
 def test_event_text_cannot_ping_everyone_or_forge_markup(rig_for, http):
     nasty = "boom @everyone <users/all> **bold** [x](https://evil.test) <!channel>"
-    for preset in ("discord", "google_chat"):
+    for preset in ("discord", "google_chat", "teams"):
         http.requests.clear()
         rig = rig_for(preset)
         assert rig.attempt(make_alert("failed", error=nasty)).outcome == SENT
@@ -200,9 +201,46 @@ def test_event_text_cannot_ping_everyone_or_forge_markup(rig_for, http):
         if preset == "discord":
             assert body["allowed_mentions"] == {"parse": []}
             assert "\\*\\*bold\\*\\*" in body["content"] and "\\[x\\]" in body["content"]
+        elif preset == "teams":  # Adaptive Card text is Markdown: headline and facts alike
+            content = card_of(body)
+            shown = texts(content) + [f["value"] for item in content["body"]
+                                      for f in item.get("facts", [])]
+            error = [t for t in shown if "boom" in t]
+            assert len(error) == 2, shown  # the headline and the Error fact
+            for text in error:
+                assert "\\*\\*bold\\*\\*" in text and "\\[x\\]\\(https" in text, text
         else:
             assert "<users/all>" not in body["text"] and "<!channel>" not in body["text"]
             assert "<users/all>" not in json.dumps(body["cardsV2"])
+
+
+LINK = re.compile(r"(?<!\\)\[([^\]]*)(?<!\\)\]\(([^)]*)\)")  # [label](url), unescaped
+
+
+@pytest.mark.parametrize("preset", ["discord", "teams", "google_chat"])
+def test_a_run_id_cannot_add_a_link_or_leave_the_run_page(rig_for, http, preset):
+    """The run id goes into the link percent-encoded: `)` and a space cannot close a
+    Markdown link and open another to any host, `/` and `..` cannot reach another page of
+    Nomaflow."""
+    rig = rig_for(preset)
+    run = "r1) [View run](https://evil.test/login?x="
+    url = rig.cfg.run_url(run)
+    assert url == "https://nomaflow.test/runs/r1%29%20%5BView%20run%5D%28https%3A%2F%2Fevil.test" \
+        "%2Flogin%3Fx%3D/"
+    alert = replace(make_alert("failed", run_id=run), url=url)
+    assert rig.attempt(alert).outcome == SENT
+    assert [r.outcome for r in rig.digest([alert, alert])] == [SENT, SENT]
+    for request in http.wait_for(2):
+        text = json.dumps(request.json())
+        if preset == "google_chat":  # its links are <url|label>; Markdown is plain text there
+            links = re.findall(r"<(https?://[^|>]*)\|", text)
+        else:
+            links = [u for _label, u in LINK.findall(text)]
+        links += re.findall(r'"(?:url|openLink)": (?:\{"url": )?"([^"]*)"', text)
+        assert all(u == url for u in links), links
+    assert rig.cfg.run_url("../../admin/users/1/delete?confirm=1#") == (
+        "https://nomaflow.test/runs/..%2F..%2Fadmin%2Fusers%2F1%2Fdelete%3Fconfirm%3D1%23/")
+    assert rig.cfg.run_url("..") == rig.cfg.run_url(".") == ""  # no page to link
 
 
 # --- answers: refusals and 429s as each platform sends them -------------------------------

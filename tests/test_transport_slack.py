@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -214,6 +215,20 @@ def test_slack_escapes_event_text(rig, http):
     assert "<!channel>" not in text and "<http://evil" not in text
     # The only markup left is our own link.
     assert text.count("<") == 1 and text.endswith(f"<{RUN_URL}|View run>")
+
+
+def test_slack_text_cannot_mention_or_link_in_mattermost(rig, http):
+    """Mattermost takes Slack's payload but reads its text as Markdown, where `@channel`,
+    `@all` and `@here` notify everyone and `[label](url)` is a link. Event text keeps its
+    look; a word joiner after `@` and between `]` and `(` leaves neither to parse."""
+    error = "db down @channel @all @here, log in at [View run](https://evil.test/sso)"
+    rig.attempt(make_alert("failed", error=error))
+    send_digest(rig, [make_alert("failed", error=error), make_alert("failed", job_id="b@here")])
+    for request in http.wait_for(2):
+        text = json.dumps(request.json(), ensure_ascii=False)
+        assert not re.search(r"@(channel|all|here)", text), text
+        assert "](https://evil" not in text
+        assert text.replace("\u2060", "").count("[View run](https://evil.test/sso)") >= 1
 
 
 def test_slack_run_id_cannot_forge_the_link(rig, http):

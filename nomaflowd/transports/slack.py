@@ -19,9 +19,16 @@ MAX_TEXT = 12_000
 HEAD_ROOM = 1_000  # for a part's first line: the headline or "digest-… continued (part k of n)"
 
 
-def escape(text: str) -> str:
+def _controls(text: str) -> str:
     """Slack's three control characters (https://api.slack.com/reference/surfaces/formatting)."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def escape(text: str) -> str:
+    """Event text, inert in Slack and in Mattermost (which takes the same payload and reads
+    Markdown: `@channel` notifies everyone, `[label](url)` is a link). A word joiner after
+    `@` and inside `](` leaves neither to parse, and shows nothing in either."""
+    return _controls(text).replace("@", "@\u2060").replace("](", "]\u2060(")
 
 
 # Kept as is by quote(): everything a URL needs, minus `|`, `<`, `>` and spaces.
@@ -34,7 +41,7 @@ def link(url: str, label: str) -> str:
     Slack has no escape for `|` inside a link, so the URL is percent-encoded (which also
     covers `<`, `>`, spaces and quotes) before its `&` is escaped.
     """
-    return f"<{escape(quote(url, safe=_URL_SAFE))}|{escape(label)}>"
+    return f"<{_controls(quote(url, safe=_URL_SAFE))}|{escape(label)}>"
 
 
 

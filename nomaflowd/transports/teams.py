@@ -7,6 +7,7 @@ https://adaptivecards.io/explorer/
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from nomaflowd.alerts import Alert
@@ -18,6 +19,10 @@ VERSION = "1.4"               # what Teams renders (1.5 on desktop only)
 # Teams refuses a message over about 28 KB; a digest part keeps its text well under that.
 DIGEST_BUDGET = 12_000
 FACT_MAX = 1000
+# Card text is Markdown (bold, italic, lists, links): event text gets the characters that
+# make markup backslash-escaped, as CommonMark allows for any punctuation; `_` only at a
+# word's edge (`run_a8c4d` is no emphasis, and reads the same in any renderer).
+_MARKDOWN = re.compile(r"([\\*~`\[\]()<>#|]|(?<!\w)_|_(?!\w))")
 
 
 def style(colour: str | None) -> str:
@@ -68,12 +73,16 @@ class Teams(ChatPreset):
     preset = "teams"
     digest_budget = DIGEST_BUDGET
 
+    def escape(self, text: str) -> str:
+        return _MARKDOWN.sub(r"\\\1", text)
+
     def link(self, url: str, label: str) -> str:
         return f"[{label}]({url})"
 
     def message(self, alert: Alert) -> dict[str, Any]:
         body = [headline_block(self.summary(alert), alert.colour)]
-        shown = [{"title": label, "value": clip(value, FACT_MAX)} for label, value in facts(alert)]
+        shown = [{"title": label, "value": self.escape(clip(value, FACT_MAX))}
+                 for label, value in facts(alert)]
         if shown:
             body.append({"type": "FactSet", "facts": shown})
         actions = ([{"type": "Action.OpenUrl", "title": alert.link_text, "url": alert.url}]
