@@ -23,9 +23,9 @@ STATES_HELP = ", ".join(events.STATES)
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # argparse's own exit 2, but one line
-        self.print_usage(sys.stderr)
-        raise UsageError(message)
+    def error(self, message: str) -> Any:
+        """argparse's exit 2, in one line (README): the usage block is a --help away."""
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,8 @@ import io
 import json
 from datetime import timedelta
 
+import pytest
+
 from nomaflowd import db
 from nomaflowd.cli import main
 
@@ -91,6 +93,21 @@ def test_unknown_command_and_missing_config_exit_2(tmp_path, capsys, monkeypatch
     assert main(["audit"]) == 2
     assert "no config found" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["audit", "--bogus"], "unrecognized arguments: --bogus"),
+    (["test"], "the following arguments are required: transport"),
+    (["audit", "--format", "xml"], "argument --format: invalid choice: 'xml'"),
+])
+def test_a_usage_error_is_one_line_that_points_at_help(capsys, argv, says):
+    """README: exit 2 "always with a one-line message and never a traceback"."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nomaflowd: "), err
+    assert says in err
+    assert err.rstrip().endswith("--help)")
 
 
 TRICKY = ['quote " and backslash \\ ', "new\nline\ttab\x01\x1f\x7f", "é ✓ 🚨 \u2028", "</script>"]
