@@ -294,8 +294,9 @@ class WatchedCatalogue:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def refresh(self) -> Catalogue:
-        """Cheap enough to call on every batch: one stat()."""
+    def refresh(self, quiet: bool = False) -> Catalogue:
+        """Cheap enough to call on every batch: one stat(). `quiet`: a broken file is not
+        logged (a refused reload has said why already)."""
         stamp = self._stat()
         if stamp != self._stamp:
             self._stamp = stamp
@@ -303,5 +304,6 @@ class WatchedCatalogue:
                 self.current = load(self.path)
                 logger.info("catalogue %s reloaded", self.path)
             except ConfigError as exc:
-                logger.error("catalogue not reloaded, keeping the last good one: %s", exc)
+                if not quiet:
+                    logger.error("catalogue not reloaded, keeping the last good one: %s", exc)
         return self.current

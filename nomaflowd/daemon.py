@@ -315,6 +315,9 @@ class Daemon:
             built = transports.build(cfg.transports, cfg.send_timeout_seconds)
         except NomaflowError as exc:
             logger.error("reload refused, keeping the running config: %s", exc)
+            # The running catalogue still follows jobs.toml on its own; a broken one was
+            # named in the line above, and is not named again at the next batch.
+            self.policy.catalogue.refresh(quiet=True)
         else:
             self.config = cfg
             self.policy = self.ingest.policy = policy

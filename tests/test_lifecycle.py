@@ -21,18 +21,25 @@ FAILED = {"job_id": "reporting-nightly-sync", "run_id": "run_a8c4d", "state": "F
 
 def test_sighup_with_a_broken_catalogue_keeps_the_daemon_and_the_old_catalogue(
         tree, http, daemon_factory):
+    """README: all or nothing, "a broken file is refused with one log line and the running
+    config stays": the new config beside the broken jobs.toml is not taken either."""
     tree.write_jobs('[jobs.reporting-nightly-sync.alerts]\nrecipients = ["ops"]\n')
-    tree.write_config(tree.webhook("ops", http.url()))
+    tree.write_config(tree.webhook("ops", http.url("/a")))
     d = daemon_factory()
+    tree.write_config(tree.webhook("ops", http.url("/b")))
     tree.write_jobs("[jobs.reporting-nightly-sync\nthis is not TOML")
     d.signal(signal.SIGHUP)
     wait_until(lambda: "reload refused" in d.output(), what="the refusal in the log")
     assert d.proc.poll() is None
     tree.drop(FAILED)
-    assert http.wait_for(1)[0].json()["job_id"] == "reporting-nightly-sync"
+    [got] = http.wait_for(1)
+    assert (got.path, got.json()["job_id"]) == ("/a", "reporting-nightly-sync")
     wait_until(lambda: tree.notifications(), what="audit row")
     assert d.stop() == 0
-    assert "Traceback" not in d.output()
+    output = d.output()
+    assert "Traceback" not in output
+    assert [line for line in output.splitlines() if "not valid TOML" in line] == [
+        line for line in output.splitlines() if "reload refused" in line]
 
 
 def test_failed_event_without_any_transport_leaves_a_failed_transport_row(tree, inproc):
