@@ -9,6 +9,8 @@ import os
 import signal
 import threading
 
+import pytest
+
 from tests.servers import Reply, closed_port, wait_until
 
 FAILED = {"job_id": "reporting-nightly-sync", "run_id": "run_a8c4d", "state": "FAILED",
@@ -91,6 +93,25 @@ def test_files_dropped_while_down_are_processed_at_start(tree, http, daemon_fact
     daemon_factory()
     assert sorted(r.json()["run_id"] for r in http.wait_for(5)) == [f"r{i}" for i in range(5)]
     wait_until(lambda: not tree.spool_files(), what="spool empty")
+
+
+def test_ready_comes_after_the_backlog_then_the_watchdog_is_fed(tree, http, daemon_factory):
+    """README: files already present at start are ingested before READY=1; with
+    WatchdogSec set, WATCHDOG=1 follows at half its interval."""
+    import sqlite3
+
+    tree.write_config(tree.webhook("ops", http.url()))
+    for i in range(300):
+        tree.drop({**FAILED, "run_id": f"r{i}"})
+    d = daemon_factory({"WATCHDOG_USEC": "1000000"})
+    [ready] = [m for m in d.messages if "READY=1" in m]
+    assert "STATUS=watching the spool" in ready
+    with sqlite3.connect(tree.db_path) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 300
+    assert tree.spool_files() == []
+    d.wait_message("WATCHDOG=1", timeout=5)
+    http.wait_for(300)
+    assert d.stop() == 0
 
 
 def test_files_dropped_during_startup_all_arrive(tree, http, daemon_factory):
@@ -254,6 +275,21 @@ def test_kill_9_with_events_in_flight_loses_nothing(tree, http, daemon_factory):
     duplicates = {r for r in runs if runs.count(r) > 1}
     resent = {r["run_id"] for r in rows if "sent again after a restart" in r["detail"]}
     assert duplicates <= resent
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_lets_a_send_in_flight_finish_and_exits_zero(tree, http, daemon_factory, sig):
+    """README: SIGTERM/SIGINT finish in-flight sends and exit 0."""
+    http.default = Reply(delay=1.0)
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = daemon_factory()
+    tree.drop(FAILED)
+    wait_until(lambda: http.open_connections, what="the POST under way")
+    d.signal(sig)
+    assert d.proc.wait(15) == 0
+    assert [r.json()["run_id"] for r in http.requests] == ["run_a8c4d"]
+    [row] = tree.notifications()
+    assert (row["run_id"], row["outcome"]) == ("run_a8c4d", "SENT")
 
 
 def test_sigterm_exits_zero_and_sighup_reloads(tree, http, daemon_factory):
