@@ -82,6 +82,17 @@ def test_test_refused_port_exits_1_failed_transport(tree, capsys):
     assert [r["outcome"] for r in tree.notifications()] == ["FAILED_TRANSPORT"]
 
 
+def test_test_unknown_host_exits_1_failed_transport(tree, capsys):
+    """README: no verdict from the upstream (DNS among them) is FAILED_TRANSPORT."""
+    tree.write_config(tree.webhook("hook", "http://nomaflowd-test.invalid/hook"))
+    assert run(tree, "test", "hook") == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAILED_TRANSPORT hook ->"), out
+    [row] = tree.notifications()
+    assert row["outcome"] == "FAILED_TRANSPORT"
+    assert row["detail"] == "DNS lookup failed"
+
+
 def test_test_unknown_transport_exits_2_with_one_line(tree, http, capsys):
     tree.write_config(tree.slack("slack", http.url(HOOK_PATH)))
     assert run(tree, "test", "slak") == 2

@@ -202,3 +202,23 @@ def test_listen_port_0_is_accepted(tree):
 def test_a_bad_listen_address_is_refused(tree, value):
     with pytest.raises(ConfigError, match=r"daemon\.web_listen must be HOST:PORT"):
         load(tree, daemon=f'web_listen = "{value}"')
+
+
+def test_the_defaults_readme_names(tree):
+    """README's defaults: replica_id the host name, rescan every 2 s, 183 days of history,
+    fallback after 3 failures; pacing Slack 60/20, email 120/20, webhook unlimited (a
+    burst as large as a rate given), digests after 10 s."""
+    import socket
+
+    cfg = load(tree, tree.slack("slack", "https://hooks.slack.test/x")
+               + tree.webhook("hook", "https://hook.test/")
+               + tree.webhook("paced", "https://hook.test/", "rate_per_minute = 30")
+               + '[transports.mail]\ntype = "email"\nhost = "127.0.0.1"\nport = 25\n'
+                 'default_from = "nomaflow@corp.test"\n')
+    assert (cfg.replica_id, cfg.rescan_seconds, cfg.retention_days) == (
+        socket.gethostname(), 2.0, 183)
+    assert cfg.fallback_after_failures == 3
+    paced = {name: (t.settings["rate_per_minute"], t.settings["burst"],
+                    t.settings["digest_after_seconds"]) for name, t in cfg.transports.items()}
+    assert paced == {"slack": (60, 20, 10), "hook": (None, None, 10), "paced": (30, 30, 10),
+                     "mail": (120, 20, 10)}

@@ -341,3 +341,31 @@ def test_a_backlog_of_large_files_is_read_a_bounded_amount_at_a_time(tree, http,
     peak_mb = d.status_kb("VmHWM") / 1024
     # 455 MB when a batch was bounded in files only; 84 MB with BATCH_BYTES.
     assert peak_mb < 250, f"peak RSS {peak_mb:.0f} MB for 135 MB of files"
+
+
+def test_metrics_carry_every_name_and_label_readme_lists(tree, http, daemon_factory):
+    from tests.test_storms import scrape
+
+    tree.write_config(tree.webhook("ops", http.url()), daemon='metrics_listen = "127.0.0.1:0"')
+    d = daemon_factory()
+    tree.drop(FAILED)
+    tree.drop({"job_id": "etl", "run_id": "r2", "state": "RUNNING"})
+    tree.spool.joinpath("broken.json").write_text("{not json")
+    wait_until(lambda: tree.notifications() and tree.rejected(), what="a row and a rejection")
+    wait_until(lambda: not tree.spool_files(), what="the spool emptied")
+    families = {f.name: f for f in scrape(d)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in families.values() for s in f.samples}
+    assert samples[("nomaflowd_notifications_total", (
+        ("alert", "failed"), ("outcome", "SENT"), ("transport", "ops"),
+        ("transport_type", "webhook")))] == 1
+    assert samples[("nomaflowd_events_ingested_total", (("state", "FAILED"),))] == 1
+    assert samples[("nomaflowd_events_ingested_total", (("state", "RUNNING"),))] == 1
+    assert samples[("nomaflowd_files_rejected_total", ())] == 1
+    assert samples[("nomaflowd_send_duration_seconds_count", (("transport", "ops"),))] == 1
+    assert samples[("nomaflowd_running_runs", ())] == 1
+    assert samples[("nomaflowd_spool_backlog", ())] == 0
+    assert samples[("nomaflowd_alerts_waiting", ())] == 0
+    assert 0 <= samples[("nomaflowd_newest_event_age_seconds", ())] < 60
+    assert "nomaflowd_digests_sent" in families
+    assert d.stop() == 0

@@ -65,6 +65,25 @@ def test_claims_never_submitted_are_swept_without_a_restart(tree, http, inproc):
     assert "sweep" in tree.notifications()[0]["detail"]
 
 
+def test_a_claim_a_stop_left_without_a_verdict_is_sent_again_at_the_restart(tree, http,
+                                                                           inproc):
+    """README: a claim the last run left mid-send goes out at the next start, its audit
+    row saying `sent again after a restart`."""
+    tree.write_config(tree.webhook("ops", http.url()))
+    first = inproc()
+    now = datetime(2026, 5, 26, 2, 30)
+    event = events.parse(b'{"job_id": "j", "run_id": "r1", "state": "FAILED"}', "x.json", now)
+    assert len(first.daemon.ingest.commit([("gone.json", event)], now)) == 1  # claimed...
+    first.close()  # ...and the process is gone before any verdict
+    assert not http.requests and tree.notifications() == []
+    second = inproc()
+    second.pump(lambda: tree.notifications(), what="the resent alert's audit row")
+    [row] = tree.notifications()
+    assert (row["run_id"], row["outcome"]) == ("r1", "SENT")
+    assert "sent again after a restart" in row["detail"]
+    assert [r.json()["run_id"] for r in http.wait_for(1)] == ["r1"]
+
+
 def test_sweep_leaves_claims_in_flight_alone(tree, http, inproc):
     http.default = Reply(200, b"ok", delay=1.0)
     tree.write_config(tree.webhook("ops", http.url()))

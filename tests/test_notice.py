@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -67,3 +68,18 @@ def test_emit_whole_event_from_stdin(tree, capsys, monkeypatch):
     files = tree.spool_files()
     assert len(files) == 1
     assert '"error": "x"' in (tree.spool / files[0]).read_text()
+
+
+def test_emit_flags_become_the_event_fields(tree, capsys):
+    """README: `emit --job J --state S [--run R] [--error E] [--step S] [--tag T]…`."""
+    tree.write_config()
+    tree.spool.mkdir(parents=True)
+    assert main(["emit", "--config", str(tree.config_path), "--job", "etl", "--run", "r1",
+                 "--state", "FAILED", "--error", "boom", "--step", "load", "--tag", "a",
+                 "--tag", "b"]) == 0
+    [name] = tree.spool_files()
+    assert name.endswith(".json")
+    event = json.loads((tree.spool / name).read_text())
+    assert {k: event[k] for k in ("job_id", "run_id", "state", "error", "step", "tags")} == {
+        "job_id": "etl", "run_id": "r1", "state": "FAILED", "error": "boom", "step": "load",
+        "tags": ["a", "b"]}

@@ -217,6 +217,19 @@ def test_late_running_event_for_finished_run_changes_nothing(tree, http, inproc)
     assert http.requests == []
 
 
+def test_explain_and_check_never_create_a_database(tree, http, capsys, tmp_path):
+    """README: `explain` and `check` read the database when it exists; they never create
+    one (a dry run on a host where the daemon has not run yet leaves nothing behind)."""
+    tree.write_config(tree.slack("slack", http.url("/slack")))
+    event = tmp_path / "e.json"
+    event.write_text(json.dumps({"job_id": "sync", "run_id": "r1", "state": "FAILED"}))
+    assert main(["explain", "--config", str(tree.config_path), str(event)]) == 0
+    assert main(["check", "--config", str(tree.config_path)]) == 0
+    assert "-> slack" in capsys.readouterr().out
+    assert not tree.db_path.exists()
+    assert not http.requests
+
+
 def test_explain_shows_block_origin_rules_dedup_and_payload(tree, http, capsys, tmp_path):
     tree.write_config(tree.slack("slack", http.url("/slack"))
                       + '[[routing]]\ntag = "team-data"\nrecipients = ["#data-team"]\n')

@@ -195,6 +195,22 @@ def test_basic_auth_is_required_when_a_password_is_set(tree, http, daemon_factor
 
 
 
+def test_the_page_follows_a_reload_transports_and_password(tree, http, daemon_factory):
+    """README: the page's transports and its password follow a reload (the listen
+    address waits for a restart)."""
+    web = Web(tree, http, daemon_factory, daemon='web_password = "{}"'.format(
+        tree.enc("old-pw-1")))
+    assert web.get(password="old-pw-1").status == 200
+    tree.write_config(tree.webhook("ops", http.url(f"/hook/{CANARY}"))
+                      + tree.webhook("ops2", http.url("/two")),
+                      daemon=f'web_listen = "127.0.0.1:0"\nweb_password = "{tree.enc("new-pw-2")}"')
+    web.daemon.signal(signal.SIGHUP)
+    wait_until(lambda: "reloaded" in web.daemon.output(), what="reload")
+    assert web.get(password="old-pw-1").status == 401
+    page = web.get(password="new-pw-2")
+    assert page.status == 200 and "<td>ops2<td>webhook" in page.text
+
+
 def test_non_loopback_page_keeps_its_password_when_a_reload_drops_it(tree, http,
                                                                       daemon_factory):
     webhook = tree.webhook("ops", http.url())
