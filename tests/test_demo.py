@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -17,6 +18,15 @@ def test_demo_delivers_an_alert_to_its_local_receiver_and_stops_cleanly(tmp_path
         try:
             wait_until(lambda: "outcome=SENT" in log.read_text(), timeout=20,
                        what="the demo alert")
+            # README's next step, from another terminal: emit an event with the demo's config
+            config = tmp_path / "var" / "demo" / "nomaflowd.toml"
+            emit = subprocess.run([sys.executable, "-m", "nomaflowd", "emit", "--config",
+                                   str(config), "--job", "my-job", "--run", "r1", "--state",
+                                   "FAILED", "--error", "boom"], cwd=tmp_path,
+                                  capture_output=True, text=True, timeout=30)
+            assert emit.returncode == 0, emit.stderr
+            wait_until(lambda: log.read_text().count("outcome=SENT") == 2, timeout=20,
+                       what="the emitted event's alert")
             proc.send_signal(signal.SIGINT)
             assert proc.wait(20) == 0
         finally:
@@ -26,3 +36,9 @@ def test_demo_delivers_an_alert_to_its_local_receiver_and_stops_cleanly(tmp_path
     assert "local receiver got an alert" in text
     assert '"alert": "failed"' in text
     assert (tmp_path / "var" / "lib" / "nomaflowd.key").exists()
+    audit = subprocess.run([sys.executable, "-m", "nomaflowd", "audit", "--config",
+                            str(tmp_path / "var" / "demo" / "nomaflowd.toml"), "--format",
+                            "json"], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert audit.returncode == 0, audit.stderr
+    rows = json.loads(audit.stdout)
+    assert ("my-job", "r1", "SENT") in {(r["job_id"], r["run_id"], r["outcome"]) for r in rows}
