@@ -138,6 +138,42 @@ def test_check_names_the_bad_schedule_key(tree, capsys):
         assert len(lines) == 1, (jobs, out)
 
 
+def next_friday_13th(after: datetime) -> datetime:
+    """Midnight (UTC) of the first Friday the 13th strictly after `after`, day by day."""
+    day = datetime(after.year, after.month, after.day)
+    while day <= after or day.day != 13 or day.weekday() != 4:
+        day += timedelta(days=1)
+    return day
+
+
+def test_cron_with_day_of_month_and_day_of_week_needs_both(tree, http, inproc):
+    """README: "When both day-of-month and day-of-week are restricted, both must match
+    (APScheduler), where crontab takes either": `0 0 13 * 5` is Friday the 13th only."""
+    from nomaflowd import timetable
+    from nomaflowd.db import utcnow
+
+    s = timetable.parse("0 0 13 * 5", None, "jobs.j")
+    # not Friday 2 January 2026, nor Tuesday 13 January 2026 (crontab would take both)
+    assert expected(s, utc(2026, 1, 1), 4) == [
+        utc(2026, 2, 13), utc(2026, 3, 13), utc(2026, 11, 13), utc(2027, 8, 13)]
+    assert expected(timetable.parse("0 0 13 * fri", None, "jobs.j"), utc(2026, 1, 1), 1) == [
+        utc(2026, 2, 13)]
+    # end to end: the daemon expects the job on the next Friday the 13th and on no other day
+    setup_slack(tree, http, '[jobs.fri13]\nschedule = "0 0 13 * 5"\n[jobs.fri13.alerts]\n'
+                'on_missed_minutes = 2\nrecipients = ["#ops"]\n')
+    d = inproc()
+    now0 = utcnow()
+    d.daemon.poll_schedules(now0)  # monitoring starts
+    f13 = next_friday_13th(now0)
+    # every Friday and every 13th before it has passed: nothing was owed on any of them
+    assert d.daemon.poll_schedules(f13 - timedelta(minutes=1)) == 0
+    assert d.daemon.poll_schedules(f13 + timedelta(minutes=1, seconds=59)) == 0
+    assert d.daemon.poll_schedules(f13 + timedelta(minutes=2)) == 1
+    d.pump(lambda: alerts_of(tree, "missed"), what="the missed alert's row")
+    (text,) = texts(http, "missed")
+    assert f"fri13 did not run at {f13:%Y-%m-%d %H:%M:%S}Z: no run started within 2 min" in text
+
+
 # --- missed, stale, reminders (in-process, `now` passed in) ---------------------------------
 
 def stamp(dt: datetime) -> str:
@@ -299,6 +335,114 @@ def test_reminders_are_capped_and_stop_at_success(tree, http, inproc):
     assert d.daemon.poll_schedules(t1 + timedelta(minutes=30)) == 0
     d.pump(lambda: len(texts(http, "reminder")) == 3, what="third reminder")
     assert "1 failed run (reminder 1 of 2)" in texts(http, "reminder")[2]
+
+
+def test_a_disabled_event_ends_the_reminders(tree, http, inproc):
+    """README (reminder): "A success or a DISABLED event ends them"."""
+    from nomaflowd.db import utcnow
+
+    setup_slack(tree, http, '[jobs.etl.alerts]\nremind_every_minutes = 10\nmax_reminders = 5\n'
+                'recipients = ["#ops"]\n')
+    d = inproc()
+    tree.drop({"job_id": "etl", "run_id": "r1", "state": "FAILED", "error": "disk full"})
+    d.pump()
+    t0 = utcnow()
+    assert d.daemon.poll_schedules(t0 + timedelta(minutes=11)) == 1
+    d.pump(lambda: alerts_of(tree, "reminder"), what="the first reminder's row")
+    tree.drop({"job_id": "etl", "state": "DISABLED", "by": "alice"})
+    d.pump()
+    # without the DISABLED event, reminder 2 of 5 would be due at +21 min
+    for later in (22, 33, 44, 60, 9 * 60):
+        assert d.daemon.poll_schedules(t0 + timedelta(minutes=later)) == 0, later
+    d.pump()
+    assert len(alerts_of(tree, "reminder")) == 1
+    assert len(texts(http, "reminder")) == 1
+    assert "(reminder 1 of 5)" in texts(http, "reminder")[0]
+
+
+def test_max_reminders_defaults_to_three(tree, http, inproc):
+    """README: `max_reminders = 3  # ...at most 3 per failure episode (default 3)`."""
+    from nomaflowd.db import utcnow
+
+    setup_slack(tree, http, '[jobs.etl.alerts]\nremind_every_minutes = 10\n'
+                'recipients = ["#ops"]\n')
+    d = inproc()
+    tree.drop({"job_id": "etl", "run_id": "r1", "state": "FAILED", "error": "disk full"})
+    d.pump()
+    t0 = utcnow()
+    for later in (11, 22, 33):
+        assert d.daemon.poll_schedules(t0 + timedelta(minutes=later)) == 1, later
+    assert d.daemon.poll_schedules(t0 + timedelta(minutes=44)) == 0  # the default cap
+    assert d.daemon.poll_schedules(t0 + timedelta(hours=9)) == 0
+    d.pump(lambda: len(alerts_of(tree, "reminder")) == 3, what="three reminders' rows")
+    d.pump()
+    assert len(alerts_of(tree, "reminder")) == 3
+    sent = sorted(texts(http, "reminder"), key=lambda t: t.split("(reminder ")[1])
+    assert [f"(reminder {n} of 3)" in t for n, t in enumerate(sent, 1)] == [True] * 3
+
+
+def test_missed_stale_and_reminder_never_reach_pagerduty_or_opsgenie(tree, http, inproc):
+    """README: "`missed`, `stale` and `reminder` are not sent to PagerDuty or Opsgenie
+    transports (they take `failed`, `long_run` and `recovered`)"."""
+    import json
+
+    from nomaflowd.db import utcnow
+    from tests.test_incidents import OG_OK, opsgenie, pagerduty, pd_reply
+
+    http.replies["/v2/enqueue"] = pd_reply
+    http.replies["/v2/alerts"] = Reply(202, json.dumps(OG_OK).encode())
+    tree.write_config(pagerduty(tree, http) + opsgenie(tree, http)
+                      + tree.slack("slack", http.url("/slack")))
+    tree.write_jobs('[jobs.etl]\nschedule = "@every 10m"\n[jobs.etl.alerts]\n'
+                    'on_missed_minutes = 2\non_stale_hours = 1\nremind_every_minutes = 10\n'
+                    'recipients = ["pd", "og", "#ops"]\n')
+    d = inproc()
+    now0 = utcnow()
+    d.daemon.poll_schedules(now0)  # monitoring starts
+    tree.drop({"job_id": "etl", "run_id": "r1", "state": "FAILED", "error": "disk full"})
+    d.pump()
+    # the failure reached all three: the incident transports are configured and answering
+    assert sorted((r["alert"], r["transport"], r["outcome"]) for r in tree.notifications()) == [
+        ("failed", "og", "SENT"), ("failed", "pd", "SENT"), ("failed", "slack", "SENT")]
+
+    def incident_requests() -> list[str]:
+        return sorted(r.path for r in http.requests if r.path.startswith("/v2/"))
+
+    assert incident_requests() == ["/v2/alerts", "/v2/enqueue"]
+    # an hour later, with no run: missed times, stale after 1 h, a reminder; all come due
+    assert d.daemon.poll_schedules(now0 + timedelta(minutes=61)) == 3
+    d.pump(lambda: len(tree.notifications()) == 6, what="the three schedule alerts' rows")
+    d.pump()
+    assert sorted((r["alert"], r["transport"], r["recipient"], r["outcome"])
+                  for r in tree.notifications() if r["alert"] != "failed") == [
+        ("missed", "slack", "#ops", "SENT"), ("reminder", "slack", "#ops", "SENT"),
+        ("stale", "slack", "#ops", "SENT")]
+    assert incident_requests() == ["/v2/alerts", "/v2/enqueue"]  # nothing more to either
+    assert [len(texts(http, k)) for k in ("missed", "stale", "reminder")] == [1, 1, 1]
+
+
+def test_a_changed_schedule_starts_monitoring_again(tree, http, inproc):
+    """README (missed): "Monitoring starts at the first scheduled time after the daemon first
+    sees the schedule (a changed schedule starts again); nothing is owed for the past"."""
+    from nomaflowd import timetable
+    from nomaflowd.db import utcnow
+
+    alerts = '[jobs.etl.alerts]\non_missed_minutes = 2\nrecipients = ["#ops"]\n'
+    setup_slack(tree, http, '[jobs.etl]\nschedule = "@every 10m"\n' + alerts)
+    d = inproc()
+    now0 = utcnow()
+    d.daemon.poll_schedules(now0)  # monitoring of @every 10m starts
+    # three hours later, 18 times of the old schedule have passed with no run, when the
+    # schedule changes (to times the old one never had: :03 past each hour)
+    tree.write_jobs('[jobs.etl]\nschedule = "3 * * * *"\n' + alerts)
+    now1 = now0 + timedelta(hours=3)
+    assert d.daemon.poll_schedules(now1) == 0  # nothing owed for the old schedule
+    t = timetable.parse("3 * * * *", None, "jobs.etl").next_after(now1)
+    assert d.daemon.poll_schedules(t + timedelta(minutes=1, seconds=59)) == 0
+    assert d.daemon.poll_schedules(t + timedelta(minutes=2)) == 1
+    d.pump(lambda: alerts_of(tree, "missed"), what="the missed alert's row")
+    (text,) = texts(http, "missed")
+    assert f"etl did not run at {t:%Y-%m-%d %H:%M:%S}Z: no run started within 2 min" in text
 
 
 def test_real_daemon_missed_run_on_a_short_schedule(tree, http, daemon_factory):
