@@ -3,6 +3,8 @@ long-run thresholds learned from history. End to end against local servers."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -479,3 +481,140 @@ def test_test_button_opens_and_closes_at_once(tree, http, capsys):
     og = [(r.path, r.json().get("priority")) for r in http.requests if r.path.startswith("/v2/al")]
     assert og == [("/v2/alerts", "P5"),
                   ("/v2/alerts/nomaflow%2Ftest/close?identifierType=alias", None)]
+
+
+# --- README promises: cancels, long-run priority, presets and digests/headers -------------
+
+def test_cancelled_runs_neither_open_nor_close_an_episode(tree, http, inproc):
+    """README: "A job's failure episode is its FAILED runs since its last SUCCEEDED one,
+    ordered by `finished_at` (CANCELLED runs neither open nor close one)"."""
+    http.replies["/v2/enqueue"] = pd_reply
+    tree.write_config(pagerduty(tree, http) + tree.webhook("hook", http.url("/hook")))
+    tree.write_jobs('[jobs.sync.alerts]\non_recovery = true\nrecipients = ["hook", "pd"]\n'
+                    '[jobs.other.alerts]\non_recovery = true\nrecipients = ["hook", "pd"]\n')
+    d = inproc()
+    tree.drop({"job_id": "sync", "run_id": "r1", "state": "FAILED", "finished_at": ago(47)})
+    d.pump()
+    # A cancel inside the episode does not close it ...
+    tree.drop({"job_id": "sync", "run_id": "r2", "state": "CANCELLED", "finished_at": ago(30)})
+    d.pump()
+    tree.drop({"job_id": "sync", "run_id": "r3", "state": "FAILED", "finished_at": ago(20)})
+    d.pump()
+    tree.drop({"job_id": "sync", "run_id": "r4", "state": "SUCCEEDED", "finished_at": ago(10)})
+    d.pump()
+    # ... and a cancel after the success opens none: the next success recovers nothing.
+    tree.drop({"job_id": "sync", "run_id": "r5", "state": "CANCELLED", "finished_at": ago(5)})
+    d.pump()
+    tree.drop({"job_id": "sync", "run_id": "r6", "state": "SUCCEEDED", "finished_at": ago(1)})
+    d.pump()
+    # A job whose only trouble was a cancel: its success recovers nothing either.
+    tree.drop({"job_id": "other", "run_id": "o1", "state": "CANCELLED", "finished_at": ago(9)})
+    d.pump()
+    tree.drop({"job_id": "other", "run_id": "o2", "state": "SUCCEEDED", "finished_at": ago(2)})
+    d.pump()
+
+    hook = [r.json() for r in http.requests if r.path == "/hook"]
+    assert [(b["alert"], b["run_id"]) for b in hook] == [
+        ("failed", "r1"), ("failed", "r3"), ("recovered", "r4")]
+    # Both failures count, the first one's age is the episode's: the cancel closed nothing.
+    assert hook[2]["summary"].startswith("\U0001f7e2 sync recovered after 2 failed runs"
+                                         " (first failure 47 min ago)")
+    pd = [r.json() for r in http.requests if r.path == "/v2/enqueue"]
+    assert [b["event_action"] for b in pd] == ["trigger", "trigger", "resolve"]
+    assert {b["dedup_key"] for b in pd} == {"nomaflow/sync"}
+    assert sorted(rows(tree)) == sorted([
+        ("failed", "hook", "hook", "SENT"), ("failed", "pd", "pd", "SENT"),
+        ("failed", "hook", "hook", "SENT"), ("failed", "pd", "pd", "SENT"),
+        ("recovered", "hook", "hook", "SENT"), ("recovered", "pd", "pd", "SENT")])
+
+
+def test_opsgenie_long_run_warning_is_p3_and_the_success_closes_it(tree, http, inproc):
+    """README: "| `long_run` | `trigger`, severity `warning` | `POST /v2/alerts`, priority
+    P3 |" and "a long-run warning is P3 / `warning`" ... "the next success resolves it, also
+    when no run failed"."""
+    http.replies["/v2/alerts"] = Reply(202, json.dumps(OG_OK).encode())
+    tree.write_config(opsgenie(tree, http), daemon="poll_seconds = 3600")
+    tree.write_jobs('[jobs.etl.alerts]\non_long_run_minutes = 30\nrecipients = ["og"]\n')
+    d = inproc()
+    start = db.utcnow().replace(microsecond=0)
+    tree.drop({"job_id": "etl", "run_id": "r1", "state": "RUNNING", "started_at": stamp(start)})
+    d.pump()
+    assert d.daemon.poll_long_runs(start + timedelta(minutes=31)) == 1
+    d.pump()
+    tree.drop({"job_id": "etl", "run_id": "r1", "state": "SUCCEEDED"})
+    d.pump()
+    create, close = http.requests
+    assert create.path == "/v2/alerts"
+    body = create.json()
+    assert (body["alias"], body["priority"]) == ("nomaflow/etl", "P3")
+    assert body["details"]["alert"] == "long_run"
+    assert close.path == "/v2/alerts/nomaflow%2Fetl/close?identifierType=alias"
+    assert [(r["alert"], r["outcome"]) for r in tree.notifications()] == [
+        ("long_run", "SENT"), ("recovered", "SENT")]
+
+
+@pytest.mark.parametrize("preset", ["pagerduty", "opsgenie"])
+def test_incident_presets_never_batch_alerts_into_digests(tree, http, inproc, preset):
+    """README: "Presets never batch alerts into digests." A paced lane that would fold the
+    waiting alerts into one digest (any other webhook would) sends each on its own."""
+    http.replies["/v2/enqueue"] = pd_reply
+    http.replies["/v2/alerts"] = Reply(202, json.dumps(OG_OK).encode())
+    pacing = "rate_per_minute = 600\nburst = 1\ndigest_after_seconds = 0.001\n"
+    if preset == "pagerduty":
+        transport = tree.webhook("inc", http.url("/v2/enqueue"), f'preset = "pagerduty"\n'
+                                 f'routing_key = "{tree.enc(ROUTING_KEY)}"\n{pacing}')
+    else:
+        transport = tree.webhook("inc", http.url("/"), f'preset = "opsgenie"\n'
+                                 f'api_key = "{tree.enc(GENIE_KEY)}"\n{pacing}')
+    tree.write_config(transport)
+    tree.write_jobs("".join(f'[jobs.job-{i}.alerts]\nrecipients = ["inc"]\n' for i in range(3)))
+    d = inproc()
+    for i in range(3):
+        tree.drop({"job_id": f"job-{i}", "run_id": f"r{i}", "state": "FAILED"})
+    d.pump(lambda: len(tree.notifications()) == 3, what="three audit rows")
+    d.pump()
+
+    assert len(http.requests) == 3
+    bodies = [r.json() for r in http.requests]
+    if preset == "pagerduty":
+        assert sorted(b["dedup_key"] for b in bodies) == [f"nomaflow/job-{i}" for i in range(3)]
+        assert {b["event_action"] for b in bodies} == {"trigger"}
+    else:
+        assert sorted(b["alias"] for b in bodies) == [f"nomaflow/job-{i}" for i in range(3)]
+    assert all("alerts" not in b and "digest" not in b for b in bodies)
+    got = tree.notifications()
+    assert sorted((r["job_id"], r["outcome"]) for r in got) == [
+        (f"job-{i}", "SENT") for i in range(3)]
+    assert not any("digest" in r["detail"] for r in got), [r["detail"] for r in got]
+
+
+def test_incident_preset_still_sends_headers_and_signature_and_ignores_body_template(
+        tree, http, inproc, capsys):
+    """README: "`headers` and `signing_secret` are still sent with a preset; `body_template`
+    is ignored (`nomaflowd check` says so)"."""
+    http.replies["/v2/enqueue"] = pd_reply
+    secret = "whsec-incident-0123"
+    extra = (f'preset = "pagerduty"\nrouting_key = "{tree.enc(ROUTING_KEY)}"\n'
+             f'headers = {{ X-Team = "{tree.enc("team-data")}" }}\n'
+             f'signing_secret = "{tree.enc(secret)}"\n'
+             "body_template = '{\"custom\": \"${job_id}\"}'\n")
+    tree.write_config(tree.webhook("pd", http.url("/v2/enqueue"), extra))
+    tree.write_jobs('[jobs.sync.alerts]\nrecipients = ["pd"]\n')
+    d = inproc()
+    tree.drop({"job_id": "sync", "run_id": "r1", "state": "FAILED"})
+    d.pump()
+    d.close()
+
+    [req] = http.requests
+    assert req.headers["X-Team"] == "team-data"
+    stamp_ = req.headers["X-Nomaflow-Timestamp"]
+    mac = hmac.new(secret.encode(), stamp_.encode() + b"." + req.body, hashlib.sha256)
+    assert req.headers["X-Nomaflow-Signature"] == "sha256=" + mac.hexdigest()
+    body = req.json()  # PagerDuty's event, not the template
+    assert "custom" not in body
+    assert (body["event_action"], body["dedup_key"]) == ("trigger", "nomaflow/sync")
+    assert tree.notifications()[0]["outcome"] == "SENT"
+
+    assert main(["check", "--config", str(tree.config_path)]) == 0
+    assert ("warning: transports.pd.body_template is ignored: the pagerduty preset sends"
+            " that API's own body") in capsys.readouterr().out

@@ -316,3 +316,45 @@ def test_app_mode_digest_posts_every_part_outside_any_thread(app, api):
     text = "\n".join(p["text"] for p in api.posts)
     assert all(f"nightly-{j:04d}-sync" in text for j in range(2000))
     assert results[0].detail.endswith(f"({len(api.posts)} messages)")
+
+
+class RefusesUpdates(SlackApi):
+    """As Slack answers a chat.update it will not do (a message the bot may no longer edit):
+    HTTP 200 with {"ok": false, "error": "cant_update_message"}; posts as before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused: list[dict[str, Any]] = []
+
+    def __call__(self, req: Request) -> Reply:
+        if req.path.endswith("/chat.update"):
+            with self.lock:
+                self.refused.append(req.json())
+            return self.ok_false("cant_update_message")
+        return super().__call__(req)
+
+
+def test_a_refused_chat_update_does_not_undo_the_recovery_reply(tree, http, inproc):
+    """README: "A refused `chat.update` does not undo the recovery's reply: it is noted in
+    its `detail`"."""
+    api = RefusesUpdates()
+    http.replies["/api"] = api
+    tree.write_config(app_transport(tree, http))
+    tree.write_jobs(JOBS)
+    d = inproc()
+    tree.drop(event("r1", "FAILED", 30))
+    d.pump()
+    tree.drop(event("r2", "SUCCEEDED", 0))
+    d.pump(lambda: any(r["alert"] == "recovered" for r in tree.notifications()),
+           what="the recovery's audit row")
+    d.pump()
+
+    first, recovered = api.posts
+    assert recovered["thread_ts"] == first["ts"] and "recovered" in recovered["text"]
+    [update] = api.refused  # the edit was tried, and refused
+    assert update["ts"] == first["ts"] and api.updates == []
+    row = next(r for r in tree.notifications() if r["alert"] == "recovered")
+    assert row["outcome"] == SENT
+    assert row["detail"].startswith(f"HTTP 200 ok ts {recovered['ts']} in thread {first['ts']}")
+    assert "chat.update cant_update_message" in row["detail"]
+    assert "first message updated" not in row["detail"]

@@ -3,6 +3,8 @@ does; every body checked against the platform's documented shape, digests too.""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ import pytest
 
 from nomaflowd import config
 from nomaflowd.alerts import Alert
+from nomaflowd.cli import main
 from nomaflowd.dispatch import FAILED_DELIVERY, SENT, Attempt, Dispatcher
 from nomaflowd.errors import ConfigError
 from nomaflowd.transports import build
@@ -362,3 +365,61 @@ def test_unknown_preset_lists_the_known_ones(tree, http):
     with pytest.raises(ConfigError) as caught:
         config.load(tree.config_path)
     assert "teams, discord, google_chat" in str(caught.value)
+
+
+# --- headers, signing_secret and body_template with a preset ------------------------------
+
+SIGNING_SECRET = "whsec-chat-preset-0123"
+TEMPLATE = "body_template = '{\"custom\": \"TEMPLATE-${job_id}\"}'\n"
+
+
+def preset_extras(tree: Any) -> str:
+    return (f'headers = {{ X-Team-Token = "{tree.enc("team-data-token")}" }}\n'
+            f'signing_secret = "{tree.enc(SIGNING_SECRET)}"\n' + TEMPLATE)
+
+
+def assert_signed(req: Any) -> None:
+    """The configured header and the HMAC of the body as sent, over `timestamp.body`."""
+    assert req.headers["X-Team-Token"] == "team-data-token"
+    stamp = req.headers["X-Nomaflow-Timestamp"]
+    mac = hmac.new(SIGNING_SECRET.encode(), stamp.encode() + b"." + req.body, hashlib.sha256)
+    assert req.headers["X-Nomaflow-Signature"] == "sha256=" + mac.hexdigest()
+
+
+@pytest.mark.parametrize("preset", ["teams", "discord", "google_chat"])
+def test_preset_still_sends_headers_and_signature_but_not_the_body_template(
+        tree, rig_for, http, preset):
+    """README: "`headers` and `signing_secret` are still sent; `body_template` is ignored"
+    (chat presets). The body stays the platform's shape, for one alert and for a digest."""
+    rig = rig_for(preset, preset_extras(tree))
+    assert rig.attempt(make_alert("failed")).outcome == SENT
+    assert {r.outcome for r in rig.digest(storm(3))} == {SENT}
+    requests = http.wait_for(2)
+    for req in requests:
+        assert_signed(req)
+        assert b"TEMPLATE-" not in req.body and "custom" not in req.json()
+    one, digest = (r.json() for r in requests)
+    if preset == "teams":
+        assert texts(card_of(one))[0].startswith("\u274c reporting-nightly-sync run failed")
+        assert "nightly-0002-sync" in digest_text(preset, digest)
+    elif preset == "discord":
+        assert one["embeds"][0]["title"] == "FAILED reporting-nightly-sync"
+        assert "nightly-0002-sync" in digest_text(preset, digest).replace("\\", "")
+    else:
+        assert one["thread"] == {"threadKey": "nomaflow-reporting-nightly-sync"}
+        assert "nightly-0002-sync" in digest_text(preset, digest)
+
+
+@pytest.mark.parametrize("preset", ["teams", "discord", "google_chat"])
+def test_check_says_body_template_is_ignored_with_a_chat_preset(tree, http, capsys, preset):
+    """README: "`body_template` is ignored (`nomaflowd check` says so)"."""
+    tree.write_config(tree.webhook(preset, http.url(PATHS[preset]),
+                                   f'preset = "{preset}"\n{TEMPLATE}'))
+    assert main(["check", "--config", str(tree.config_path)]) == 0
+    out = capsys.readouterr().out
+    assert (f"warning: transports.{preset}.body_template is ignored: the {preset} preset"
+            " sends that API's own body") in out
+    # Without a template there is nothing to say.
+    tree.write_config(tree.webhook(preset, http.url(PATHS[preset]), f'preset = "{preset}"'))
+    main(["check", "--config", str(tree.config_path)])
+    assert "body_template is ignored" not in capsys.readouterr().out
