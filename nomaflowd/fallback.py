@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import replace
 from datetime import datetime
 
@@ -26,13 +25,15 @@ logger = logging.getLogger(__name__)
 
 UNDELIVERED_KEPT = 50  # alerts named in the streak's row; the count goes on past it
 NAMED = 10             # named in the alert's line, then "and N more"
-# A paced alert that went out in a digest after a 429: the rate limit, not a broken channel.
-DIGESTED = re.compile(r"\bin digest-[0-9a-f]+ of [0-9]+ alerts:")
 KINDS = frozenset({"transport_failing", "transport_restored"})
 
 
 def counts(r: Result) -> bool:
-    return bool(r.attempt.transport) and not (r.outcome != SENT and DIGESTED.search(r.detail))
+    """Every outcome of a transport moves its streak. A 429 is no outcome: the alert waits
+    for a digest (the rate limit, not a broken channel), and the digest's own outcome is
+    the one that counts, once per alert in it. A digest the channel refuses is as silent
+    as single alerts refused, and in a storm every alert may be in one."""
+    return bool(r.attempt.transport)
 
 
 def observe(results: list[Result], policy: Policy, now: datetime) -> list[Routed]:
