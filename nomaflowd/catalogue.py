@@ -7,7 +7,6 @@ import logging
 import os
 import pwd
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -64,8 +63,10 @@ def parse_alerts(raw: Any, where: str) -> AlertsBlock:
     if minutes == "auto":
         values["on_long_run_minutes"] = "auto"
     elif minutes is not None:
-        if isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes <= 0:
-            raise ValueError(f"{where}.on_long_run_minutes must be a number of minutes above 0")
+        if (isinstance(minutes, bool) or not isinstance(minutes, int | float)
+                or not 0 < minutes <= 1e7):  # nan, inf: no deadline a run can have
+            raise ValueError(f"{where}.on_long_run_minutes must be a number of minutes above 0"
+                             ' and at most 10000000, or "auto"')
         values["on_long_run_minutes"] = float(minutes)
     for key in DURATION_KEYS:
         value = raw.get(key)
@@ -267,16 +268,10 @@ def parse(data: dict[str, Any], where: str = "jobs.toml") -> Catalogue:
 
 def load(path: Path) -> Catalogue:
     """Read jobs.toml; a missing file is an empty catalogue (built-in policy applies)."""
-    try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        return Catalogue()
-    except OSError as exc:
-        raise ConfigError(f"{path} cannot be read ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    return parse(data, str(path))
+    from nomaflowd.config import read_toml
+
+    data = read_toml(path, missing={})
+    return parse(data, str(path)) if data else Catalogue()
 
 
 class WatchedCatalogue:

@@ -84,11 +84,18 @@ def find(explicit: str | None) -> Path:
     )
 
 
-def read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path, *, missing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The file's TOML, or ConfigError in one line; `missing`: what a missing file is."""
     try:
         with path.open("rb") as fh:
+            if fh.read(3) == b"\xef\xbb\xbf":  # tomllib's own word: "Invalid statement"
+                raise ConfigError(f"{path} starts with a byte order mark; save it as UTF-8"
+                                  " without one")
+            fh.seek(0)
             return tomllib.load(fh)
     except FileNotFoundError:
+        if missing is not None:
+            return missing
         raise ConfigError(f"{path} not found; pass --config with the right file") from None
     except OSError as exc:
         raise ConfigError(f"{path} cannot be read ({exc.strerror})") from None
@@ -140,10 +147,19 @@ class Table:
             raise ConfigError(f"{self.key(name)} must be a finite number, not {value!r}")
         return value
 
-    def positive(self, name: str, kind: type, default: Any) -> Any:
+    def positive(self, name: str, kind: type, default: Any, *, most: float | None = None,
+                 least: float | None = None) -> Any:
+        """A number > 0 (and >= least, <= most): past a bound, a timer, a lease or a date
+        overflows later, in the running daemon."""
         value = self.get(name, kind, default)
+        if value is None:
+            return value
         if value <= 0:
             raise ConfigError(f"{self.key(name)} must be greater than 0")
+        if least is not None and value < least:
+            raise ConfigError(f"{self.key(name)} must be at least {least:g}")
+        if most is not None and value > most:
+            raise ConfigError(f"{self.key(name)} must be at most {most:g}")
         return value
 
     def finish(self) -> None:
@@ -158,6 +174,8 @@ def _resolve(base: Path, value: str) -> Path:
 
 
 def _database_url(base: Path, url: str, key: str) -> str:
+    if not url.isprintable():
+        raise ConfigError(f"{key} holds a control character")
     if url.startswith("sqlite:///"):
         rest = url[len("sqlite:///"):]
         if rest and rest != ":memory:" and not rest.startswith("/"):
@@ -165,7 +183,46 @@ def _database_url(base: Path, url: str, key: str) -> str:
         return url
     if url.startswith(("postgresql://", "postgres://", "postgresext://")):
         return url
-    raise ConfigError(f"{key} must be sqlite:///PATH or postgresql://user@host/db, not {url!r}")
+    scheme, sep, _ = url.partition("://")  # the rest may hold a password: not repeated
+    shown = f"a {scheme}:// URL" if sep and scheme.isalnum() else "that value"
+    raise ConfigError(f"{key} must be sqlite:///PATH or postgresql://user@host/db, not {shown}")
+
+
+def check_url(key: str, url: str, *, userinfo: bool = True) -> None:
+    """An http(s) URL with a host that requests can send to; the message never shows it (a
+    webhook URL is a secret). `userinfo=False`: a user or password in it is refused (it
+    would be shown, or sent in every alert)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (parses the port: a bad one raises ValueError)
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+            or not url.isprintable() or " " in url):
+        raise ConfigError(f"{key} must be an http(s) URL with a host, such as"
+                          " https://host.corp.local/path")
+    if not userinfo and (parts.username or parts.password):
+        raise ConfigError(f"{key} must not hold a user or password")
+
+
+def _host(t: Table, name: str) -> str:
+    """A host name or an IP address (not a URL, no user, no spaces)."""
+    import ipaddress
+
+    value: str = t.get(name, str, required=True)
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+        return value
+    except ValueError:
+        pass
+    try:
+        ok = bool(value) and len(value) <= 253 and bool(value.encode("idna"))
+    except UnicodeError:
+        ok = False
+    if not ok or not re.fullmatch(r"[^\s/@:?#\[\]\\]+", value):
+        raise ConfigError(f"{t.key(name)} must be a host name or an IP address, such as"
+                          " smtp.corp.local")
+    return value
 
 
 # --- transports ----------------------------------------------------------------------
@@ -182,8 +239,7 @@ def _slack(t: Table, secret: SecretReader) -> dict[str, Any]:
         raise ConfigError(f"{t.key('webhook_url')} or {t.key('bot_token')} is required"
                           " (exactly one: a webhook URL, or an app's xoxb- token)")
     api_url = t.get("api_url", str, SLACK_API)
-    if urlsplit(api_url).scheme not in ("http", "https"):
-        raise ConfigError(f"{t.key('api_url')} must be an http(s) URL such as {SLACK_API}")
+    check_url(t.key("api_url"), api_url, userinfo=False)
     return {
         "webhook_url": secret(t, "webhook_url", False),
         "bot_token": secret(t, "bot_token", False),
@@ -202,7 +258,7 @@ def _email(t: Table, secret: SecretReader, base: Path) -> dict[str, Any]:
     if not 0 < port < 65536:
         raise ConfigError(f"{t.key('port')} must be a TCP port (1-65535)")
     return {
-        "host": t.get("host", str, required=True),
+        "host": _host(t, "host"),
         "port": port,
         "tls": tls,
         "username": t.get("username", str),
@@ -271,18 +327,18 @@ def _ca_file(t: Table, base: Path) -> Path | None:
 
 def _pacing(t: Table, kind: str) -> dict[str, Any]:
     rate, burst = PACING[kind]
-    rate = t.get("rate_per_minute", float, rate)
-    if rate is not None and rate <= 0:
-        raise ConfigError(f"{t.key('rate_per_minute')} must be greater than 0")
+    # At least one message every 10 minutes: a slower bucket held every alert after the
+    # first (a digest needs a token too).
+    rate = t.positive("rate_per_minute", float, rate, least=0.1, most=1e6)
     if burst is None and rate:
         burst = max(1, int(rate))
     burst = t.get("burst", int, burst)
-    if burst is not None and burst < 1:
-        raise ConfigError(f"{t.key('burst')} must be at least 1")
+    if burst is not None and not 1 <= burst <= 1_000_000:
+        raise ConfigError(f"{t.key('burst')} must be between 1 and 1000000")
     return {
         "rate_per_minute": rate,
         "burst": burst,
-        "digest_after_seconds": t.positive("digest_after_seconds", float, 10.0),
+        "digest_after_seconds": t.positive("digest_after_seconds", float, 10.0, most=3600),
     }
 
 
@@ -407,7 +463,11 @@ def load(path: Path, *, decrypt: bool = True) -> Config:
         return Secret(plain[0][value])
 
     d = Table(top.get("daemon", dict, required=True), "daemon")
-    spool = _resolve(base, d.get("spool_dir", str, required=True))
+    spool_dir = d.get("spool_dir", str, required=True)
+    if not spool_dir.strip() or not spool_dir.isprintable():
+        raise ConfigError("daemon.spool_dir must name a directory, such as"
+                          " /var/spool/nomaflowd")
+    spool = _resolve(base, spool_dir)
     database = d.get("database", str)
     database = (
         _database_url(base, database, "daemon.database")
@@ -422,18 +482,24 @@ def load(path: Path, *, decrypt: bool = True) -> Config:
         "jobs_file": _resolve(base, d.get("jobs_file", str, "jobs.toml")),
         "key_file": key_file,
         "base_url": d.get("base_url", str, ""),
-        "poll_seconds": d.positive("poll_seconds", float, 30.0),
-        "retention_days": d.positive("retention_days", int, 183),
-        "send_timeout_seconds": d.positive("send_timeout_seconds", float, 10.0),
+        "poll_seconds": d.positive("poll_seconds", float, 30.0, most=86400),
+        "retention_days": d.positive("retention_days", int, 183, most=36500),
+        "send_timeout_seconds": d.positive("send_timeout_seconds", float, 10.0, most=300),
         "replica_id": d.get("replica_id", str) or socket.gethostname(),
-        "rescan_seconds": d.positive("rescan_seconds", float, 2.0),
+        "rescan_seconds": d.positive("rescan_seconds", float, 2.0, most=3600),
         "web_listen": _listen(d, "web_listen"),
         "web_password": secret(d, "web_password", False),
         "metrics_listen": _listen(d, "metrics_listen"),
         "event_recipients": _patterns(d, "event_recipients"),
         "fallback_recipients": tuple(d.get("fallback_recipients", list, [])),
-        "fallback_after_failures": d.positive("fallback_after_failures", int, 3),
+        "fallback_after_failures": d.positive("fallback_after_failures", int, 3, most=1000),
     }
+    if config_kwargs["base_url"]:  # it goes out in every alert's run link
+        check_url("daemon.base_url", config_kwargs["base_url"], userinfo=False)
+    password = config_kwargs["web_password"]
+    if decrypt and password is not None and not password.reveal().strip():
+        raise ConfigError("daemon.web_password must not be empty; encrypt a password with"
+                          " `nomaflowd secret encrypt`")
     for value in config_kwargs["fallback_recipients"]:
         if "://" in value:
             raise ConfigError("daemon.fallback_recipients holds a URL; configure it as an"
@@ -458,6 +524,10 @@ def load(path: Path, *, decrypt: bool = True) -> Config:
             raise ConfigError(f"{t.key('type')} must be one of slack, email, webhook; not {kind!r}")
         if kind in ("slack", "webhook"):
             settings.update(_http(t, secret, base))
+            if decrypt:  # the URL is a secret: checked once decrypted, never shown
+                for field_name in ("webhook_url", "url"):
+                    if isinstance(settings.get(field_name), Secret) and field_name in t.data:
+                        check_url(t.key(field_name), settings[field_name].reveal())
         settings.update(_pacing(t, kind))
         t.finish()
         transports[name] = TransportConfig(name, kind, settings)
@@ -469,7 +539,11 @@ def load(path: Path, *, decrypt: bool = True) -> Config:
         raise ConfigError("routing must be an array of tables: write [[routing]]")
     for i, raw in enumerate(raw_rules):
         r = Table(raw, f"routing[{i}]")
-        rules.append(Rule(r.get("tag", str), tuple(r.get("recipients", list, required=True))))
+        recipients = tuple(r.get("recipients", list, required=True))
+        if any("://" in value for value in recipients):
+            raise ConfigError(f"{r.key('recipients')} holds a URL; configure it as an encrypted"
+                              " transport and list the transport's name instead")
+        rules.append(Rule(r.get("tag", str), recipients))
         r.finish()
     top.finish()
     return Config(**config_kwargs, transports=transports, routing=tuple(rules))

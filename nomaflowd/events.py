@@ -252,8 +252,6 @@ def parse(raw: bytes, name: str, received_at: datetime) -> Event:
             _recipients_fit(list(alerts.recipients), "alerts.recipients")
     except ValueError as exc:
         raise Rejected(str(exc)) from None
-    except OverflowError:  # an integer too large for a float
-        raise Rejected("alerts.on_long_run_minutes is too large") from None
     event_id = obj.get("event_id") or default_event_id(obj["job_id"], run_id, state, name, raw,
                                                        obj.get("attempt"))
     return Event(

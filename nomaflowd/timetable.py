@@ -59,6 +59,8 @@ def every_seconds(text: str) -> int:
     seconds = sum(int(n) * _UNIT_SECONDS[unit] for n, unit in _PART.findall(text))
     if seconds < 1:
         raise ValueError("the interval must be at least 1s")
+    if seconds > 366 * 86400:  # longer overflowed the scheduler's dates
+        raise ValueError("the interval must be at most 366d")
     return seconds
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import pytest
@@ -222,3 +223,88 @@ def test_the_defaults_readme_names(tree):
                     t.settings["digest_after_seconds"]) for name, t in cfg.transports.items()}
     assert paced == {"slack": (60, 20, 10), "hook": (None, None, 10), "paced": (30, 30, 10),
                      "mail": (120, 20, 10)}
+
+
+EMAIL = "[transports.x]\ntype = 'email'\nport = 25\ndefault_from = 'a@b.c'\n"
+
+
+@pytest.mark.parametrize(("body", "daemon", "message"), [
+    # bounds: a value past them failed later, at 03:00 (OverflowError in a timer, a lease,
+    # the prune; alerts waiting forever for a token)
+    ("", "send_timeout_seconds = 1e10", "daemon.send_timeout_seconds must be at most 300"),
+    ("", "poll_seconds = 1e12", "daemon.poll_seconds must be at most 86400"),
+    ("", "rescan_seconds = 1e10", "daemon.rescan_seconds must be at most 3600"),
+    ("", "retention_days = 1000000000", "daemon.retention_days must be at most 36500"),
+    ("", "fallback_after_failures = 10000000",
+     "daemon.fallback_after_failures must be at most 1000"),
+    ("[transports.x]\ntype = 'slack'\nwebhook_url = 'ENC(https://hooks.slack.test/x)'\n"
+     "rate_per_minute = 1e-300\n", "", "transports.x.rate_per_minute must be at least 0.1"),
+    ("[transports.x]\ntype = 'slack'\nwebhook_url = 'ENC(https://hooks.slack.test/x)'\n"
+     "digest_after_seconds = 1e9\n", "", "transports.x.digest_after_seconds must be at most"),
+    # secrets in a refused value are not repeated
+    ("", "database = 'postgressql://nomaflowd:SECRETPASSWD@db.corp/x'",
+     "daemon.database must be sqlite:///PATH or postgresql://user@host/db"),
+    ("", "base_url = 'https://admin:SECRETPASSWD@liberty.corp.local/x'",
+     "daemon.base_url must not hold a user or password"),
+    ("", "base_url = 'liberty.corp.local/x'", "daemon.base_url must be an http(s) URL"),
+    ("[[routing]]\ntag = 'x'\nrecipients = ['https://hooks.slack.com/services/T/B/SECRETPATH']\n",
+     "", "routing[0].recipients holds a URL"),
+    (EMAIL + "host = 'smtp://u:SECRETPASSWD@127.0.0.1'\n", "",
+     "transports.x.host must be a host name or an IP address"),
+    (EMAIL + "host = ''\n", "", "transports.x.host must be a host name or an IP address"),
+    ("[transports.x]\ntype = 'webhook'\nurl = 'ENC(ftp://files.corp/SECRETPATH)'\n", "",
+     "transports.x.url must be an http(s) URL with a host"),
+    ("[transports.x]\ntype = 'webhook'\nurl = 'ENC(https://hook.corp:99999/SECRETPATH)'\n", "",
+     "transports.x.url must be an http(s) URL with a host"),
+    ("[transports.x]\ntype = 'slack'\nwebhook_url = 'ENC(hooks.slack.com/SECRETPATH)'\n", "",
+     "transports.x.webhook_url must be an http(s) URL with a host"),
+    ("[transports.x]\ntype = 'slack'\nbot_token = 'ENC(xoxb-1)'\napi_url = 'https://'\n", "",
+     "transports.x.api_url must be an http(s) URL"),
+    ("[transports.x]\ntype = 'slack'\nbot_token = 'ENC(xoxb-1)'\n"
+     "api_url = 'https://admin:SECRETPASSWD@slack.corp/api'\n", "",
+     "transports.x.api_url must not hold a user or password"),
+    ("", "web_listen = '0.0.0.0:0'\nweb_password = 'ENC( )'",
+     "daemon.web_password must not be empty"),
+    ("", "spool_dir = ''", "daemon.spool_dir must name a directory"),
+    ("", 'spool_dir = "a\\u0000b"', "daemon.spool_dir must name a directory"),
+])
+def test_a_value_that_would_fail_later_is_refused_at_load(tree, body, daemon, message):
+    """A bad config is refused at start in one line naming the key, never repeating a
+    secret it holds; these used to load, then fail every send or crash a timer."""
+    body = re.sub(r"ENC\((.*?)\)", lambda m: tree.enc(m[1]), body)
+    daemon = re.sub(r"ENC\((.*?)\)", lambda m: tree.enc(m[1]), daemon)
+    with pytest.raises(ConfigError) as info:
+        load(tree, body, daemon)
+    said = str(info.value)
+    assert message in said and "\n" not in said
+    assert "SECRET" not in said
+
+
+@pytest.mark.parametrize(("jobs", "message"), [
+    (b"[jobs.a.alerts]\non_long_run_minutes = nan\n",
+     "jobs.a.alerts.on_long_run_minutes must be a number of minutes above 0"),
+    (b"[defaults.alerts]\non_long_run_minutes = inf\n", "on_long_run_minutes must be"),
+    (b"[jobs.a.alerts]\non_long_run_minutes = 1e308\n", "on_long_run_minutes must be"),
+    (b'[jobs.a]\nschedule = "@every 99999999d"\n', "the interval must be at most 366d"),
+    (b'[jobs.a]\nschedule = "@every 99999999999999999999d"\n',
+     "the interval must be at most 366d"),
+    (b'[jobs.caf\xe9]\ntags = ["a"]\n', "is not UTF-8 text (byte 9); save it as UTF-8"),
+    (b'\xef\xbb\xbf[jobs.a]\ntags = ["a"]\n', "starts with a byte order mark; save it as UTF-8"
+     " without one"),
+])
+def test_a_bad_jobs_toml_is_refused_naming_the_key(tree, jobs, message):
+    """These loaded (nan: every RUNNING event of the job was then quarantined) or failed
+    with an internal error; check and run now refuse them in one line."""
+    from nomaflowd import catalogue
+
+    tree.jobs_path.write_bytes(jobs)
+    with pytest.raises(ConfigError) as info:
+        catalogue.load(tree.jobs_path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_config_with_a_byte_order_mark_is_refused_saying_so(tree):
+    tree.write_config()
+    tree.config_path.write_bytes(b"\xef\xbb\xbf" + tree.config_path.read_bytes())
+    with pytest.raises(ConfigError, match="starts with a byte order mark"):
+        config.load(tree.config_path)

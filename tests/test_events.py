@@ -252,7 +252,7 @@ PARSER_ONLY = [
     Case("integer of 5000 digits", b'{"job_id": "j", "state": "ENABLED", "alerts": '
          b'{"on_long_run_minutes": 1' + b"0" * 4999 + b"}}", "not acceptable JSON"),
     Case("integer too large for a float", dumps(alerts(on_long_run_minutes=10**4000)),
-         "on_long_run_minutes is too large"),
+         "on_long_run_minutes must be a number of minutes above 0 and at most 10000000"),
     Case("nesting 100000 deep", nested(100_000), "nested too deeply"),
     Case("nesting 100 deep is fine until the unknown key", nested(100), "unknown key 'x'"),
     Case("job_id with a bell", dumps({**RUN, "job_id": "j\a"}), "job_id must be 1-200"),
