@@ -349,19 +349,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_secret(args: argparse.Namespace) -> int:
-    cfg = load_config(args, decrypt=False)
-    if args.secret_command == "keygen":
-        crypto.write_key(cfg.key_file)
-        print(f"created {cfg.key_file} (mode 0600); keep it out of version control")
-        return 0
-    if args.secret_command == "encrypt":
+    if args.secret_command in ("keygen", "encrypt"):
+        key_file = config.key_file_of(config.find(args.config))
+        if args.secret_command == "keygen":
+            crypto.write_key(key_file)
+            print(f"created {key_file} (mode 0600); keep it out of version control")
+            return 0
         value = sys.stdin.read()
         value = value[:-1] if value.endswith("\n") else value
         if not value:
             raise UsageError("nothing on stdin: pipe the secret in, e.g. `printf %s URL | "
                              "nomaflowd secret encrypt`")
-        print(crypto.encrypt(crypto.load_keys(crypto.key_path(cfg.key_file)), value))
+        print(crypto.encrypt(crypto.load_keys(crypto.key_path(key_file)), value))
         return 0
+    cfg = load_config(args, decrypt=False)
     count = crypto.rotate(cfg.path, cfg.key_file)
     print(f"re-encrypted {count} token(s) in {cfg.path} under a new key in {cfg.key_file}")
     return 0

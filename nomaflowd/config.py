@@ -434,6 +434,14 @@ def _tokens(value: Any) -> Iterator[str]:
             yield from _tokens(item)
 
 
+def key_file_of(path: Path) -> Path:
+    """daemon.key_file of the config at `path`, read alone: `secret keygen` and `encrypt`
+    are what a config refused for a plaintext secret asks for, so they need no more."""
+    path = path.resolve() if path.exists() else path
+    d = Table(Table(read_toml(path), "").get("daemon", dict, required=True), "daemon")
+    return _resolve(path.parent, d.get("key_file", str, "nomaflowd.key"))
+
+
 def load(path: Path, *, decrypt: bool = True) -> Config:
     """Read and validate the whole config; raises ConfigError with one line.
 

@@ -165,7 +165,15 @@ class Daemon:
     # --- the loop --------------------------------------------------------------------
 
     def run(self) -> int:
-        self.initialize()
+        try:
+            self.initialize()
+        except BaseException:  # the caller says why in one line; leave nothing running
+            self._close_signals()
+            if self.web is not None:
+                self.web.close()
+            if self.observer is not None:
+                self.observer.stop()
+            raise
         logger.info("nomaflowd started: spool %s, replica %s, %d transport(s)",
                     self.config.spool_dir, self.config.replica_id, len(self.config.transports))
         while not self.stopping.is_set():

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 
 @contextmanager
@@ -35,7 +36,7 @@ def _without_psycopg2() -> Iterator[None]:
 with _without_psycopg2():
     import peewee as pw
 
-from nomaflowd.errors import ConfigError  # noqa: E402
+from nomaflowd.errors import ConfigError, NomaflowError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -500,12 +501,24 @@ def open_database(url: str) -> pw.Database:
     proxy.initialize(db)
     global _wal_path
     _wal_path = f"{path}-wal" if path is not None else None
-    with _startup_lock(path):
-        if path is not None:
-            _create_private(path)
-        db.connect(reuse_if_open=True)
-        create_or_migrate(db)
+    try:
+        with _startup_lock(path):
+            if path is not None:
+                _create_private(path)
+            db.connect(reuse_if_open=True)
+            create_or_migrate(db)
+    except (pw.PeeweeException, OSError) as exc:
+        raise NomaflowError(f"daemon.database cannot be opened: {_why(exc, url)}") from None
     return db
+
+
+def _why(exc: BaseException, url: str) -> str:
+    """The driver's first line, without the URL's password (a driver may quote the DSN)."""
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    password = urlsplit(url).password if "://" in url else None
+    if password:
+        text = text.replace(password, "***")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def make_durable() -> None:

@@ -82,6 +82,24 @@ def test_keygen_makes_0600_and_never_overwrites(tree, capsys):
     assert tree.key.read_bytes() == before
 
 
+def test_keygen_and_encrypt_work_on_the_config_that_asks_for_them(tree, capsys, monkeypatch):
+    """The plaintext-secret refusal says "encrypt it with nomaflowd secret encrypt": that
+    command (and keygen before it) must not refuse the same config for the same reason."""
+    import io
+
+    tree.write_config('[transports.h]\ntype = "webhook"\nurl = "https://hooks.example/T0/X"\n')
+    tree.key.unlink()
+    with pytest.raises(ConfigError, match="secret encrypt"):
+        config.load(tree.config_path)
+    assert main(["secret", "keygen", "--config", str(tree.config_path)]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("https://hooks.example/T0/X\n"))
+    assert main(["secret", "encrypt", "--config", str(tree.config_path)]) == 0
+    token = capsys.readouterr().out.splitlines()[-1]
+    tree.write_config(f'[transports.h]\ntype = "webhook"\nurl = "{token}"\n')
+    assert config.load(tree.config_path).transports["h"].settings["url"].reveal() == (
+        "https://hooks.example/T0/X")
+
+
 def test_encrypt_then_rotate_keeps_every_secret_readable(tree, capsys, monkeypatch):
     import io
 
@@ -308,3 +326,17 @@ def test_a_config_with_a_byte_order_mark_is_refused_saying_so(tree):
     tree.config_path.write_bytes(b"\xef\xbb\xbf" + tree.config_path.read_bytes())
     with pytest.raises(ConfigError, match="starts with a byte order mark"):
         config.load(tree.config_path)
+
+
+@pytest.mark.parametrize("database", ["postgresql://nomaflowd:SECRETPW@127.0.0.1:1/test",
+                                      "sqlite:///."])
+@pytest.mark.parametrize("command", ["run", "audit"])
+def test_a_database_that_cannot_be_opened_is_one_line_naming_the_key(tree, capsys, database,
+                                                                     command):
+    """No internal error: the key, why, and never the password."""
+    tree.write_config(daemon=f'database = "{database}"')
+    tree.spool.mkdir(parents=True, exist_ok=True)
+    assert main([command, "--config", str(tree.config_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nomaflowd: daemon.database cannot be opened") and err.count("\n") == 1
+    assert "internal error" not in err and "SECRETPW" not in err
