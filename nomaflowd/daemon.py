@@ -327,11 +327,22 @@ class Daemon:
             # named in the line above, and is not named again at the next batch.
             self.policy.catalogue.refresh(quiet=True)
         else:
+            timings = (cfg.poll_seconds, cfg.send_timeout_seconds)
+            if timings != (self.config.poll_seconds, self.config.send_timeout_seconds):
+                self.retime(cfg)
             self.config = cfg
             self.policy = self.ingest.policy = policy
             self.dispatcher.configure(built)
             logger.info("reloaded %s: %d transport(s)", cfg.path, len(cfg.transports))
         systemd.notify("READY=1")
+
+    def retime(self, cfg: Config) -> None:
+        """A reload's new poll_seconds or send_timeout_seconds: the poll's interval and the
+        lease that peers are judged by follow it."""
+        lease = max(3 * cfg.poll_seconds, 2 * cfg.send_timeout_seconds + 5)
+        self.lease_seconds = self.deliveries.lease_seconds = self.identity.lease_seconds = lease
+        if self.scheduler is not None and cfg.poll_seconds != self.config.poll_seconds:
+            self.scheduler.reschedule_job("poll", trigger="interval", seconds=cfg.poll_seconds)
 
     def shutdown(self) -> None:
         systemd.notify("STOPPING=1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from datetime import timedelta
 
 import pytest
@@ -180,6 +181,22 @@ def test_long_run_warning_fires_from_the_running_daemon(tree, http, daemon_facto
     wait_until(lambda: len(tree.notifications()) == 1, what="audit row")
     assert d.stop() == 0
     assert tree.sql("SELECT state, long_run_alerted_at IS NOT NULL FROM runs") == [("RUNNING", 1)]
+
+
+def test_a_reload_applies_a_new_poll_interval(tree, http, daemon_factory):
+    """README: SIGHUP rereads the config; a new poll_seconds used to be logged as reloaded
+    and then ignored (the poll kept its old interval: no long-run warning for 30 s)."""
+    tree.write_jobs("[jobs.etl.alerts]\non_long_run_minutes = 30\n")
+    tree.write_config(tree.webhook("hook", http.url()), daemon="poll_seconds = 600")
+    d = daemon_factory()
+    wait_until(lambda: "nomaflowd started" in d.output(), what="the start")
+    tree.write_config(tree.webhook("hook", http.url()), daemon="poll_seconds = 0.2")
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: "reloaded" in d.output(), what="the reload")
+    tree.drop({"job_id": "etl", "run_id": "late", "state": "RUNNING", "started_at": ago(31)})
+    body = http.wait_for(1, timeout=20)[0].json()
+    assert (body["alert"], body["run_id"]) == ("long_run", "late")
+    assert d.stop() == 0
 
 
 def test_long_run_warns_once_across_polls_and_restart(tree, http, inproc):
