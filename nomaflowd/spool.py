@@ -23,7 +23,7 @@ from watchdog.observers.inotify_c import (
 )
 
 from nomaflowd import metrics
-from nomaflowd.errors import Rejected
+from nomaflowd.errors import ConfigError, Rejected
 from nomaflowd.events import MAX_BYTES
 from nomaflowd.text import escape
 
@@ -82,9 +82,15 @@ class Spool:
         self._handling_fd: int | None = None
 
     def prepare(self) -> None:
-        for d in (self.path, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
-        self.rejected.mkdir(mode=0o700, exist_ok=True)
+        try:
+            for d in (self.path, self.tmp):
+                d.mkdir(parents=True, exist_ok=True)
+            self.rejected.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:  # a file where a directory goes, a path too long, EACCES...
+            where = exc.filename or self.path
+            raise ConfigError(f"daemon.spool_dir {self.path}: {where} cannot be made a"
+                              f" directory ({exc.strerror or exc}); move what is there or"
+                              " point spool_dir elsewhere") from None
 
     def scan(self) -> list[str]:
         """Names of `*.json` entries directly in the spool, oldest name first.

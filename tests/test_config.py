@@ -340,3 +340,13 @@ def test_a_database_that_cannot_be_opened_is_one_line_naming_the_key(tree, capsy
     err = capsys.readouterr().err
     assert err.startswith("nomaflowd: daemon.database cannot be opened") and err.count("\n") == 1
     assert "internal error" not in err and "SECRETPW" not in err
+
+
+def test_a_spool_dir_that_is_a_file_is_refused_at_start_in_one_line(tree, capsys):
+    tree.spool.parent.mkdir(parents=True, exist_ok=True)
+    tree.spool.write_text("a file, not the spool")
+    tree.write_config()
+    assert main(["run", "--config", str(tree.config_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nomaflowd: daemon.spool_dir ") and err.count("\n") == 1, err
+    assert "not a directory" in err.lower() or "exists" in err.lower(), err
