@@ -520,6 +520,10 @@ def load(path: Path, *, decrypt: bool = True) -> Config:
 
     transports: dict[str, TransportConfig] = {}
     for name, raw in top.get("transports", dict, {}).items():
+        if not re.fullmatch(r"[^\s:#@][^\s:]*", name) or not name.isprintable():
+            raise ConfigError(f"transports.{name!r} is not a usable transport name; use"
+                              " letters, digits, - and _ (it is written in recipients as"
+                              " name or name:#channel)")
         t = Table(raw, f"transports.{name}")
         kind = t.get("type", str, required=True)
         if kind == "slack":

@@ -350,3 +350,12 @@ def test_a_spool_dir_that_is_a_file_is_refused_at_start_in_one_line(tree, capsys
     err = capsys.readouterr().err
     assert err.startswith("nomaflowd: daemon.spool_dir ") and err.count("\n") == 1, err
     assert "not a directory" in err.lower() or "exists" in err.lower(), err
+
+
+@pytest.mark.parametrize("name", ['"a\\nb"', '""', '"#ops"', '"@alice"', '"a:b"', '"two words"'])
+def test_a_transport_name_that_routing_cannot_tell_apart_is_refused(tree, name):
+    """A name is written in recipients (`name`, `name:#channel`) and shown in one-line
+    tables and logs: no control character, space or colon, not a #channel or an @user."""
+    with pytest.raises(ConfigError, match=r"transports\..* is not a usable transport name"):
+        load(tree, f"[transports.{name}]\ntype = 'webhook'\nurl = '{tree.enc('https://h.corp/x')}'\n")
+
