@@ -7,7 +7,9 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import stat
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 REJECTED = "rejected"
 TMP = "tmp"
+_DRAFT = re.compile(r"\.(.+)\.error\.[0-9a-f]{8}", re.S)  # a note written aside (_reject)
 # A quarantined name leaves room for ".error", a draft's "." + ".error.xxxxxxxx" and a
 # collision suffix ".xxxxxxxx" within NAME_MAX (255 bytes on every Linux file system).
 NAME_ROOM = 255 - len(".") - len(".error.") - 8 - len(".") - 8
@@ -91,6 +94,22 @@ class Spool:
             raise ConfigError(f"daemon.spool_dir {self.path}: {where} cannot be made a"
                               f" directory ({exc.strerror or exc}); move what is there or"
                               " point spool_dir elsewhere") from None
+        self._finish_notes()
+
+    def _finish_notes(self) -> None:
+        """_reject() moves a file, then puts its note (written aside) in place: a stop in
+        between left the file without its reason. Put such a draft in place; drop a draft
+        an hour old whose file never moved (a peer on a shared spool has its own in hand
+        for microseconds)."""
+        with os.scandir(self.rejected) as it:
+            drafts = [(e.name, m[1]) for e in it if (m := _DRAFT.fullmatch(e.name))]
+        for draft, target in drafts:
+            with contextlib.suppress(OSError):  # a peer finished it meanwhile
+                if os.path.lexists(self.rejected / target):
+                    if not os.path.lexists(self.rejected / f"{target}.error"):
+                        os.rename(self.rejected / draft, self.rejected / f"{target}.error")
+                elif time.time() - os.lstat(self.rejected / draft).st_mtime > 3600:
+                    os.unlink(self.rejected / draft)
 
     def scan(self) -> list[str]:
         """Names of `*.json` entries directly in the spool, oldest name first.

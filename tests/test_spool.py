@@ -331,3 +331,22 @@ def test_rejected_files_past_retention_are_pruned_with_their_notes(tree: Tree, d
     # a year on, the rest is past retention too (the draft by its own change time)
     assert daemon.spool.prune_rejected(now + timedelta(days=365), 183) == 3
     assert os.listdir(rejected_dir) == [daemon.spool.handling.name]
+
+
+def test_a_note_left_as_a_draft_by_a_kill_is_put_in_place_at_the_next_start(tree: Tree):
+    """A file goes to rejected/ first and its note follows (a replica that lost the race
+    must not touch the winner's note); a kill between the two left the file without its
+    reason for good. The next start puts the draft in place, and drops an hour-old draft whose
+    file never moved."""
+    from nomaflowd.spool import Spool
+
+    rejected = tree.spool / "rejected"
+    rejected.mkdir(parents=True)
+    (rejected / "bad.json").write_text("[]")
+    (rejected / ".bad.json.error.0123abcd").write_text("2026-05-26T02:30:00Z bad.json: why\n")
+    orphan = rejected / ".gone.json.error.89abcdef"
+    orphan.write_text("2026-05-26T02:30:00Z gone.json: why\n")
+    os.utime(orphan, (0, 0))
+    Spool(tree.spool).prepare()
+    assert error_note(tree, "bad.json") == "2026-05-26T02:30:00Z bad.json: why\n"
+    assert sorted(os.listdir(rejected)) == ["bad.json", "bad.json.error"]
