@@ -83,6 +83,7 @@ class Spool:
         self.handling = self.rejected / f".handling-{safe or 'local'}"
         self.said: set[str] = set()  # subdirectories already reported as not read
         self._handling_fd: int | None = None
+        self._unnoted_said = 0.0  # time.monotonic() when "cannot note the files" was logged
 
     def prepare(self) -> None:
         try:
@@ -280,8 +281,17 @@ class Spool:
                 raise PermissionError(f"{self.handling} is not a file of this daemon's own")
             self._handling_fd = fd
         data = b"\0".join(os.fsencode(n) for n in names)
-        os.ftruncate(self._handling_fd, 0)
-        os.pwrite(self._handling_fd, data, 0)
+        try:
+            os.ftruncate(self._handling_fd, 0)
+            os.pwrite(self._handling_fd, data, 0)
+        except OSError as exc:
+            # A full disk (or quota): reading and unlinking the files needs no space, and
+            # frees some. Only the crash-loop count (count_tries) goes without this note.
+            if time.monotonic() - self._unnoted_said >= 60:
+                self._unnoted_said = time.monotonic()
+                logger.error("cannot note the spool files in hand in %s (%s); ingesting"
+                             " anyway, without the crash-loop count", self.handling,
+                             exc.strerror or exc)
 
     def clear_handling(self) -> None:
         if self._handling_fd is not None:

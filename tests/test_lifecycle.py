@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 import signal
 import sqlite3
+import subprocess
 import urllib.error
 import urllib.request
 from datetime import datetime
+
+import pytest
 
 from nomaflowd import events
 from nomaflowd.deliveries import HELD, NO_TRANSPORT
@@ -264,3 +269,36 @@ def test_a_storm_of_signals_never_hangs_the_daemon(tree, http, daemon_factory):
     http.wait_for(4)
     assert d.stop(timeout=20) == 0
     assert "Traceback" not in d.output()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (root only, as on the CI machine; skipped elsewhere)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_spool_disk_does_not_stop_the_ingest(tree, http, inproc, small_disk, caplog):
+    """Reading and unlinking files needs no space; the note of files in hand did, and a
+    full disk stopped every ingest (a traceback each rescan) until someone freed space."""
+    tree.spool = small_disk / "spool"
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = inproc()
+    for i in range(20):
+        tree.drop({**FAILED, "run_id": f"r{i}"})
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):  # until the disk is full
+        while True:
+            os.write(fd, b"\0" * 4096)
+    os.close(fd)
+    d.pump(lambda: len(tree.notifications()) == 20, what="20 audit rows")
+    assert tree.spool_files() == []
+    assert len(http.wait_for(20)) == 20
+    assert "main loop iteration failed" not in caplog.text
+    assert caplog.text.count("cannot note the spool files in hand") == 1
