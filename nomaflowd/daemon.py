@@ -204,8 +204,9 @@ class Daemon:
         self.last_progress = self.ingest.woke_at = time.monotonic()
         try:
             self.deliveries.collect()
-            while not self.timers.empty():
-                self.timers.get_nowait()
+            if not self.timers.empty():  # ticks that piled up while a query waited: one poll
+                while not self.timers.empty():
+                    self.timers.get_nowait()
                 self.poll(now or utcnow())
             self.pace_wait = self.dispatcher.pace()
             scanned = self.ingest.last_scan

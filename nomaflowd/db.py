@@ -448,14 +448,19 @@ class write:
             self._atomic.__exit__(exc_type, exc, tb)
             return
         self._db.pop_transaction()
+        conn = self._conn
         with pw.__exception_wrapper__:
+            # SQLite rolls back on its own after some errors (SQLITE_FULL, SQLITE_IOERR): a
+            # ROLLBACK then fails, and its "no transaction is active" hid the real cause.
             if exc_type is not None:
-                self._conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 return
             try:
-                self._conn.execute("COMMIT")
+                conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
 
 

@@ -273,10 +273,10 @@ def test_a_storm_of_signals_never_hangs_the_daemon(tree, http, daemon_factory):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 256 KiB tmpfs (root only, as on the CI machine; skipped elsewhere)."""
+    """A 1 MiB tmpfs (root only, as on the CI machine; skipped elsewhere)."""
     mount = tmp_path / "small"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
                           capture_output=True)
     if made.returncode != 0:
         pytest.skip("needs root to mount a small tmpfs")
@@ -302,3 +302,28 @@ def test_a_full_spool_disk_does_not_stop_the_ingest(tree, http, inproc, small_di
     assert len(http.wait_for(20)) == 20
     assert "main loop iteration failed" not in caplog.text
     assert caplog.text.count("cannot note the spool files in hand") == 1
+
+
+def test_a_full_database_disk_is_said_as_such_and_the_file_waits(tree, http, inproc,
+                                                                  small_disk, caplog):
+    """The outage line names the cause ("database or disk is full"); a ROLLBACK after
+    SQLite had rolled back on its own used to replace it with "no transaction is active".
+    Nothing is lost: the file waits, and flows once there is room."""
+    tree.database = f"sqlite:///{small_disk}/nomaflowd.db"
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = inproc()
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):  # until the disk is full
+        while True:
+            os.write(fd, b"\0" * 4096)
+    os.close(fd)
+    tree.drop(FAILED)
+    d.pump(lambda: "database unavailable" in caplog.text, what="the outage in the log")
+    assert "database or disk is full" in caplog.text
+    assert "no transaction is active" not in caplog.text
+    assert len(tree.spool_files()) == 1
+    (small_disk / "filler").unlink()
+    rows = lambda: sqlite3.connect(small_disk / "nomaflowd.db").execute(  # noqa: E731
+        "SELECT outcome FROM notifications").fetchall()
+    d.pump(lambda: rows() == [("SENT",)], what="the audit row, once there is room")
+    assert tree.spool_files() == []
