@@ -498,6 +498,8 @@ def open_database(url: str) -> pw.Database:
                 postgres_driver()
             from playhouse.db_url import connect as url_connect
             db = url_connect(url)
+            if isinstance(db, pw.PostgresqlDatabase):
+                db._initialize_connection = _bounded_waits
     except ImportError:
         raise ConfigError(
             "daemon.database is PostgreSQL but no driver is installed;"
@@ -515,6 +517,18 @@ def open_database(url: str) -> pw.Database:
     except (pw.PeeweeException, OSError) as exc:
         raise NomaflowError(f"daemon.database cannot be opened: {_why(exc, url)}") from None
     return db
+
+
+# How long a statement waits for a lock another session holds (LOCK TABLE, a long
+# migration): then it fails, as an outage, and the main loop says so and goes on. Without
+# it the loop waited as long as the lock was held, silent, and systemd's watchdog killed it.
+LOCK_TIMEOUT = "5s"
+
+
+def _bounded_waits(conn: Any) -> None:
+    with conn.cursor() as cur:
+        cur.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+    conn.commit()
 
 
 def _why(exc: BaseException, url: str) -> str:
@@ -635,6 +649,8 @@ def create_or_migrate(db: pw.Database) -> None:
         if isinstance(db, pw.PostgresqlDatabase):
             # DDL is transactional in PostgreSQL, so the lock held to COMMIT covers it all;
             # without it two replicas both see no table and one dies on pg_type's unique key.
+            # A peer's migration may outlast LOCK_TIMEOUT: wait for it, this start only.
+            db.execute_sql("SET LOCAL lock_timeout = 0")
             db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
         existing = set(db.get_tables(schema=schema))
         for model in MODELS:

@@ -327,3 +327,28 @@ def test_a_full_database_disk_is_said_as_such_and_the_file_waits(tree, http, inp
         "SELECT outcome FROM notifications").fetchall()
     d.pump(lambda: rows() == [("SENT",)], what="the audit row, once there is room")
     assert tree.spool_files() == []
+
+
+def test_a_postgresql_table_lock_is_an_outage_not_a_frozen_loop(tree, http, inproc, pg_schema,
+                                                                 caplog):
+    """A lock someone holds on a table used to freeze the main loop without a word (no
+    watchdog ping: systemd killed it). Waiting for a lock is bounded: the loop says the
+    database is unavailable, keeps the file, and goes on once the lock is gone."""
+    import psycopg2
+
+    tree.database = pg_schema
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = inproc()
+    holder = psycopg2.connect(pg_schema)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")  # held: no commit yet
+        tree.drop(FAILED)
+        d.pump(lambda: "database unavailable" in caplog.text, timeout=20,
+               what="the outage in the log")
+        assert "lock timeout" in caplog.text
+        assert len(tree.spool_files()) == 1
+    finally:
+        holder.rollback()
+        holder.close()
+    d.pump(lambda: len(http.requests) == 1, timeout=20, what="the alert, once the lock is gone")
