@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_SECONDS = 1.0
 CHECKPOINT_IDLE_SECONDS = 30.0
 # Keys whose change needs a restart: a reload keeps the running value and says so.
+# How long a stop waits for an unavailable database to record the last results (systemd
+# gives a stop 90 s by default).
+STOP_RECORD_SECONDS = 30.0
 RESTART_ONLY = ("spool_dir", "database", "web_listen", "metrics_listen", "replica_id")
 
 
@@ -360,12 +363,24 @@ class Daemon:
             self.web.close()
         results, unsent = self.dispatcher.close(self.config.send_timeout_seconds + 1)
         self.deliveries.closing = True
-        try:
-            self.deliveries.finish(results)
-            self.deliveries.release(unsent)
-        except db.OUTAGES as exc:  # their claims stay open: the next start sends them again
-            logger.error("could not record the last %d result(s), database unavailable: %s",
-                         len(self.deliveries.unrecorded), exc)
+        self.deliveries.unrecorded.extend(results)
+        # Unrecorded results leave their claims open, and the next start sends them again:
+        # a page twice. So a database away at the stop is waited for, a while.
+        deadline = time.monotonic() + STOP_RECORD_SECONDS
+        while True:
+            try:
+                self.deliveries.finish([])
+                self.deliveries.release(unsent)
+                break
+            except db.OUTAGES as exc:
+                if time.monotonic() >= deadline:  # their claims stay open: sent again
+                    logger.error("could not record the last %d result(s), database"
+                                 " unavailable: %s", len(self.deliveries.unrecorded), exc)
+                    break
+                self.say_once_a_minute("stop", "waiting for the database to record the last"
+                                       " %d result(s): %s", len(self.deliveries.unrecorded),
+                                       exc)
+                time.sleep(1.0)
         self.spool.close()
         with contextlib.suppress(*db.OUTAGES):
             self.database.close()

@@ -30,7 +30,7 @@ BATCH = 1000
 # window only re-sends (the claims are still open), as a crash between send and record
 # always did.
 RECORD_DELAY = 0.05
-RESENT = "sent again after a restart (the earlier attempt got no verdict)"
+RESENT = "sent again after a restart (it may have gone out before, without a verdict)"
 HELD = "held in line when the daemon stopped; sent after the restart"
 NO_TRANSPORT = "no transport is configured, so nobody was notified"
 

@@ -352,3 +352,35 @@ def test_a_postgresql_table_lock_is_an_outage_not_a_frozen_loop(tree, http, inpr
         holder.rollback()
         holder.close()
     d.pump(lambda: len(http.requests) == 1, timeout=20, what="the alert, once the lock is gone")
+
+
+def test_a_stop_waits_for_the_database_to_record_what_was_sent(tree, http, daemon_factory,
+                                                               pg_schema):
+    """A stop while the audit table cannot be written used to drop the results: their claims
+    stayed open and the next start paged everyone again, calling it a resend. The stop now
+    waits for the database (a while), records, and the next start sends nothing."""
+    import psycopg2
+
+    http.default = Reply(delay=0.5)
+    tree.database = pg_schema
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = daemon_factory()
+    holder = psycopg2.connect(pg_schema)
+    try:
+        tree.drop(FAILED)
+        wait_until(lambda: http.open_connections, what="the POST under way")
+        with holder.cursor() as cur:
+            cur.execute("LOCK TABLE notifications IN ACCESS EXCLUSIVE MODE")
+        d.signal(signal.SIGTERM)
+        wait_until(lambda: "waiting for the database to record the last 1 result" in d.output(),
+                   timeout=20, what="the stop waiting for the database")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert d.proc.wait(30) == 0
+    again = daemon_factory()
+    assert again.stop() == 0
+    assert [r.json()["run_id"] for r in http.requests] == ["run_a8c4d"]
+    with psycopg2.connect(pg_schema) as conn, conn.cursor() as cur:
+        cur.execute("SELECT outcome FROM notifications")
+        assert cur.fetchall() == [("SENT",)]
