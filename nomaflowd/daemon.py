@@ -39,9 +39,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_SECONDS = 1.0
 CHECKPOINT_IDLE_SECONDS = 30.0
 # Keys whose change needs a restart: a reload keeps the running value and says so.
-# How long a stop waits for an unavailable database to record the last results (systemd
-# gives a stop 90 s by default).
-STOP_RECORD_SECONDS = 30.0
 RESTART_ONLY = ("spool_dir", "database", "web_listen", "metrics_listen", "replica_id")
 
 
@@ -365,14 +362,17 @@ class Daemon:
         self.deliveries.closing = True
         self.deliveries.unrecorded.extend(results)
         # Unrecorded results leave their claims open, and the next start sends them again:
-        # a page twice. So a database away at the stop is waited for, a while.
-        deadline = time.monotonic() + STOP_RECORD_SECONDS
+        # a page twice. So a database away at the stop is waited for, a while (systemd
+        # gives a stop 90 s by default).
+        deadline: float | None = None
         while True:
             try:
                 self.deliveries.finish([])
                 self.deliveries.release(unsent)
                 break
             except db.OUTAGES as exc:
+                if deadline is None:
+                    deadline = time.monotonic() + 3 * self.config.send_timeout_seconds
                 if time.monotonic() >= deadline:  # their claims stay open: sent again
                     logger.error("could not record the last %d result(s), database"
                                  " unavailable: %s", len(self.deliveries.unrecorded), exc)

@@ -329,7 +329,7 @@ def test_a_full_database_disk_is_said_as_such_and_the_file_waits(tree, http, inp
     assert tree.spool_files() == []
 
 
-def test_a_postgresql_table_lock_is_an_outage_not_a_frozen_loop(tree, http, inproc, pg_schema,
+def test_a_postgresql_table_lock_is_an_outage_not_a_frozen_loop(tree, http, pg_schema, inproc,
                                                                  caplog):
     """A lock someone holds on a table used to freeze the main loop without a word (no
     watchdog ping: systemd killed it). Waiting for a lock is bounded: the loop says the
