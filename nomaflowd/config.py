@@ -188,7 +188,8 @@ def _database_url(base: Path, url: str, key: str) -> str:
     raise ConfigError(f"{key} must be sqlite:///PATH or postgresql://user@host/db, not {shown}")
 
 
-def check_url(key: str, url: str, *, userinfo: bool = True) -> None:
+def check_url(key: str, url: str, *, userinfo: bool = True,
+              example: str = "https://host.corp.local/path") -> None:
     """An http(s) URL with a host that requests can send to; the message never shows it (a
     webhook URL is a secret). `userinfo=False`: a user or password in it is refused (it
     would be shown, or sent in every alert)."""
@@ -199,8 +200,7 @@ def check_url(key: str, url: str, *, userinfo: bool = True) -> None:
         parts = None
     if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
             or not url.isprintable() or " " in url):
-        raise ConfigError(f"{key} must be an http(s) URL with a host, such as"
-                          " https://host.corp.local/path")
+        raise ConfigError(f"{key} must be an http(s) URL with a host, such as {example}")
     if not userinfo and (parts.username or parts.password):
         raise ConfigError(f"{key} must not hold a user or password")
 
@@ -299,15 +299,9 @@ def _http(t: Table, secret: SecretReader, base: Path) -> dict[str, Any]:
     if raw is not None and raw.startswith(crypto.PREFIX):
         proxy = secret(t, "proxy", False)  # credentials in the URL: keep it encrypted
     if proxy is not None:
-        try:
-            parts = urlsplit(proxy.reveal() if isinstance(proxy, Secret) else proxy)
-            parts.port  # noqa: B018 (parses the port: a bad one raises ValueError)
-        except ValueError:
-            raise ConfigError(f"{t.key('proxy')} is not a valid URL") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"{t.key('proxy')} must be an http:// or https:// URL with a"
-                              " host, e.g. http://proxy.corp.local:3128")
-        if parts.password and not isinstance(proxy, Secret):
+        text = proxy.reveal() if isinstance(proxy, Secret) else proxy
+        check_url(t.key("proxy"), text, example="http://proxy.corp.local:3128")
+        if urlsplit(text).password and not isinstance(proxy, Secret):
             raise ConfigError(f"{t.key('proxy')} holds a password in plaintext; run"
                               " `nomaflowd secret encrypt` and paste the enc: token")
     return {"proxy": proxy, "ca_file": _ca_file(t, base)}
