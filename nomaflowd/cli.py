@@ -126,7 +126,9 @@ def open_history(cfg: Config) -> tuple[Any, str | None]:
             return None, f"no database yet at {path}"
     try:
         return db.open_database(cfg.database), None
-    except (ConfigError, pw.PeeweeException, OSError) as exc:
+    except NomaflowError as exc:  # "daemon.database cannot be opened: ...", password masked
+        return None, str(exc)
+    except (pw.PeeweeException, OSError) as exc:
         return None, f"database unavailable ({type(exc).__name__})"
 
 
@@ -320,12 +322,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}")
         return 1
-    database, _ = open_history(cfg)
+    database, why = open_history(cfg)
     try:
         problems = run_checks(cfg, history=database is not None)
     finally:
         if database is not None:
             database.close()
+    if why and not why.startswith("no database yet"):
+        problems.append(("warning", why))
     for level, text in problems:
         print(f"{level}: {text}")
     errors = sum(1 for level, _ in problems if level == "error")

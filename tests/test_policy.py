@@ -276,3 +276,19 @@ def test_a_job_that_is_not_a_table_is_refused_naming_the_key(tree, capsys):
     assert main(["check", "--config", str(tree.config_path)]) in (1, 2)
     out = capsys.readouterr()
     assert "jobs.etl must be a table" in out.out + out.err
+
+
+def test_explain_and_check_say_when_the_database_cannot_be_opened(tree, http, capsys,
+                                                                  tmp_path):
+    """They read the history when they can; a database that is down is said, once, and the
+    dry run and the checks still run (a password in the URL is not shown)."""
+    tree.write_config(tree.slack("slack", http.url("/slack")),
+                      daemon='database = "postgresql://u:SECRETPW@127.0.0.1:1/test"')
+    event = tmp_path / "e.json"
+    event.write_text(json.dumps({"job_id": "sync", "run_id": "r1", "state": "FAILED"}))
+    assert main(["explain", "--config", str(tree.config_path), str(event)]) == 0
+    out = capsys.readouterr().out
+    assert "-> slack" in out and "SECRETPW" not in out
+    assert main(["check", "--config", str(tree.config_path)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: daemon.database cannot be opened" in out and "SECRETPW" not in out
