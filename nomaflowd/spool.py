@@ -186,6 +186,9 @@ class Spool:
                 if attempt == 1 and not os.path.isdir(self.rejected):
                     # Removed by an operator: make it again. If that fails (a file took
                     # its name, a read-only mount), no file can be rejected: raise.
+                    if os.path.lexists(self.rejected):
+                        raise NotADirectoryError(errno.ENOTDIR, f"{self.rejected} is not a"
+                                                 " directory") from None
                     self.rejected.mkdir(mode=0o700)
                     continue
                 if not os.access(self.rejected, os.W_OK | os.X_OK):

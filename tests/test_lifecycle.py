@@ -166,6 +166,7 @@ def test_a_spool_io_error_is_not_called_a_database_outage(tree, http, inproc, ca
     d.pump(lambda: tree.notifications(), what="the good file's audit row")
     assert "database unavailable" not in caplog.text
     assert "0-bad.json" in caplog.text and "cannot be moved to rejected/" in caplog.text
+    assert "rejected is not a directory" in caplog.text  # not "File exists"
     assert (tree.spool / "0-bad.json").exists()  # nothing is lost: it waits for an operator
 
 
