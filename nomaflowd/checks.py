@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nomaflowd import catalogue, db, incidents
 from nomaflowd.alerts import span
-from nomaflowd.config import Config
+from nomaflowd.config import Config, read_toml
 from nomaflowd.crypto import key_path
 from nomaflowd.errors import ConfigError
 from nomaflowd.routing import Router
@@ -36,6 +36,9 @@ def run_checks(cfg: Config, *, history: bool = False) -> list[tuple[str, str]]:
     if not cfg.jobs_file.exists():
         problems.append(("warning", f"{cfg.jobs_file} not found: every job gets the built-in"
                          " policy (alert on failure to every transport's default recipient)"))
+    else:
+        problems += [("warning", f"jobs.toml: [{found}] is not read; did you mean [{meant}]?")
+                     for found, meant in near_misses(cfg.jobs_file)]
     router = Router.from_config(cfg)
 
     def recipients(where: str, values: tuple[str, ...]) -> None:
@@ -179,3 +182,29 @@ def writer_checks(cat: catalogue.Catalogue, spool_dir: Path) -> list[tuple[str, 
                     problems.append(("warning", f"{where}: user {writer} does not exist on this"
                                      " host, so it admits nobody"))
     return problems
+
+
+# jobs.toml is Nomaflow's own catalogue: keys the daemon does not read are allowed, so a
+# misspelt one is silent. These are the misspellings one letter away from what it reads.
+_NEAR = {"default": "defaults", "job": "jobs"}
+_NEAR_IN_BLOCK = {"alert": "alerts", "tag": "tags", "writer": "writers",
+                  "schedules": "schedule", "time_zone": "timezone", "tz": "timezone"}
+
+
+def near_misses(path: Path) -> list[tuple[str, str]]:
+    """(written, meant) table or key names in jobs.toml that the daemon would not read."""
+    try:
+        data = read_toml(path, missing={})
+    except ConfigError:
+        return []  # said already, as an error
+    found = [(k, v) for k, v in _NEAR.items() if k in data]
+    blocks = [("defaults", data.get("defaults"))]
+    jobs = data.get("jobs")
+    if isinstance(jobs, dict):
+        blocks += [(f"jobs.{job}", block) for job, block in jobs.items()]
+    for where, block in blocks:
+        if isinstance(block, dict):
+            found += [(f"{where}.{k}", f"{where}.{v}") for k, v in _NEAR_IN_BLOCK.items()
+                      if k in block and v not in block]
+    return found
+

@@ -292,3 +292,22 @@ def test_explain_and_check_say_when_the_database_cannot_be_opened(tree, http, ca
     assert main(["check", "--config", str(tree.config_path)]) == 0
     out = capsys.readouterr().out
     assert "warning: daemon.database cannot be opened" in out and "SECRETPW" not in out
+
+
+def test_check_warns_of_a_near_miss_name_in_jobs_toml(tree, http, capsys):
+    """jobs.toml is Nomaflow's catalogue, so keys the daemon does not read are allowed; but
+    `[default.alerts]` or `[jobs.etl.alert]` silently left every job on the built-in policy.
+    check names them, with the name it expected."""
+    tree.write_config(tree.slack("slack", http.url("/slack")))
+    tree.write_jobs('[default.alerts]\nrecipients = ["#data"]\n'
+                    '[jobs.etl.alert]\non_failure = false\n[jobs.etl]\ncommand = "run.sh"\n'
+                    '[defaults.alert]\non_success = true\n')
+    assert main(["check", "--config", str(tree.config_path)]) == 0
+    out = capsys.readouterr().out
+    said = [line for line in out.splitlines() if "is not read" in line]
+    assert said == [
+        "warning: jobs.toml: [default] is not read; did you mean [defaults]?",
+        "warning: jobs.toml: [defaults.alert] is not read; did you mean [defaults.alerts]?",
+        "warning: jobs.toml: [jobs.etl.alert] is not read; did you mean [jobs.etl.alerts]?"]
+    assert "command" not in out  # Nomaflow's own keys are not ours to judge
+
