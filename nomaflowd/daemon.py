@@ -42,6 +42,12 @@ CHECKPOINT_IDLE_SECONDS = 30.0
 RESTART_ONLY = ("spool_dir", "database", "web_listen", "metrics_listen", "replica_id")
 
 
+def lease_of(cfg: Config) -> float:
+    """How long a replica may go without a heartbeat before its peers take its claims:
+    three polls, or two sends and some slack."""
+    return max(3 * cfg.poll_seconds, 2 * cfg.send_timeout_seconds + 5)
+
+
 def _ignore(signum: int, frame: FrameType | None) -> None:
     """A Python-level handler that does nothing: the wakeup fd carries the signal."""
 
@@ -67,7 +73,7 @@ class Daemon:
         self._relay: threading.Thread | None = None
         self._signal_pipe = (-1, -1)
         # A peer silent for this long is taken for dead and its unfinished sends are redone.
-        self.lease_seconds = max(3 * cfg.poll_seconds, 2 * cfg.send_timeout_seconds + 5)
+        self.lease_seconds = lease_of(cfg)
         self.identity = Identity(cfg.replica_id, self.lease_seconds)
         if cfg.metrics_listen:
             metrics.enable()  # before anything is counted
@@ -340,7 +346,7 @@ class Daemon:
     def retime(self, cfg: Config) -> None:
         """A reload's new poll_seconds or send_timeout_seconds: the poll's interval and the
         lease that peers are judged by follow it."""
-        lease = max(3 * cfg.poll_seconds, 2 * cfg.send_timeout_seconds + 5)
+        lease = lease_of(cfg)
         self.lease_seconds = self.deliveries.lease_seconds = self.identity.lease_seconds = lease
         if self.scheduler is not None and cfg.poll_seconds != self.config.poll_seconds:
             self.scheduler.reschedule_job("poll", trigger="interval", seconds=cfg.poll_seconds)

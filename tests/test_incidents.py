@@ -493,25 +493,19 @@ def test_cancelled_runs_neither_open_nor_close_an_episode(tree, http, inproc):
     tree.write_jobs('[jobs.sync.alerts]\non_recovery = true\nrecipients = ["hook", "pd"]\n'
                     '[jobs.other.alerts]\non_recovery = true\nrecipients = ["hook", "pd"]\n')
     d = inproc()
-    tree.drop({"job_id": "sync", "run_id": "r1", "state": "FAILED", "finished_at": ago(47)})
-    d.pump()
-    # A cancel inside the episode does not close it ...
-    tree.drop({"job_id": "sync", "run_id": "r2", "state": "CANCELLED", "finished_at": ago(30)})
-    d.pump()
-    tree.drop({"job_id": "sync", "run_id": "r3", "state": "FAILED", "finished_at": ago(20)})
-    d.pump()
-    tree.drop({"job_id": "sync", "run_id": "r4", "state": "SUCCEEDED", "finished_at": ago(10)})
-    d.pump()
-    # ... and a cancel after the success opens none: the next success recovers nothing.
-    tree.drop({"job_id": "sync", "run_id": "r5", "state": "CANCELLED", "finished_at": ago(5)})
-    d.pump()
-    tree.drop({"job_id": "sync", "run_id": "r6", "state": "SUCCEEDED", "finished_at": ago(1)})
-    d.pump()
-    # A job whose only trouble was a cancel: its success recovers nothing either.
-    tree.drop({"job_id": "other", "run_id": "o1", "state": "CANCELLED", "finished_at": ago(9)})
-    d.pump()
-    tree.drop({"job_id": "other", "run_id": "o2", "state": "SUCCEEDED", "finished_at": ago(2)})
-    d.pump()
+    runs = [
+        ("sync", "r1", "FAILED", 47),
+        ("sync", "r2", "CANCELLED", 30),  # a cancel inside the episode does not close it...
+        ("sync", "r3", "FAILED", 20),
+        ("sync", "r4", "SUCCEEDED", 10),
+        ("sync", "r5", "CANCELLED", 5),   # ...and one after the success opens none
+        ("sync", "r6", "SUCCEEDED", 1),
+        ("other", "o1", "CANCELLED", 9),  # a job whose only trouble was a cancel
+        ("other", "o2", "SUCCEEDED", 2),
+    ]
+    for job, run, state, minutes in runs:  # one at a time, in this order
+        tree.drop({"job_id": job, "run_id": run, "state": state, "finished_at": ago(minutes)})
+        d.pump()
 
     hook = [r.json() for r in http.requests if r.path == "/hook"]
     assert [(b["alert"], b["run_id"]) for b in hook] == [
