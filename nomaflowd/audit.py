@@ -99,6 +99,19 @@ def query_json(*, job: str | None = None, run: str | None = None,
     return "[" + ",".join(text for text, in cursor) + "]"
 
 
+# A CSV cell that starts like this is a formula to a spreadsheet (OWASP "CSV injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def as_text(value: Any) -> Any:
+    """A text cell of `--format csv` as a spreadsheet shows it, not runs it: an event file
+    chooses job ids, run ids and error texts, so one that starts like a formula gets a
+    leading apostrophe. Numbers and empty cells stay as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
 def render(rows: list[dict[str, Any]], fmt: str) -> str:
     if fmt == "json":
         # One call, so json's C encoder does it all (indent= would fall back to Python).
@@ -107,12 +120,12 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: as_text(v) for k, v in r.items()} for r in rows)
         return out.getvalue().rstrip("\n")
     if not rows:
         return "no notifications match"
     # escape(): a newline or a terminal escape written by an event file must not forge a
-    # row or reach the terminal (json and csv carry the values as they are)
+    # row or reach the terminal (json carries the values as they are; csv, see as_text())
     cells = [[escape(str(r[c] if r[c] is not None else "-"))[:60] for c in TABLE_COLUMNS]
              for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(TABLE_COLUMNS)]

