@@ -249,7 +249,8 @@ class Daemon:
             if self.ingest.last_scan and not self.ingest.pending:
                 self.schedules.poll(self.policy, self.deliveries, now)
         except db.OUTAGES as exc:
-            self.say_once_a_minute("poll", "poll skipped, database unavailable: %s", exc)
+            self.say_once_a_minute("poll", "poll skipped, database unavailable: %s",
+                                   db.one_line(exc))
 
     def poll_long_runs(self, now: datetime) -> int:
         """The long-run poll alone, at `now` (what tests drive)."""
@@ -266,7 +267,7 @@ class Daemon:
         """Files stay in the spool; say so once a minute, wait a moment, try again."""
         self.outage = True
         self.say_once_a_minute("database", "database unavailable, files wait in the spool: %s",
-                               exc)
+                               db.one_line(exc))
         self.ingest.pending.clear()
         self.stopping.wait(1.0)
         with contextlib.suppress(*db.OUTAGES):  # broken anyway; the next query reconnects
@@ -458,6 +459,6 @@ class Daemon:
                                                                   self.config.retention_days)
             logger.info("retention: removed %s", ", ".join(f"{n} {t}" for t, n in removed.items()))
         except db.OUTAGES as exc:
-            logger.error("retention skipped, database unavailable: %s", exc)
+            logger.error("retention skipped, database unavailable: %s", db.one_line(exc))
         finally:
             self.database.close()

@@ -500,6 +500,8 @@ def open_database(url: str) -> pw.Database:
             db = url_connect(url)
             if isinstance(db, pw.PostgresqlDatabase):
                 db._initialize_connection = _bounded_waits
+                for name, value in link_bounds().items():
+                    db.connect_params.setdefault(name, value)  # the URL's own win
     except ImportError:
         raise ConfigError(
             "daemon.database is PostgreSQL but no driver is installed;"
@@ -525,10 +527,41 @@ def open_database(url: str) -> pw.Database:
 LOCK_TIMEOUT = "5s"
 
 
+# A database across a network: a link that goes silent (a partition: no reset, no refusal)
+# must become an outage within seconds, said in the log while files wait in the spool. With
+# libpq's defaults a query waited for the kernel's retransmissions (about 15 minutes) and a
+# connect for its SYN retries (about 2), while systemd's watchdog (WatchdogSec=30, pinged
+# every 15 s) killed the daemon, again and again, with nothing in its log. Each wait here
+# ends within 11 s. A slow query is not cut short: the server's kernel still acknowledges.
+# Each can be set in the URL's query string instead (`?connect_timeout=30`).
+LINK_BOUNDS: dict[str, int] = {
+    "connect_timeout": 5,         # seconds per address tried
+    "tcp_user_timeout": 10_000,   # ms that sent data may go unacknowledged (libpq 12+)
+    "keepalives": 1,              # a query sent and acknowledged, its answer lost:
+    "keepalives_idle": 5,         # probes after 5 s of silence,
+    "keepalives_interval": 2,     # every 2 s,
+    "keepalives_count": 3,        # and the connection is given up after 3 unanswered
+}
+
+
+def link_bounds() -> dict[str, int]:
+    from psycopg2.extensions import libpq_version
+
+    if libpq_version() >= 120000:
+        return LINK_BOUNDS
+    return {k: v for k, v in LINK_BOUNDS.items() if k != "tcp_user_timeout"}
+
+
 def _bounded_waits(conn: Any) -> None:
     with conn.cursor() as cur:
         cur.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
     conn.commit()
+
+
+def one_line(exc: BaseException) -> str:
+    """A database error as one log line: the driver's first line (psycopg2's end in a
+    newline, which the log showed as a trailing `\\n`), or its class when it says nothing."""
+    return (str(exc).strip().splitlines() or [""])[0][:300] or type(exc).__name__
 
 
 def _why(exc: BaseException, url: str) -> str:

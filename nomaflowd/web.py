@@ -512,7 +512,7 @@ class _Handler(BaseHTTPRequestHandler):
         except BadRequest as exc:
             self.reply(400, "text/plain", f"{exc}\n")
         except DB_ERRORS as exc:
-            logger.error("notifications page: database unavailable: %s", exc)
+            logger.error("notifications page: database unavailable: %s", db.one_line(exc))
             self.reply(503, "text/plain", "database unavailable; see the daemon's log\n")
         except Exception:  # the page must never take the daemon down
             logger.exception("notifications page: %s %s failed", self.command, self.path)

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,13 @@ def free_port() -> int:
 
 
 class PrivatePostgres:
-    def __init__(self, root: Path) -> None:
+    """A PostgreSQL server of the test's own; inside `netns` when given (a host across a
+    link, see Partition), listening on `host`."""
+
+    def __init__(self, root: Path, netns: str = "", host: str = "127.0.0.1",
+                 client: str = "") -> None:
+        self.prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.host = host
         bindir = Path("/usr/lib/postgresql")
         versions = sorted(bindir.glob("*/bin/initdb")) if bindir.exists() else []
         if not versions or shutil.which("runuser") is None:
@@ -142,18 +149,21 @@ class PrivatePostgres:
         root.mkdir(parents=True)
         shutil.chown(root, "postgres")
         self.data = root / "data"
-        self.port = free_port()
+        self.port = 5432 if netns else free_port()  # a namespace has its ports to itself
         self.run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        if client:  # initdb trusts local connections only
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                hba.write(f"host all all {client}/32 trust\n")
         self.start()
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.url = f"postgresql://postgres@{host}:{self.port}/postgres"
 
     def run(self, tool: str, *args: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin / tool), *args],
-                       check=True, capture_output=True, cwd=self.root)
+        subprocess.run([*self.prefix, "runuser", "-u", "postgres", "--", str(self.bin / tool),
+                        *args], check=True, capture_output=True, cwd=self.root)
 
     def start(self) -> None:
         self.run("pg_ctl", "-D", str(self.data), "-w", "-l", str(self.root / "log"), "-o",
-                 f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1", "start")
+                 f"-p {self.port} -k {self.root} -c listen_addresses={self.host}", "start")
 
     def stop(self) -> None:
         self.run("pg_ctl", "-D", str(self.data), "-w", "-m", "fast", "stop")
@@ -207,3 +217,103 @@ def test_postgres_outage_under_load_loses_nothing_and_duplicates_nothing(
         b.close()
     runs = sorted(r.json()["run_id"] for r in http.requests)
     assert runs == sorted(f"p{i}" for i in range(40))
+
+
+# --- PostgreSQL across a link that goes silent ----------------------------------------------
+
+class Partition:
+    """A network namespace joined to this one by a veth pair: a server inside it is a host
+    across a link. cut() routes every packet from the namespace back to this side into a
+    blackhole, as a network partition does: no RST, no ICMP, silence. heal() undoes it."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.ns, self.link = f"nfd-{tag}", f"nfd{tag}"
+        octet = int(tag[:2], 16)
+        self.near, self.far = f"10.213.{octet}.1", f"10.213.{octet}.2"
+        self.ip("netns", "add", self.ns)
+        try:
+            self.ip("link", "add", self.link, "type", "veth", "peer", "name", f"{self.link}p")
+            self.ip("link", "set", f"{self.link}p", "netns", self.ns)
+            self.ip("addr", "add", f"{self.near}/30", "dev", self.link)
+            self.ip("link", "set", self.link, "up")
+            self.inside("addr", "add", f"{self.far}/30", "dev", f"{self.link}p")
+            self.inside("link", "set", f"{self.link}p", "up")
+            self.inside("link", "set", "lo", "up")
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+    def inside(self, *args: str) -> None:
+        self.ip("netns", "exec", self.ns, "ip", *args)
+
+    def cut(self) -> None:
+        self.inside("route", "add", "blackhole", f"{self.near}/32")
+
+    def heal(self) -> None:
+        self.inside("route", "del", "blackhole", f"{self.near}/32")
+
+    def close(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.ip("link", "del", self.link)  # its peer goes with it
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.ip("netns", "del", self.ns)
+
+
+@pytest.fixture
+def remote_pg():
+    """A private PostgreSQL across a Partition: (server, partition)."""
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2's ip is not installed")
+    try:
+        partition = Partition()
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"cannot make a network namespace here: {exc.stderr.strip()}")
+    root = Path(tempfile.mkdtemp(prefix="nomaflowd-pg-"))
+    root.chmod(0o755)
+    try:
+        server = PrivatePostgres(root / "pg", netns=partition.ns, host=partition.far,
+                                 client=partition.near)
+        try:
+            yield server, partition
+        finally:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                server.stop()
+    finally:
+        partition.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_silent_database_link_is_an_outage_not_a_hang(tree, http, remote_pg):
+    """README, Running several replicas: PostgreSQL unreachable. A link that drops packets
+    (no refusal, no reset) is noticed within seconds, said as the database being
+    unavailable, and the files wait; once the link is back they go out. Without bounds on
+    the connection, a query waited for the kernel's retransmissions (about 15 minutes) and
+    systemd's watchdog killed the daemon, again and again, with nothing in its log."""
+    server, partition = remote_pg
+    tree.database = server.url
+    configure(tree, http, "a", "poll_seconds = 1\nrescan_seconds = 0.2")
+    a = start(tree, "a")
+    try:
+        tree.drop({"job_id": "j", "run_id": "before", "state": "FAILED"})
+        http.wait_for(1)
+        partition.cut()
+        tree.drop({"job_id": "j", "run_id": "during", "state": "FAILED"})
+        wait_until(lambda: "database unavailable" in a.output(), timeout=45,
+                   what="the outage said in the log")
+        said = [line for line in a.output().splitlines() if "database unavailable" in line]
+        assert not any(line.endswith("\\n") for line in said)  # the driver's, without its \\n
+        assert a.proc.poll() is None
+        assert len(tree.spool_files()) == 1 and len(http.requests) == 1
+        partition.heal()
+        http.wait_for(2, timeout=45)
+        wait_until(lambda: not tree.spool_files(), what="the spool emptied")
+        assert a.stop() == 0
+    finally:
+        a.close()
+    assert [r.json()["run_id"] for r in http.requests] == ["before", "during"]
+    assert "Traceback" not in a.output()
