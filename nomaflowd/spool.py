@@ -358,6 +358,9 @@ class Watcher:
     def on_queue_overflow(self) -> None:
         self.wake()  # events were lost: the scan finds the files
 
+    def on_events_lost(self) -> None:
+        """watchdog 7.1.1+: said once every watch has had on_queue_overflow (woken already)."""
+
     def on_watch_deleted(self, wd: Any) -> None:
         self.wake()  # the spool went away: the scan says so
 

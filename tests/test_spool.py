@@ -350,3 +350,29 @@ def test_a_note_left_as_a_draft_by_a_kill_is_put_in_place_at_the_next_start(tree
     Spool(tree.spool).prepare()
     assert error_note(tree, "bad.json") == "2026-05-26T02:30:00Z bad.json: why\n"
     assert sorted(os.listdir(rejected)) == ["bad.json", "bad.json.error"]
+
+
+def test_the_spool_watch_outlives_an_overflowed_inotify_queue(tmp_path):
+    """More arrivals than the kernel's inotify queue holds while the watcher is busy: the
+    kernel drops them and sends one IN_Q_OVERFLOW event instead. The watcher wakes the loop
+    (its scan finds every file) and keeps watching. watchdog 7.1.1 answers that event with a
+    second callback, which a watcher without it met with an AttributeError that stopped the
+    watch and printed a traceback. The event is fed to watchdog's own dispatch here: since
+    7.1.1 its reader never waits for a callback, so a test cannot make the kernel overflow."""
+    from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
+
+    from nomaflowd.spool import watch
+    from tests.servers import wait_until
+
+    wakes: list[int] = []
+    watcher = watch(tmp_path, lambda: wakes.append(1))
+    try:
+        watcher.reader.handle_event(InotifyEvent(-1, InotifyConstants.IN_Q_OVERFLOW, 0, b""))
+        assert wakes, "no wake-up for the overflow: the scan would wait for the rescan"
+        count = len(wakes)
+        (tmp_path / "after.json").write_bytes(b"{}")
+        wait_until(lambda: len(wakes) > count, what="a wake-up for a file after the overflow")
+        assert watcher.reader.is_alive()
+    finally:
+        watcher.stop()
+        watcher.join(10)
