@@ -13,8 +13,10 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
+import traceback
 from dataclasses import replace
 from datetime import datetime, timedelta
 from types import FrameType
@@ -38,6 +40,11 @@ logger = logging.getLogger(__name__)
 # CHECKPOINT_IDLE_SECONDS once it finds nothing new, until the main loop writes again.
 CHECKPOINT_SECONDS = 1.0
 CHECKPOINT_IDLE_SECONDS = 30.0
+# Without systemd's watchdog: how long the main loop may go without turning before the log
+# says where it is stuck. With it, half of WatchdogSec (15 s for the unit's 30): said before
+# systemd stops the daemon. Longer than any wait the daemon bounds itself (a silent
+# database link: 11 s).
+STALL_SECONDS = 15.0
 # Keys whose change needs a restart: a reload keeps the running value and says so.
 RESTART_ONLY = ("spool_dir", "database", "web_listen", "metrics_listen", "replica_id")
 
@@ -46,6 +53,55 @@ def lease_of(cfg: Config) -> float:
     """How long a replica may go without a heartbeat before its peers take its claims:
     three polls, or two sends and some slack."""
     return max(3 * cfg.poll_seconds, 2 * cfg.send_timeout_seconds + 5)
+
+
+def where(thread_id: int) -> str:
+    """What a thread is doing, for the log: its innermost Python frame and, when that is not
+    ours (peewee, a driver), the innermost of ours that is not db.py's plumbing."""
+    frame = sys._current_frames().get(thread_id)
+    if frame is None:
+        return "nothing (the thread has ended)"
+    stack = traceback.extract_stack(frame)
+    said = [f"{os.path.basename(stack[-1].filename)}:{stack[-1].lineno} {stack[-1].name}"]
+    ours = [f for f in stack if f"{os.sep}nomaflowd{os.sep}" in f.filename
+            and not f.filename.endswith(f"{os.sep}db.py")]
+    if ours and ours[-1] is not stack[-1]:
+        said.append(f"called from {os.path.basename(ours[-1].filename)}:{ours[-1].lineno}"
+                    f" {ours[-1].name}")
+    return ", ".join(said)
+
+
+class StallWatch:
+    """Says in the log when the main loop stops turning, and where it is stuck: a database
+    server that takes a query and never answers (frozen, or stuck on its disk: its kernel
+    still acknowledges, so no timeout fires), or a bug. systemd's watchdog then stops the
+    daemon with only "Watchdog timeout" in its own log. Its thread wakes every few seconds
+    and reads one timestamp; it never touches the loop's state."""
+
+    def __init__(self, daemon: Daemon, stall_seconds: float) -> None:
+        self.daemon = daemon
+        self.stall_seconds = stall_seconds
+        self.main = threading.main_thread().ident or 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        stuck: float | None = None  # the busy_since of the turn said to be stuck
+        while not self.done.wait(min(5.0, self.stall_seconds / 4)):
+            busy = self.daemon.busy_since
+            now = time.monotonic()
+            if stuck is not None and busy != stuck:
+                logger.warning("the main loop turns again, after %.0f s", now - stuck)
+                stuck = None
+            if stuck is None and busy is not None and now - busy >= self.stall_seconds:
+                stuck = busy
+                logger.error("the main loop has not turned for %.0f s; it is in %s",
+                             now - busy, where(self.main))
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(5)
 
 
 def _ignore(signum: int, frame: FrameType | None) -> None:
@@ -63,6 +119,8 @@ class Daemon:
         self.last_ping = 0.0
         self.watchdog_every = systemd.watchdog_interval()
         self.last_progress = time.monotonic()
+        self.busy_since: float | None = None  # when the loop's current turn began; None asleep
+        self.stall_watch: StallWatch | None = None
         self.logged: dict[str, float] = {}
         self.outage = False
         self.spool_lost = False
@@ -182,7 +240,9 @@ class Daemon:
             raise
         logger.info("nomaflowd started: spool %s, replica %s, %d transport(s)",
                     self.config.spool_dir, self.config.replica_id, len(self.config.transports))
+        self.stall_watch = StallWatch(self, self.watchdog_every or STALL_SECONDS)
         while not self.stopping.is_set():
+            self.busy_since = time.monotonic()
             try:
                 more = self.step()
                 if self.reload_requested:
@@ -193,8 +253,10 @@ class Daemon:
                 more = False
             self.maybe_ping()
             if not more:
+                self.busy_since = None
                 self.wakeup.wait(self.idle_timeout())
                 self.wakeup.clear()
+        self.stall_watch.close()
         self.shutdown()
         return 0
 
@@ -382,11 +444,12 @@ class Daemon:
                     deadline = time.monotonic() + 3 * self.config.send_timeout_seconds
                 if time.monotonic() >= deadline:  # their claims stay open: sent again
                     logger.error("could not record the last %d result(s), database"
-                                 " unavailable: %s", len(self.deliveries.unrecorded), exc)
+                                 " unavailable: %s", len(self.deliveries.unrecorded),
+                                 db.one_line(exc))
                     break
                 self.say_once_a_minute("stop", "waiting for the database to record the last"
                                        " %d result(s): %s", len(self.deliveries.unrecorded),
-                                       exc)
+                                       db.one_line(exc))
                 time.sleep(1.0)
         self.spool.close()
         with contextlib.suppress(*db.OUTAGES):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -317,3 +319,54 @@ def test_a_silent_database_link_is_an_outage_not_a_hang(tree, http, remote_pg):
         a.close()
     assert [r.json()["run_id"] for r in http.requests] == ["before", "during"]
     assert "Traceback" not in a.output()
+
+
+# --- PostgreSQL that takes a query and never answers ----------------------------------------
+
+def server_processes(server: PrivatePostgres) -> list[int]:
+    """The postmaster and every process it started (one backend per connection)."""
+    postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat[stat.rindex(")") + 2:].split()[1]) == postmaster:
+                    children.append(int(entry.name))
+    return [postmaster, *children]
+
+
+def test_a_frozen_database_is_said_before_the_watchdog_stops_the_daemon(tree, http, private_pg):
+    """README, Install as a service. A server that takes a query and never answers (frozen,
+    or stuck on its disk: its kernel still acknowledges, so no timeout of the connection
+    fires) holds the main loop. systemd's watchdog then stops the daemon, and its own log
+    says only "Watchdog timeout"; so the daemon says first that its loop is stuck, and in
+    what. If the server wakes up before that, the loop says it turns again, and nothing is
+    lost."""
+    tree.database = private_pg.url
+    configure(tree, http, "a", "rescan_seconds = 0.2")
+    a = start(tree, "a", env={"WATCHDOG_USEC": "4000000"})  # pings every 2 s
+    try:
+        tree.drop({"job_id": "j", "run_id": "before", "state": "FAILED"})
+        http.wait_for(1)
+        frozen = server_processes(private_pg)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            tree.drop({"job_id": "j", "run_id": "during", "state": "FAILED"})
+            wait_until(lambda: "main loop has not turned" in a.output(), timeout=20,
+                       what="the stuck loop said in the log")
+            assert a.proc.poll() is None and len(http.requests) == 1
+        finally:
+            for pid in frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: "main loop turns again" in a.output(), timeout=20,
+                   what="the loop said to turn again")
+        http.wait_for(2)
+        assert a.stop() == 0
+    finally:
+        a.close()
+    [stuck] = [line for line in a.output().splitlines() if "has not turned" in line]
+    assert " ERROR " in stuck and "peewee.py" in stuck  # where: a query that has no answer
+    assert [r.json()["run_id"] for r in http.requests] == ["before", "during"]
