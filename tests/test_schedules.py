@@ -138,6 +138,25 @@ def test_check_names_the_bad_schedule_key(tree, capsys):
         assert len(lines) == 1, (jobs, out)
 
 
+def test_time_zones_work_on_a_host_without_a_zone_database(tree):
+    """A sidecar runs on every runner host, minimal containers too, and some have no
+    /usr/share/zoneinfo: a schedule in "Europe/Paris" must not be refused as an unknown
+    zone there. zoneinfo then reads the zones of the `tzdata` package, which installs with
+    nomaflowd. Here PYTHONTZPATH points at an empty directory, as such a host has."""
+    import subprocess
+    import sys
+
+    tree.write_config(tree.webhook("hook", "http://127.0.0.1:9/"))
+    tree.write_jobs('[jobs.etl]\nschedule = "0 2 * * *"\ntimezone = "Europe/Paris"\n')
+    empty = tree.root / "no-zoneinfo"
+    empty.mkdir()
+    done = subprocess.run([sys.executable, "-m", "nomaflowd", "check", "--config",
+                           str(tree.config_path)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONTZPATH": str(empty)})
+    assert "timezone" not in done.stdout + done.stderr, done.stdout + done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def next_friday_13th(after: datetime) -> datetime:
     """Midnight (UTC) of the first Friday the 13th strictly after `after`, day by day."""
     day = datetime(after.year, after.month, after.day)
