@@ -267,7 +267,8 @@ class Dispatcher:
         """Send what the lanes allow now; returns seconds until it is worth calling again, or
         None when nothing waits."""
         sends, next_call = self.pacer.due(
-            time.monotonic(), lambda n: getattr(self.transports.get(n), "supports_digest", False))
+            time.monotonic(), lambda n: getattr(self.transports.get(n), "supports_digest", False),
+            lambda n: n in self.transports and self._using.get(id(self.transports[n]), 0) > 0)
         for name, group in sends:
             if name not in self.transports:
                 self._ready.extend(attempt_once(None, a) for a in group)

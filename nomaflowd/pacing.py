@@ -40,6 +40,11 @@ class Lane:
     waiting: deque[Waiting] = field(default_factory=deque)
     paused_until: float = 0.0     # time.monotonic()
     pause_to_share: float = 0.0   # seconds of pause still to write to the shared bucket
+    # A 429 came back: the next message waits, past the pause, for the lane's other sends
+    # in flight, whose answers are most likely 429s too; then the refused alerts go out
+    # together, one digest. Sent again alone at each pause's end, the first one refused
+    # used its MAX_REFUSALS up while the others were still on their way back.
+    settling: bool = False
 
     @classmethod
     def from_settings(cls, name: str, settings: Mapping[str, Any]) -> Lane:
@@ -59,11 +64,15 @@ class Lane:
         self.pause_to_share = max(self.pause_to_share, seconds)
 
     def plan(self, now: float) -> tuple[list[list[Waiting]], list[Waiting]]:
-        """(digest groups due now, single alerts in arrival order)."""
+        """(digest groups due now, single alerts in arrival order). A recipient's digest is
+        due once one of its alerts was refused or has waited digest_after, and then takes
+        everything waiting for that recipient, the alerts that came after it too."""
+        due = {w.attempt.recipient for w in self.waiting
+               if w.refused or now - w.since >= self.digest_after}
         groups: dict[str, list[Waiting]] = {}
         singles: list[Waiting] = []
         for w in self.waiting:
-            if w.refused or now - w.since >= self.digest_after:
+            if w.attempt.recipient in due:
                 groups.setdefault(w.attempt.recipient, []).append(w)
             else:
                 singles.append(w)
@@ -130,17 +139,20 @@ class Pacer:
             return False
         note = f"refused with {detail}, then held for a digest"
         lane.pause(retry_after, now)
+        lane.settling = True
         for m in reversed(members):
             again = replace(m, refusals=m.refusals + 1,
                             note=m.note if m.refusals else m.with_note(note).note)
             lane.waiting.appendleft(Waiting(again, now, refused=note))
         return True
 
-    def due(self, now: float, digests: Callable[[str], bool]
+    def due(self, now: float, digests: Callable[[str], bool],
+            busy: Callable[[str], bool] = lambda name: False,
             ) -> tuple[list[tuple[str, list[Any]]], float | None]:
         """What may go out now: (transport, attempts) groups, one message each (several
         attempts = a digest); and seconds until it is worth asking again (None: nothing waits).
-        `digests(name)` says whether a transport can send digests."""
+        `digests(name)` says whether a transport can send digests; `busy(name)` whether it
+        has sends in flight (each one's answer makes the owner ask again)."""
         sends: list[tuple[str, list[Any]]] = []
         next_call: float | None = None
 
@@ -159,6 +171,10 @@ class Pacer:
             if now < lane.paused_until:
                 soon(lane.paused_until - now)
                 continue
+            if lane.settling:
+                if busy(lane.transport):
+                    continue
+                lane.settling = False
             groups, singles = lane.plan(now)
             if not digests(lane.transport):  # each alert on its own, in order, as tokens allow
                 singles = [w for g in groups for w in g] + singles

@@ -308,6 +308,65 @@ def test_a_429_is_not_a_failure_but_the_digest_after_it_counts(tree, http, inpro
     assert streak(tree) == [(3, 1)]
 
 
+def test_a_digest_takes_everything_waiting_for_its_recipient(tree, http, inproc):
+    """README: a 429 "puts the refused alert back in line; it is folded into the next
+    digest", and a digest is "everything waiting for the same recipient". Alerts that came
+    while the channel was paused go in that digest too, not each in a message of its own
+    behind it: a refused alert sent alone again at every pause's end (the bucket is empty
+    after a 429) used its five refusals up while the alerts behind it waited."""
+    answers = iter([Reply(429, b"rate_limited", headers={"Retry-After": "2"})])
+    http.replies["/slack"] = lambda request: next(answers, Reply(200, b"ok"))
+    tree.write_config(tree.slack("slack", http.url("/slack"),
+                                 "rate_per_minute = 600\nburst = 20\ndigest_after_seconds = 30"))
+    tree.write_jobs('[defaults.alerts]\nrecipients = ["#ops"]\n')
+    d = inproc()
+    tree.drop({"job_id": "first", "run_id": "r0", "state": "FAILED"})
+    d.pump(until=lambda: len(http.requests) == 1 and d.daemon.dispatcher.pacer.waiting == 1,
+           what="the first alert sent, refused, back in line")
+    for i in (1, 2):
+        tree.drop({"job_id": f"later-{i}", "run_id": f"r{i}", "state": "FAILED"})
+    d.pump(until=lambda: d.daemon.dispatcher.pacer.waiting == 3, what="all three in line")
+    rows = d.pump(until=lambda: len(slack_rows(tree)) == 3 and slack_rows(tree), timeout=15,
+                  what="three audit rows")
+    assert len(http.requests) == 2  # the refused message, then one digest
+    assert b"digest-" in http.requests[1].body
+    assert {r["outcome"] for r in rows} == {"SENT"}
+    assert all(re.search(r"in digest-[0-9a-f]{8} of 3 alerts: HTTP 200 ok$", r["detail"])
+               for r in rows), [r["detail"] for r in rows]
+
+
+def test_after_a_429_the_channel_waits_for_the_answers_still_on_their_way(tree, http, inproc):
+    """Three alerts go out at once and the channel refuses all three, the first answer
+    quickly, the other two slowly. The pause of the first 429 ends before the others come
+    back; the refused alert then waits for them instead of going out alone again, and the
+    three go together in one digest: four messages in all, each alert SENT."""
+    lock = threading.Lock()
+    singles: list[int] = []
+
+    def slack(request) -> Reply:
+        if b"digest-" in request.body:
+            return Reply(200, b"ok")
+        with lock:
+            singles.append(1)
+            first = len(singles) == 1
+        return Reply(429, b"rate_limited", headers={"Retry-After": "0.1"},
+                     delay=0.0 if first else 1.0)
+
+    http.replies["/slack"] = slack
+    tree.write_config(tree.slack("slack", http.url("/slack"),
+                                 "rate_per_minute = 600\nburst = 20\ndigest_after_seconds = 30"))
+    tree.write_jobs('[defaults.alerts]\nrecipients = ["#ops"]\n')
+    d = inproc()
+    for i in range(3):
+        tree.drop({"job_id": f"job-{i}", "run_id": f"r{i}", "state": "FAILED"})
+    rows = d.pump(until=lambda: len(slack_rows(tree)) == 3 and slack_rows(tree), timeout=15,
+                  what="three audit rows")
+    assert len(singles) == 3 and len(http.requests) == 4
+    assert {r["outcome"] for r in rows} == {"SENT"}
+    assert all(re.search(r"in digest-[0-9a-f]{8} of 3 alerts: HTTP 200 ok$", r["detail"])
+               for r in rows), [r["detail"] for r in rows]
+
+
 def test_a_failure_streak_survives_a_restart(tree, http, inproc):
     """README: "The streak is a row of the `transport_streaks` table, so a restart does not
     forget it": 2 failures, a restart, 1 failure make the one `transport_failing` alert of
