@@ -329,24 +329,9 @@ class Spool:
         return out
 
 
-class _Reader(InotifyFD):
-    """watchdog's inotify reader, calling back on its own thread (watchdog 7.1.0's loop).
-
-    7.1.1 hands every read to a second thread through a queue, and merges reads that come
-    within 1 ms: one more GIL hand-off between a rename and the POST. bench/stages.py, same
-    machine, back to back: rename -> POST p50 1.13 and 1.09 ms with 7.1.1's loop, 0.86 ms
-    with 7.1.0; rename -> hint alone 0.075-0.080 against 0.000 ms.
-    """
-
-    def run(self) -> None:
-        while self.should_keep_running() and not self._closed:
-            for event in self.read_events():
-                self.handle_event(event)
-
-
 class Watcher:
-    """watchdog's inotify reader on the spool directory, calling back on that reader's own
-    thread: one thread between the kernel and the main loop.
+    """watchdog's inotify reader on the spool directory, calling back directly (since
+    watchdog 7.1.1 from its second thread: it reads on one, dispatches on another).
 
     watchdog's Observer put two more in the way (an emitter and a dispatcher, each a queue
     and a GIL hand-off), most of a paced event's rename-to-POST time (bench/README.md,
@@ -359,7 +344,7 @@ class Watcher:
 
     def __init__(self, path: Path, wake: Callable[[], None]) -> None:
         self.wake = wake
-        self.reader = _Reader()  # its own (get_instance() would be shared process-wide)
+        self.reader = InotifyFD()  # its own (get_instance() would be shared process-wide)
         self.reader.name = "spool-watch"
         self.reader.add_callback(os.fsencode(path), self.MASK, self, CallbackId(1))
 
