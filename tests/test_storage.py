@@ -78,16 +78,21 @@ def test_the_first_final_state_of_a_run_wins_within_one_batch(backend, http):
 def test_a_run_started_and_ended_in_one_batch_is_stored_as_in_two(backend, http):
     """A backlog holds a run's RUNNING and its end in one batch: its runs row is the one that
     two batches leave (start kept, end and state set, long-run deadline gone, the RUNNING
-    event's overrides kept), also when its end comes first or twice."""
+    event's overrides kept), also when its end comes first or twice. The runs are recent,
+    their long-run warning not due: a fixed past start made the poll (every 0.2 s here)
+    warn of "apart" whenever the machine was slow enough to let a tick fall between its two
+    batches, and the test saw four requests."""
     backend.write_config(backend.webhook("hook", http.url()))
     backend.write_jobs("[defaults.alerts]\non_failure = true\non_long_run_minutes = 30\n")
     d = InProcess(backend)
+    started = datetime.now(UTC).replace(tzinfo=None, microsecond=0) - timedelta(minutes=10)
+    finished = started + timedelta(minutes=10)
 
     def run(run_id: str) -> list[dict[str, Any]]:
         return [{"job_id": "j", "run_id": run_id, "state": "RUNNING",
-                 "started_at": "2026-05-26T02:00:00Z", "tags": ["nightly"]},
+                 "started_at": f"{started.isoformat()}Z", "tags": ["nightly"]},
                 {"job_id": "j", "run_id": run_id, "state": "FAILED", "error": "x",
-                 "finished_at": "2026-05-26T02:10:00Z"}]
+                 "finished_at": f"{finished.isoformat()}Z"}]
 
     def row(run_id: str) -> tuple[Any, ...]:
         r = db.RunRow.get(db.RunRow.run_id == run_id)
@@ -108,13 +113,11 @@ def test_a_run_started_and_ended_in_one_batch_is_stored_as_in_two(backend, http)
         backend.drop({**end, "state": "SUCCEEDED"})
         backend.drop(start)
         d.pump()
-        expected = ("FAILED", datetime(2026, 5, 26, 2, 0), datetime(2026, 5, 26, 2, 10), None,
-                    '{"tags": ["nightly"]}', True)
+        expected = ("FAILED", started, finished, None, '{"tags": ["nightly"]}', True)
         assert row("apart") == expected
         assert row("together") == expected
         # the end came first: its row, with no start of its own and no overrides
-        assert row("reversed") == ("FAILED", None, datetime(2026, 5, 26, 2, 10), None, None,
-                                   True)
+        assert row("reversed") == ("FAILED", None, finished, None, None, True)
         assert sorted(r.json()["run_id"] for r in http.wait_for(3)) == [
             "apart", "reversed", "together"]
     finally:
