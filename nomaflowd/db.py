@@ -558,15 +558,19 @@ def _bounded_waits(conn: Any) -> None:
     conn.commit()
 
 
+def first_line(exc: BaseException) -> str:
+    """The driver's first line, stripped (psycopg2's messages end in a newline)."""
+    return (str(exc).strip().splitlines() or [""])[0][:300]
+
+
 def one_line(exc: BaseException) -> str:
-    """A database error as one log line: the driver's first line (psycopg2's end in a
-    newline, which the log showed as a trailing `\\n`), or its class when it says nothing."""
-    return (str(exc).strip().splitlines() or [""])[0][:300] or type(exc).__name__
+    """A database error as one log line: first_line(), or its class when it says nothing."""
+    return first_line(exc) or type(exc).__name__
 
 
 def _why(exc: BaseException, url: str) -> str:
     """The driver's first line, without the URL's password (a driver may quote the DSN)."""
-    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    text = first_line(exc)
     password = urlsplit(url).password if "://" in url else None
     if password:
         text = text.replace(password, "***")
