@@ -67,6 +67,37 @@ def test_a_private_ca_is_trusted_with_ca_file_and_refused_without(tree, https, c
     assert https.wait_for(1)[0].json()["alert"] == "test"
 
 
+def test_https_trusts_what_the_host_trusts_as_email_does(tree, https, ca, monkeypatch):
+    """A CA the host trusts (a corporate CA installed with update-ca-certificates; here
+    $SSL_CERT_FILE, which OpenSSL reads as the host's bundle) is trusted by the HTTP
+    transports without ca_file, as SMTP's STARTTLS and curl trust it. requests alone used
+    certifi's own copy of the public CAs, so a webhook and an email to the same internal
+    host disagreed."""
+    bundle = tree.etc / "host-bundle.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    sent = send(tree, tree.webhook("hook", https.url()))
+    assert sent.outcome == SENT, sent.detail
+    assert https.wait_for(1)[0].json()["alert"] == "test"
+
+
+def test_without_a_host_bundle_https_falls_back_to_certifi():
+    """A host with no CA bundle at all (a minimal container) still verifies public hosts:
+    certifi's copy, which requests ships with."""
+    import ssl
+
+    import certifi
+
+    from nomaflowd.transports.http_client import host_trust
+
+    none = ssl.DefaultVerifyPaths(None, None, "SSL_CERT_FILE", "/nonexistent/cert.pem",
+                                  "SSL_CERT_DIR", "/nonexistent/certs")
+    assert host_trust(none) == certifi.where()
+    found = ssl.DefaultVerifyPaths(certifi.where(), None, "SSL_CERT_FILE", certifi.where(),
+                                   "SSL_CERT_DIR", "/nonexistent/certs")
+    assert host_trust(found) == certifi.where()
+
+
 def test_a_certificate_for_another_host_is_refused_even_from_a_trusted_ca(tree, ca):
     """The CA is trusted (ca_file), but the certificate names another host: no send."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -14,6 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -308,6 +309,19 @@ def describe_request_error(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def host_trust(paths: ssl.DefaultVerifyPaths | None = None) -> str:
+    """The CA bundle HTTPS verifies against without `ca_file`: the host's ($SSL_CERT_FILE,
+    else OpenSSL's default file: /etc/ssl/certs/ca-certificates.crt on Debian), which curl
+    and SMTP's STARTTLS trust, a corporate CA installed there included; certifi's copy of
+    the public CAs, which requests ships with, where the host has none (a minimal image)."""
+    paths = paths or ssl.get_default_verify_paths()
+    if paths.cafile and Path(paths.cafile).is_file():
+        return paths.cafile
+    import certifi  # requests' own dependency
+
+    return str(certifi.where())
+
+
 def _check_url(url: str) -> None:
     """Raise TransportError for a URL the HTTP libraries would mangle or quote in an error."""
     if " " in url or not url.isprintable():
@@ -349,7 +363,7 @@ class HttpTransport(Transport):
         self._lock = threading.Lock()
         self._proxies: dict[str, dict[str, str]] = {}
         ca_file = settings.get("ca_file")
-        self._verify: str | bool = str(ca_file) if ca_file else True
+        self._verify: str = str(ca_file) if ca_file else host_trust()
 
     def proxy_for(self, url: str) -> str | None:
         """The proxy URL a request to `url` goes through (credentials included), or None."""
