@@ -213,7 +213,7 @@ def run(ctx: Ctx, rep: int) -> dict[str, Any]:
     # Three replicas spending what one spends per delivery can go as much faster as the
     # cores one replica leaves idle: all of them busy, over the share one replica keeps busy
     # (every process counted: PostgreSQL, receiver, writer). At most 3x.
-    out["r3_ceiling"] = min(3.0, 100.0 / out["r1_busy_pct"])
+    out["r3_ceiling"] = min(3.0, 100.0 / max(out["r1_busy_pct"], 1.0))
     return out
 
 
