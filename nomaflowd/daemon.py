@@ -120,7 +120,6 @@ class Daemon:
         self.watchdog_every = systemd.watchdog_interval()
         self.last_progress = time.monotonic()
         self.busy_since: float | None = None  # when the loop's current turn began; None asleep
-        self.stall_watch: StallWatch | None = None
         self.logged: dict[str, float] = {}
         self.outage = False
         self.spool_lost = False
@@ -240,7 +239,7 @@ class Daemon:
             raise
         logger.info("nomaflowd started: spool %s, replica %s, %d transport(s)",
                     self.config.spool_dir, self.config.replica_id, len(self.config.transports))
-        self.stall_watch = StallWatch(self, self.watchdog_every or STALL_SECONDS)
+        stall_watch = StallWatch(self, self.watchdog_every or STALL_SECONDS)
         while not self.stopping.is_set():
             self.busy_since = time.monotonic()
             try:
@@ -256,7 +255,7 @@ class Daemon:
                 self.busy_since = None
                 self.wakeup.wait(self.idle_timeout())
                 self.wakeup.clear()
-        self.stall_watch.close()
+        stall_watch.close()
         self.shutdown()
         return 0
 

@@ -147,7 +147,7 @@ class Pacer:
         return True
 
     def due(self, now: float, digests: Callable[[str], bool],
-            busy: Callable[[str], bool] = lambda name: False,
+            busy: Callable[[str], bool],
             ) -> tuple[list[tuple[str, list[Any]]], float | None]:
         """What may go out now: (transport, attempts) groups, one message each (several
         attempts = a digest); and seconds until it is worth asking again (None: nothing waits).
