@@ -79,8 +79,9 @@ def http() -> Iterator[HttpRecorder]:
 def daemon_factory(tree: Tree) -> Iterator[Any]:
     made: list[DaemonProcess] = []
 
-    def make(env: dict[str, str] | None = None, *, wait: bool = True) -> DaemonProcess:
-        d = DaemonProcess(tree, env)
+    def make(env: dict[str, str] | None = None, *, wait: bool = True,
+             prefix: list[str] | None = None) -> DaemonProcess:
+        d = DaemonProcess(tree, env, prefix=prefix)
         made.append(d)
         return d.start(wait=wait)
 

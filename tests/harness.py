@@ -114,8 +114,9 @@ class DaemonProcess:
     """
 
     def __init__(self, tree: Tree, env: dict[str, str] | None = None, *, tag: str | None = None,
-                 abstract_socket: bool = False) -> None:
+                 abstract_socket: bool = False, prefix: list[str] | None = None) -> None:
         self.tree = tree
+        self.prefix = prefix or []  # a command the daemon runs under (it execs the rest)
         tag = tag or str(time.monotonic_ns())
         self.log_path = tree.root / f"daemon-{tag}.log"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -138,7 +139,8 @@ class DaemonProcess:
         self.log = self.log_path.open("ab")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nomaflowd", "run", "--config", str(self.tree.config_path)],
+            [*self.prefix, sys.executable, "-m", "nomaflowd", "run", "--config",
+             str(self.tree.config_path)],
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=self.tree.root)
         if wait:
             self.wait_message("READY=1")

@@ -15,8 +15,8 @@ from typing import Any
 
 from tests.harness import HttpRecorder, Reply, Request
 
-__all__ = ["ForwardProxy", "HttpRecorder", "Reply", "Request", "SilentTls", "closed_port",
-           "wait_until"]
+__all__ = ["ForwardProxy", "HttpRecorder", "Reply", "Request", "SilentTls", "SmtpTarpit",
+           "closed_port", "wait_until"]
 
 
 def closed_port() -> int:
@@ -140,6 +140,39 @@ class SilentTls:
         self.listener.close()
         for s in self.held:
             s.close()
+
+
+class SmtpTarpit:
+    """An SMTP server whose greeting never ends: a "220-" continuation line every `every`
+    seconds, each well within a read timeout (after a TLS handshake with `context`)."""
+
+    def __init__(self, context: Any = None, every: float = 0.05) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.context = context
+        self.every = every
+        self.greeted = threading.Event()  # a client has read at least one line
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="smtp-tarpit", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.closing.is_set():
+            if not select.select([self.listener], [], [], 0.05)[0]:
+                continue
+            with contextlib.suppress(OSError), self.listener.accept()[0] as conn:
+                sock = conn
+                if self.context is not None:
+                    sock = self.context.wrap_socket(conn, server_side=True)
+                while not self.closing.is_set():
+                    sock.sendall(b"220-still here\r\n")  # OSError once the client is gone
+                    self.greeted.set()
+                    self.closing.wait(self.every)
+
+    def close(self) -> None:
+        self.closing.set()
+        self.thread.join(5)
+        self.listener.close()
 
 
 class ScriptedHttp:

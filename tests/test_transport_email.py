@@ -12,7 +12,7 @@ from nomaflowd import config
 from nomaflowd.dispatch import FAILED_DELIVERY, FAILED_TRANSPORT, SENT, Attempt, Dispatcher
 from nomaflowd.transports import build
 from nomaflowd.transports.email import Email
-from tests.servers import closed_port
+from tests.servers import SmtpTarpit, closed_port
 from tests.smtp_server import Certs, SmtpRecorder, make_certs
 from tests.test_transport_slack import RUN_URL, make_alert
 
@@ -210,6 +210,21 @@ def test_email_timeout_bounds_the_whole_conversation(smtp_factory, rig_factory, 
     assert result.outcome == FAILED_TRANSPORT
     assert "timed out" in result.detail
     assert result.duration_ms < 1000
+
+
+@pytest.mark.parametrize("mode", ["none", "starttls", "tls"])
+def test_email_a_greeting_that_never_ends_is_cut_at_the_timeout(rig_factory, certs, mode):
+    # Each line of the greeting comes within the timeout, and the greeting never ends.
+    tarpit = SmtpTarpit(certs.server_context() if mode == "tls" else None)
+    try:
+        rig = rig_factory(tarpit.port, trusted(certs, mode), timeout=0.45)
+        result = rig.attempt()
+        assert tarpit.greeted.is_set()
+        assert result.outcome == FAILED_TRANSPORT
+        assert result.detail == "timed out after 0.45s"
+        assert result.duration_ms < 1000
+    finally:
+        tarpit.close()
 
 
 # --- rendering -------------------------------------------------------------------------------

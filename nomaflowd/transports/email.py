@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import html
 import smtplib
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -16,11 +17,64 @@ from nomaflowd.alerts import Alert, digest_by_job, digest_headline
 from nomaflowd.transports.base import (
     DEADLINES,
     DeliveryError,
+    LookupTimeout,
     Rendered,
     Transport,
     TransportError,
+    bounded,
     describe_exception,
+    open_socket,
 )
+
+
+class _Smtp(smtplib.SMTP):
+    """smtplib's client with the socket in `sock` from before its connect, so the deadline
+    thread can cut the connect and the greeting (read inside connect(): a greeting that
+    never ends held a send for good), and the name lookup bounded by the timeout too."""
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        self._host = host  # smtplib sets it only in __init__; TLS checks the name against it
+        return open_socket(host, port, timeout, on_socket=self._watched)
+
+    def _watched(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+
+class _SmtpTls(_Smtp, smtplib.SMTP_SSL):
+    """Implicit TLS: the handshake, too, on the socket the deadline thread sees."""
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        raw = super()._get_socket(host, port, timeout)
+        self.sock = self.context.wrap_socket(raw, server_hostname=self._host,
+                                             do_handshake_on_connect=False)
+        self.sock.do_handshake()
+        return self.sock
+
+
+_LOCAL_NAME: list[str] = []
+
+
+def _find_local_name() -> str:
+    """What smtplib gives EHLO: the host's FQDN, else its address as a domain literal."""
+    name = socket.getfqdn()
+    if "." not in name:
+        address = "127.0.0.1"
+        with contextlib.suppress(OSError):
+            address = socket.gethostbyname(socket.gethostname())
+        name = f"[{address}]"
+    _LOCAL_NAME[:] = [name]
+    return name
+
+
+def _local_name(timeout: float) -> str:
+    """smtplib's EHLO name, looked up once (smtplib asks the resolver on every connection)
+    and within `timeout`: smtplib's own fallback while the resolver has no answer."""
+    if _LOCAL_NAME:
+        return _LOCAL_NAME[0]
+    try:
+        return bounded(_find_local_name, timeout)
+    except LookupTimeout:
+        return "[127.0.0.1]"
 
 
 class Email(Transport):
@@ -121,11 +175,13 @@ class Email(Transport):
             # Connect inside the watch so the timeout bounds the whole conversation, from the
             # TCP connect to the end of DATA, not each read on its own.
             with DEADLINES.watch(lambda: box[0].sock if box else None, deadline):
+                name = _local_name(self.timeout / 2)
                 if s["tls"] == "tls":
-                    box.append(smtplib.SMTP_SSL(s["host"], s["port"], timeout=self.timeout,
-                                                context=self._context()))
+                    box.append(_SmtpTls(local_hostname=name, timeout=self.timeout,
+                                        context=self._context()))
                 else:
-                    box.append(smtplib.SMTP(s["host"], s["port"], timeout=self.timeout))
+                    box.append(_Smtp(local_hostname=name, timeout=self.timeout))
+                box[0].connect(s["host"], s["port"])
                 return self._converse(box[0], build, recipient)
         except smtplib.SMTPRecipientsRefused as exc:
             code, text = next(iter(exc.recipients.values()))
@@ -147,6 +203,8 @@ class Email(Transport):
                 raise TransportError(f"timed out after {self.timeout:g}s") from None
             raise TransportError(f"SMTP {exc.smtp_code} {_text(exc.smtp_error)}") from None
         except (OSError, smtplib.SMTPException) as exc:
+            if isinstance(exc, LookupTimeout):
+                raise TransportError(f"timed out after {self.timeout:g}s (DNS lookup)") from None
             if time.monotonic() >= deadline:
                 raise TransportError(f"timed out after {self.timeout:g}s") from None
             raise TransportError(_describe(exc)) from None

@@ -40,18 +40,21 @@ import urllib3  # noqa: E402
 import urllib3.connection  # noqa: E402
 import urllib3.exceptions  # noqa: E402
 import urllib3.util  # noqa: E402
+import urllib3.util.connection  # noqa: E402
 
 from nomaflowd.alerts import Alert  # noqa: E402
 from nomaflowd.crypto import Secret  # noqa: E402
 from nomaflowd.transports.base import (  # noqa: E402
     DEADLINES,
     DeliveryError,
+    LookupTimeout,
     RateLimited,
     Rendered,
     Sent,
     Transport,
     TransportError,
     host_of,
+    open_socket,
     parse_retry_after,
     retry_after,
 )
@@ -157,8 +160,30 @@ class _Connection(urllib3.connection.HTTPConnection):
     _head: list[bytes] | None = None
 
     def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        _register(sock)
+        """urllib3's _new_conn() with the name lookup bounded by the timeout as well
+        (base.lookup) and the socket registered before its connect."""
+        host = self._dns_host.strip("[]")
+        try:
+            host.encode("idna")
+        except UnicodeError:
+            raise urllib3.exceptions.LocationParseError(
+                f"'{host}', label empty or too long") from None
+        timeout = self.timeout if isinstance(self.timeout, int | float) else None
+        try:
+            sock = open_socket(host, self.port, timeout, source_address=self.source_address,
+                               options=self.socket_options or (),
+                               family=urllib3.util.connection.allowed_gai_family(),
+                               on_socket=_register)
+        except LookupTimeout:
+            raise
+        except socket.gaierror as exc:
+            raise urllib3.exceptions.NameResolutionError(self.host, self, exc) from exc
+        except TimeoutError as exc:
+            raise urllib3.exceptions.ConnectTimeoutError(
+                self, f"Connection to {self.host} timed out") from exc
+        except OSError as exc:
+            raise urllib3.exceptions.NewConnectionError(
+                self, f"Failed to establish a new connection: {exc}") from exc
         return sock
 
     def request(self, method: str, url: str, body: Any = None,  # type: ignore[override]
@@ -466,6 +491,10 @@ class HttpTransport(Transport):
                     if resp is not None and conn is None:
                         resp.close()
                         resp.release_conn()
+                    if isinstance(exc, LookupTimeout) or isinstance(
+                            getattr(exc, "reason", None), LookupTimeout):
+                        raise TransportError(f"timed out after {self.timeout:g}s (DNS lookup)"
+                                             ) from None
                     if time.monotonic() >= deadline - 0.001:
                         raise TransportError(f"timed out after {self.timeout:g}s") from None
                     if isinstance(exc, ValueError) and not isinstance(  # a certificate
