@@ -16,12 +16,11 @@ import logging
 import os
 import re
 import secrets
-import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
@@ -34,6 +33,7 @@ from nomaflowd.config import Config, is_loopback
 from nomaflowd.dispatch import SENT, Result, send_test
 from nomaflowd.errors import ConfigError
 from nomaflowd.routing import default_recipient
+from nomaflowd.serving import Server
 from nomaflowd.spool import Spool
 from nomaflowd.transports import Transport, build
 
@@ -170,9 +170,11 @@ class WebServer:
         self._lock = threading.Lock()
         self._sending = 0
         self._idle = threading.Condition(self._lock)
-        server_class = _Server6 if ":" in address[0] else _Server
         try:
-            self.httpd = server_class(address, _Handler)
+            # 32 connections at once (a browser opens about six); each lasts at most 30 s
+            # more than a Test's send.
+            self.httpd = _Server("web page", address, _Handler, max_connections=32,
+                                 connection_seconds=30 + config().send_timeout_seconds)
         except OSError as exc:
             raise ConfigError(f"daemon.web_listen {address[0]}:{address[1]}: cannot listen"
                               f" ({exc.strerror or exc}); pick another address or port") from None
@@ -475,16 +477,8 @@ class WebServer:
         return hmac.compare_digest(token.encode(), self.csrf_token.encode())
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(Server):
     web: WebServer
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        logger.debug("web: request from %s failed", client_address, exc_info=True)
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
 
 
 class _Handler(BaseHTTPRequestHandler):

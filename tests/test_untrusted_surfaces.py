@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import select
+import socket
+import threading
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from nomaflowd.cli import main
+from nomaflowd.serving import Server
+from tests.servers import wait_until
 
 
 def run(tree, *argv: str) -> int:
@@ -102,3 +111,101 @@ def test_the_python_client_refuses_a_lone_surrogate_with_a_clear_error(tree):
     with pytest.raises(ValueError, match="not valid Unicode"):
         drop(tree.spool, {"job_id": "etl\ud800", "state": "NOTICE", "message": "m"})
     assert list(tree.spool.iterdir()) == []  # nothing half-written left behind
+
+
+# --- the daemon's HTTP servers: clients that connect and say nothing ---------------------------
+
+def silent_clients(port: int, count: int) -> list[socket.socket]:
+    return [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
+
+
+def status_of(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_the_metrics_port_serves_16_connections_at_once_and_answers_more_503(
+        tree, http, daemon_factory):
+    tree.write_config(tree.webhook("ops", http.url()), daemon='metrics_listen = "127.0.0.1:0"')
+    d = daemon_factory()
+    found = wait_until(lambda: re.search(r"metrics listening on http://127\.0\.0\.1:(\d+)/",
+                                         d.output()), what="the metrics log line")
+    port = int(found.group(1))
+    held = silent_clients(port, 16)
+    try:
+        assert status_of(f"http://127.0.0.1:{port}/healthz") == (
+            503, b"too many connections; retry later\n")
+    finally:
+        for sock in held:
+            sock.close()
+    # Each held thread ends with its client; then the port serves again.
+    wait_until(lambda: status_of(f"http://127.0.0.1:{port}/healthz")[0] == 200,
+               what="/healthz answered 200 again")
+    assert d.stop() == 0
+    assert d.output().count("metrics: 16 connections open, the most it serves at once") == 1
+    assert "Traceback" not in d.output()
+
+
+def test_the_web_page_serves_32_connections_at_once(tree, http, daemon_factory):
+    tree.write_config(tree.webhook("ops", http.url()), daemon='web_listen = "127.0.0.1:0"')
+    d = daemon_factory()
+    found = wait_until(lambda: re.search(r"web page listening on http://127\.0\.0\.1:(\d+)/",
+                                         d.output()), what="the web page log line")
+    port = int(found.group(1))
+    held = silent_clients(port, 32)
+    try:
+        assert status_of(f"http://127.0.0.1:{port}/")[0] == 503
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: status_of(f"http://127.0.0.1:{port}/")[0] == 200,
+               what="the page answered 200 again")
+    assert d.stop() == 0
+
+
+class Hello(BaseHTTPRequestHandler):
+    timeout = 5  # each read; the connection's own deadline is shorter
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "6")
+        self.end_headers()
+        self.wfile.write(b"hello\n")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_connection_that_trickles_its_request_is_cut_at_its_deadline():
+    server = Server("test", ("127.0.0.1", 0), Hello, max_connections=2,
+                    connection_seconds=0.5)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        port = server.server_address[1]
+        silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+        trickler = socket.create_connection(("127.0.0.1", port), timeout=5)
+        # One byte of the request line every 0.1 s: each read well within its timeout.
+        request = b"GET / HTTP/1.0\r\nX-Slow: " + b"y" * 100
+        sent = 0
+        for byte in request:
+            try:
+                trickler.send(bytes([byte]))
+            except OSError:  # cut: reset or shut
+                break
+            sent += 1
+            if select.select([trickler], [], [], 0.1)[0]:
+                break  # the server closed it
+        assert sent < len(request)
+        assert trickler.recv(100) == b""
+        assert silent.recv(100) == b""
+        assert status_of(f"http://127.0.0.1:{port}/") == (200, b"hello\n")
+        silent.close()
+        trickler.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
