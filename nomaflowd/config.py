@@ -182,6 +182,12 @@ def _database_url(base: Path, url: str, key: str) -> str:
             return "sqlite:///" + str(_resolve(base, rest))
         return url
     if url.startswith(("postgresql://", "postgres://", "postgresext://")):
+        try:  # a "/", "?" or "#" in the password ends the host part early
+            urlsplit(url).port  # noqa: B018 (raises ValueError, quoting the URL)
+        except ValueError:
+            raise ConfigError(f"{key} is not a valid URL; percent-encode the special characters"
+                              " of the user name and password (/ as %2F, ? as %3F, # as %23,"
+                              " @ as %40, : as %3A)") from None
         return url
     scheme, sep, _ = url.partition("://")  # the rest may hold a password: not repeated
     shown = f"a {scheme}:// URL" if sep and scheme.isalnum() else "that value"
@@ -298,7 +304,8 @@ def _http(t: Table, secret: SecretReader, base: Path) -> dict[str, Any]:
     proxy: Secret | str | None = raw
     if raw is not None and raw.startswith(crypto.PREFIX):
         proxy = secret(t, "proxy", False)  # credentials in the URL: keep it encrypted
-    if proxy is not None:
+    if proxy is not None and (proxy.reveal() if isinstance(proxy, Secret) else proxy):
+        # (An enc: proxy read without the key, by emit, audit and prune, is not checked.)
         text = proxy.reveal() if isinstance(proxy, Secret) else proxy
         check_url(t.key("proxy"), text, example="http://proxy.corp.local:3128")
         if urlsplit(text).password and not isinstance(proxy, Secret):

@@ -359,3 +359,32 @@ def test_a_transport_name_that_routing_cannot_tell_apart_is_refused(tree, name):
     with pytest.raises(ConfigError, match=r"transports\..* is not a usable transport name"):
         load(tree, f"[transports.{name}]\ntype = 'webhook'\nurl = '{tree.enc('https://h.corp/x')}'\n")
 
+
+
+@pytest.mark.parametrize("password", ["se/cretCANARY", "se?cretCANARY", "se#cretCANARY"])
+@pytest.mark.parametrize("command", ["run", "audit", "check"])
+def test_a_database_url_with_an_unencoded_password_is_a_config_error_not_shown(
+        tree, capsys, monkeypatch, password, command):
+    monkeypatch.setenv("NOMAFLOWD_DEBUG", "1")  # no traceback shows it either
+    tree.write_config(daemon=f'database = "postgresql://postgres:{password}@127.0.0.1:5432/test"')
+    tree.spool.mkdir(parents=True, exist_ok=True)
+    # check lists what it found (exit 1); the others refuse to start (exit 2).
+    assert main([command, "--config", str(tree.config_path)]) == (1 if command == "check" else 2)
+    captured = capsys.readouterr()
+    err = captured.out + captured.err
+    assert err.count("\n") == 1, err
+    assert "daemon.database is not a valid URL; percent-encode the special characters" in err
+    assert "cretCANARY" not in err and "se/" not in err and "se?" not in err
+
+
+@pytest.mark.parametrize("command", [["emit", "--job", "j", "--run", "r", "--state", "FAILED"],
+                                     ["audit"],
+                                     ["prune"]])
+def test_commands_without_the_key_read_a_config_with_an_encrypted_proxy(tree, capsys, command):
+    """Runners' emit, audit and prune read the config without decrypting its secrets."""
+    proxy = tree.enc("http://user:s3cretCANARY@127.0.0.1:3128")
+    tree.write_config(tree.webhook("hook", "http://127.0.0.1:9/x", f'proxy = "{proxy}"'))
+    tree.spool.mkdir(parents=True, exist_ok=True)
+    tree.key.unlink()  # a runner's host has no key
+    assert main([*command, "--config", str(tree.config_path)]) == 0, capsys.readouterr().err
+    assert "s3cretCANARY" not in capsys.readouterr().out
