@@ -43,8 +43,9 @@ class ForwardProxy:
     http:// and CONNECT tunnels for https://; records each request line. `refuse` answers
     403 to everything, as a proxy that does not allow the destination."""
 
-    def __init__(self, refuse: bool = False) -> None:
+    def __init__(self, refuse: bool = False, echo: bool = False) -> None:
         self.refuse = refuse
+        self.echo = echo  # refuse, quoting the request: 400 with its head, or a 403 CONNECT
         self.seen: list[str] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -83,6 +84,15 @@ class ForwardProxy:
             method, target, _ = line.split(" ", 2)
             if self.refuse:
                 client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                return
+            if self.echo and method == "CONNECT":
+                auth = [h for h in head.split(b"\r\n") if h.lower().startswith(b"proxy-auth")]
+                client.sendall(b"HTTP/1.1 403 Forbidden " + b"".join(auth)
+                               + b"\r\nContent-Length: 0\r\n\r\n")
+                return
+            if self.echo:
+                client.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n%s"
+                               % (len(head), head))
                 return
             if method == "CONNECT":
                 host, port = target.rsplit(":", 1)

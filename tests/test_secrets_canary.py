@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import signal
+import socket
 import sqlite3
+import threading
 
 import pytest
 
+from nomaflowd import config
 from nomaflowd.cli import main
-from tests.servers import Reply, closed_port, wait_until
+from nomaflowd.transports import build
+from nomaflowd.transports.base import DeliveryError
+from tests.servers import ForwardProxy, Reply, closed_port, wait_until
+from tests.test_transport_slack import make_alert
 
 CANARY = "CANARY7f3a9"
 
@@ -193,3 +201,105 @@ def test_a_reload_with_a_wrongly_typed_secret_logs_the_key_only(tree, http, daem
     assert d.stop() == 0
     assert "transports.hook.url must be a string" in d.output()
     assert CANARY not in d.output()
+
+
+class EchoingSmtp:
+    """An SMTP server that offers one AUTH mechanism and refuses it quoting what the client
+    sent, credentials and all (LOGIN: the password's line)."""
+
+    def __init__(self, mechanism: str) -> None:
+        self.mechanism = mechanism.encode()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, name="echoing-smtp", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                with conn, conn.makefile("rb") as lines:
+                    conn.sendall(b"220 echo\r\n")
+                    for line in lines:
+                        verb = line[:4].upper()
+                        if verb == b"EHLO":
+                            conn.sendall(b"250-echo\r\n250 AUTH " + self.mechanism + b"\r\n")
+                        elif line.upper().startswith(b"AUTH LOGIN"):
+                            conn.sendall(b"334 UGFzc3dvcmQ6\r\n")
+                        elif verb == b"QUIT":
+                            conn.sendall(b"221 bye\r\n")
+                            break
+                        else:
+                            conn.sendall(b"535 5.7.8 authentication failed for "
+                                         + line.strip() + b"\r\n")
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        self.listener.close()
+        self.thread.join(5)
+
+
+def test_credentials_as_the_libraries_encode_them_never_show(tree, http, capsys):
+    """Basic auth from a proxy URL, SMTP AUTH in base64, an answer cut before it was masked,
+    a URL re-encoded for threading: the forms a secret takes on the way out are masked too."""
+    proxy = ForwardProxy(echo=True)
+    plain, login = EchoingSmtp("PLAIN"), EchoingSmtp("LOGIN")
+    try:
+        pad = "x" * 174  # the 200-character cut of an error falls inside the token
+        http.replies["/slackapi"] = lambda r: Reply(
+            200, json.dumps({"ok": False, "error": f"{pad} token {r.headers['Authorization']}"
+                             }).encode(), {"Content-Type": "application/json"})
+        http.replies["/og"] = lambda r: Reply(
+            202, json.dumps({"requestId": "r" * 40 + " " + r.headers["Authorization"]}).encode(),
+            {"Content-Type": "application/json"})
+        http.replies["/"] = echo
+        via = tree.enc(f"http://u:{CANARY}@127.0.0.1:{proxy.port}")
+        dead = closed_port()
+        tree.write_config(
+            tree.webhook("plainproxy", f"http://127.0.0.1:{dead}/x", f'proxy = "{via}"')
+            + tree.webhook("tlsproxy", f"https://127.0.0.1:{dead}/x", f'proxy = "{via}"')
+            + "".join(f'[transports.{name}]\ntype = "email"\nhost = "127.0.0.1"\n'
+                      f'port = {server.port}\ntls = "none"\ndefault_from = "n@corp.local"\n'
+                      f'username = "u"\npassword = "{tree.enc(CANARY)}"\n'
+                      for name, server in (("plain", plain), ("login", login)))
+            + f'[transports.slackapp]\ntype = "slack"\nbot_token = "{tree.enc("xoxb-" + CANARY)}"\n'
+            + f'api_url = "{http.url("/slackapi")}"\ndefault_channel = "#ops"\n'
+            + tree.webhook("og", http.url("/og"),
+                           f'preset = "opsgenie"\napi_key = "{tree.enc(CANARY + "key")}"')
+            + tree.webhook("gchat", http.url(f"/v1/spaces/AAAA/messages?key={CANARY}k"
+                                             f"&token=ab/cd+{CANARY}t"),
+                           'preset = "google_chat"'))
+        cfg = str(tree.config_path)
+        outputs = []
+        for name in ("plainproxy", "tlsproxy", "plain", "login", "slackapp", "og"):
+            main(["test", name, "--config", cfg])
+            captured = capsys.readouterr()
+            outputs.append(captured.out + captured.err)
+        # A job's alert goes to its Google Chat thread (the URL gains a parameter).
+        transport = build(config.load(tree.config_path).transports, 5)["gchat"]
+        with pytest.raises(DeliveryError) as refused:
+            transport.send(make_alert("failed", minutes=1), "gchat")
+        outputs.append(str(refused.value))
+        for argv in (["audit"], ["audit", "--format", "json"]):
+            main([*argv, "--config", cfg])
+            outputs.append(capsys.readouterr().out)
+        rows = tree.notifications()
+        outputs.append(json.dumps(rows))
+        assert {r["transport"]: r["outcome"] for r in rows} == {
+            "plainproxy": "FAILED_DELIVERY", "tlsproxy": "FAILED_TRANSPORT",
+            "plain": "FAILED_TRANSPORT", "login": "FAILED_TRANSPORT",
+            "slackapp": "FAILED_DELIVERY", "og": "SENT"}
+        forms = {CANARY, b64(f"u:{CANARY}"), b64(f"\0u\0{CANARY}"), b64(CANARY)}
+        for text in outputs:
+            assert "CANARY" not in text
+            for form in forms:
+                assert form[:12] not in text, (form, text)
+        assert "Proxy-Authorization: Basic ****" in outputs[0]  # it was there, masked
+    finally:
+        proxy.close()
+        plain.close()
+        login.close()
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()

@@ -5,6 +5,7 @@ HTTP transports share is http_client.py)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import http.client
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
 from nomaflowd.alerts import Alert
 from nomaflowd.crypto import Secret
@@ -274,12 +275,15 @@ def secret_pieces(value: str) -> set[str]:
     if parts is not None and parts.netloc:
         pieces.update((parts.path, parts.query, f"{parts.path}?{parts.query}",
                        parts.password or "", parts.username or ""))
+        if parts.password is not None:  # as Basic auth sends them (a proxy's, say)
+            pieces.add(b64(f"{unquote(parts.username or '')}:{unquote(parts.password)}"))
         pieces.update(seg for seg in parts.path.split("/") if not (seg.isalpha() and seg.islower()))
         pieces.update(v for _, v in parse_qsl(parts.query, keep_blank_values=True))
     scheme, _, credential = value.partition(" ")
     if credential and scheme.isalpha():
         pieces.add(credential.strip())
-    pieces |= {unquote(p) for p in pieces} | {quote(p, safe="/") for p in pieces}
+    pieces |= {unquote(p) for p in pieces}
+    pieces |= {quote(p, safe="/") for p in pieces} | {quote_plus(p) for p in pieces}
     return {p for p in pieces if len(p) >= (MIN_SECRET if p == value else MIN_PIECE)}
 
 
@@ -297,6 +301,11 @@ class Masker:
 
     def data(self, data: bytes) -> bytes:
         return self.bytes.sub(MASK.encode(), data) if self.bytes is not None else data
+
+
+def b64(text: str) -> str:
+    """`text` in base64, as Basic auth and SMTP AUTH send it."""
+    return base64.b64encode(text.encode("utf-8", "surrogatepass")).decode()
 
 
 def revealed(settings: Mapping[str, Any]) -> list[str]:
@@ -359,15 +368,20 @@ class Transport:
             if name in cls.__dict__:
                 setattr(cls, name, _masked(cls.__dict__[name]))
 
+    def secrets(self) -> list[str]:
+        """What mask() hides: every secret value of the settings, and the forms a library
+        sends one in that secret_pieces() cannot derive (SMTP AUTH, say)."""
+        return revealed(self.settings)
+
     def mask(self, text: str) -> str:
         """`text` with every secret of this transport (and its telling pieces) as ****."""
         if self._masker is None:
-            self._masker = Masker(revealed(self.settings))
+            self._masker = Masker(self.secrets())
         return self._masker(text)
 
     def mask_data(self, data: bytes) -> bytes:
         if self._masker is None:
-            self._masker = Masker(revealed(self.settings))
+            self._masker = Masker(self.secrets())
         return self._masker.data(data)
 
     def destination(self) -> str:

@@ -21,6 +21,7 @@ from nomaflowd.transports.base import (
     Rendered,
     Transport,
     TransportError,
+    b64,
     bounded,
     describe_exception,
     open_socket,
@@ -79,6 +80,16 @@ def _local_name(timeout: float) -> str:
 
 class Email(Transport):
     type = "email"
+
+    def secrets(self) -> list[str]:
+        """The password also as AUTH PLAIN and AUTH LOGIN send it: a server may quote the
+        command it refuses."""
+        out = super().secrets()
+        password = self.settings.get("password")
+        if password is not None and password.reveal():
+            user, word = self.settings.get("username") or "", password.reveal()
+            out += [b64(word), b64(f"\0{user}\0{word}")]
+        return out
 
     def destination(self) -> str:
         s = self.settings

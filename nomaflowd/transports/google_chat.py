@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from nomaflowd.alerts import Alert
 from nomaflowd.transports.base import Rendered
@@ -44,10 +44,12 @@ class GoogleChat(ChatPreset):
         url = self.endpoint()
         if not threaded:
             return url
+        # The URL's own query as written (re-encoding it would send the key and token in
+        # a form of their own), with the reply option in place of any it had.
         parts = urlsplit(url)
-        query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
-                 if k != REPLY_OPTION[0]]
-        return urlunsplit(parts._replace(query=urlencode([*query, REPLY_OPTION])))
+        query = [p for p in parts.query.split("&")
+                 if p and p.split("=", 1)[0] != REPLY_OPTION[0]]
+        return urlunsplit(parts._replace(query="&".join([*query, "=".join(REPLY_OPTION)])))
 
     def message(self, alert: Alert) -> dict[str, Any]:
         text = self.summary(alert)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import itertools
+import os
 import re
 import socket
 import ssl
@@ -13,7 +14,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -294,11 +295,12 @@ class _Adapter(requests.adapters.HTTPAdapter):
         return _watched(manager) if new else manager
 
 
-def describe_request_error(exc: BaseException) -> str:
-    """One safe line for a failed request (the libraries' messages quote URLs and internals)."""
+def describe_request_error(exc: BaseException, mask: Callable[[str], str] = str) -> str:
+    """One safe line for a failed request (the libraries' messages quote URLs and internals);
+    `mask` is applied before any part of a message is kept (a cut secret is not masked)."""
     if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
         exc = exc.reason  # what went wrong on the one attempt
-    text = str(exc)
+    text = mask(str(exc))
     if isinstance(exc, urllib3.exceptions.ProxyError):
         reason = "refused the connection" if "refused" in text.lower() else "failed"
         if "407" in text:
@@ -389,6 +391,13 @@ class HttpTransport(Transport):
         self._proxies: dict[str, dict[str, str]] = {}
         ca_file = settings.get("ca_file")
         self._verify: str = str(ca_file) if ca_file else host_trust()
+
+    def secrets(self) -> list[str]:
+        """Also a proxy with credentials from the environment ($HTTPS_PROXY and co.):
+        requests sends them as Proxy-Authorization, which a proxy may quote back."""
+        return super().secrets() + [
+            value for key, value in os.environ.items()
+            if key.lower() in ("http_proxy", "https_proxy", "all_proxy") and "@" in value]
 
     def proxy_for(self, url: str) -> str | None:
         """The proxy URL a request to `url` goes through (credentials included), or None."""
@@ -501,7 +510,7 @@ class HttpTransport(Transport):
                             exc, requests.RequestException | ssl.SSLError):  # error is both
                         raise TransportError("request refused before sending:"
                                              f" {type(exc).__name__}") from None
-                    raise TransportError(describe_request_error(exc)) from None
+                    raise TransportError(describe_request_error(exc, self.mask)) from None
             # Read whole: a known length read to its end (or, on our own connection, chunks
             # to the last one: one cut short raises IncompleteRead). A body that ends when
             # the connection does is never known to be whole once the deadline shut it.
@@ -529,7 +538,9 @@ class HttpTransport(Transport):
                                      else "the answer was cut short (connection closed)")
         finally:
             _IN_FLIGHT.socks = None
-        return resp.status, data[:MAX_RESPONSE], resp.headers
+        # Masked here, before any transport parses or cuts it: an answer may quote the
+        # request, and a secret cut in two is not recognised by the masker.
+        return resp.status, self.mask_data(data[:MAX_RESPONSE]), resp.headers
 
     def _exchange(self, pool: Any, target: str, body: bytes, headers: Mapping[str, str],
                   left: float) -> tuple[Any, Any]:
