@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from nomaflowd import config
@@ -26,5 +28,25 @@ def test_webhook_digest_lists_every_alert(tree, http, jobs):
         assert (body["digest"], body["count"]) == ("digest-0000abcd", 2 * jobs)
         assert sorted((a["job_id"], a["run_id"]) for a in body["alerts"]) == sorted(
             (a.job_id, a.run_id) for a in batch)
+    finally:
+        dispatcher.close()
+
+
+@pytest.mark.parametrize("headers", ["", 'headers = { Authorization = "ENC" }'])
+def test_credentials_in_a_webhook_url_are_sent_as_basic_auth(tree, http, headers):
+    """As curl and requests do: `https://user:password@host/…` logs in with Basic auth, and
+    an Authorization header of the transport's own wins."""
+    headers = headers.replace("ENC", tree.enc("Bearer own-token"))
+    url = http.url("/hook").replace("http://", "http://ops%40corp:pa%3Ass@")
+    cfg = config.load(tree.write_config(tree.webhook("hook", url, headers)))
+    dispatcher = Dispatcher(build(cfg.transports, 5), "test-replica")
+    try:
+        [result] = dispatcher.execute(Attempt(make_alert("failed"), "hook", "hook"))
+        assert result.outcome == SENT, result.detail
+        [request] = http.wait_for(1)
+        expected = "Bearer own-token" if headers else "Basic " + base64.b64encode(
+            b"ops@corp:pa:ss").decode()
+        assert request.headers["Authorization"] == expected
+        assert "pa%3Ass" not in request.path and "ops" not in request.path
     finally:
         dispatcher.close()

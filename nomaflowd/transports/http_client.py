@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 # requests imports a character-set detector (charset_normalizer or chardet) for
 # Response.text. This client reads the bytes of an answer itself (post()) and never asks
@@ -54,6 +54,7 @@ from nomaflowd.transports.base import (  # noqa: E402
     Sent,
     Transport,
     TransportError,
+    b64,
     host_of,
     open_socket,
     parse_retry_after,
@@ -389,6 +390,7 @@ class HttpTransport(Transport):
         self._conns: set[Any] = set()  # every thread's direct connections (_exchange)
         self._lock = threading.Lock()
         self._proxies: dict[str, dict[str, str]] = {}
+        self._auths: dict[str, dict[str, str]] = {}
         ca_file = settings.get("ca_file")
         self._verify: str = str(ca_file) if ca_file else host_trust()
 
@@ -398,6 +400,17 @@ class HttpTransport(Transport):
         return super().secrets() + [
             value for key, value in os.environ.items()
             if key.lower() in ("http_proxy", "https_proxy", "all_proxy") and "@" in value]
+
+    def url_auth(self, url: str) -> dict[str, str]:
+        """Credentials in the URL (`https://user:password@host/…`) as the Basic auth header
+        curl and requests send for them; {} for a URL without."""
+        auth = self._auths.get(url)
+        if auth is None:
+            parts = urlsplit(url)
+            auth = self._auths[url] = {} if parts.username is None else {
+                "Authorization": "Basic " + b64(f"{unquote(parts.username)}:"
+                                                f"{unquote(parts.password or '')}")}
+        return auth
 
     def proxy_for(self, url: str) -> str | None:
         """The proxy URL a request to `url` goes through (credentials included), or None."""
@@ -470,8 +483,8 @@ class HttpTransport(Transport):
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes, Any]:
         """One POST bounded by the timeout as a whole; returns (status, first bytes, headers)."""
-        all_headers = {"User-Agent": USER_AGENT, "Content-Type": "application/json", **headers,
-                       "Content-Length": str(len(body))}
+        all_headers = {"User-Agent": USER_AGENT, "Content-Type": "application/json",
+                       **self.url_auth(url), **headers, "Content-Length": str(len(body))}
         for name, value in all_headers.items():
             # The HTTP library would raise quoting the whole value (a credential).
             if BAD_HEADER_VALUE.search(value):
