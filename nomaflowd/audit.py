@@ -25,7 +25,11 @@ def parse_since(value: str, now: datetime) -> datetime:
     """`7d`, `12h`, `30m`, `2w` or an ISO date/time (UTC)."""
     match = re.fullmatch(r"(\d+)([smhdw])", value.strip())
     if match:
-        return now - timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
+        try:
+            return now - timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
+        except OverflowError:  # before year 1
+            raise UsageError(f"--since {value!r}: further back than the calendar goes"
+                             ) from None
     try:
         dt = datetime.fromisoformat(value)
     except ValueError:

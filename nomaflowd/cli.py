@@ -8,6 +8,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import stat
 import sys
 import threading
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run")
     p.add_argument("--since", help="e.g. 7d, 12h, 2026-05-01")
     p.add_argument("--outcome", help="SENT, FAILED_TRANSPORT or FAILED_DELIVERY")
-    p.add_argument("--limit", type=int)
+    p.add_argument("--limit", type=row_limit)
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     p = sub.add_parser("secret", parents=[common], help="key file and enc: tokens")
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common],
                        help="run the daemon with a local receiver and send one alert to it")
-    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--port", type=port_number, default=0)
     return parser
 
 
@@ -99,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `nomaflowd audit | head`: the reader has what it wanted
+        with contextlib.suppress(OSError):  # and Python's own flush at exit must not fail
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except db.OUTAGES as exc:  # an outage or a file it may not write, after it opened
+        print(f"nomaflowd: daemon.database cannot be written: {db.one_line(exc)}"
+              + (f"; {READONLY_FIX}" if "readonly" in str(exc) else ""), file=sys.stderr)
+        return 1
     except Exception as exc:  # never a traceback at a user
         logging.getLogger("nomaflowd").debug("unexpected error", exc_info=True)
         print(f"nomaflowd: internal error: {type(exc).__name__}; run again with"
@@ -106,6 +115,33 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("NOMAFLOWD_DEBUG"):
             raise
         return 1
+
+
+READONLY_FIX = ("the daemon's user needs write access to the database file and its"
+                " directory")
+
+
+def port_number(text: str) -> int:
+    """A TCP port for argparse: 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0 to 65535; 0 takes a free"
+                                         " one)")
+    return port
+
+
+def row_limit(text: str) -> int:
+    """--limit for argparse: 1 to 10,000,000 rows."""
+    try:
+        limit = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of rows: {text!r}") from None
+    if not 1 <= limit <= 10_000_000:
+        raise argparse.ArgumentTypeError(f"{limit}: give 1 to 10000000 rows")
+    return limit
 
 
 def setup_logging() -> None:
@@ -220,7 +256,8 @@ def cmd_emit(args: argparse.Namespace) -> int:
     try:
         path = drop(cfg.spool_dir, event)
     except OSError as exc:
-        raise NomaflowError(f"cannot write into {cfg.spool_dir}: {exc.strerror}") from None
+        raise NomaflowError(f"cannot write into {cfg.spool_dir}: {exc.strerror or exc}"
+                            ) from None
     print(f"dropped {path}")
     return 0
 
@@ -234,8 +271,10 @@ def is_utf8(value: str) -> bool:
     return True
 
 
-def read_event_file(name: str) -> bytes:
-    """`--json FILE` (or - for stdin), read no further than the event size limit allows."""
+def read_event_file(name: str, what: str | None = None) -> bytes:
+    """`--json FILE` (or - for stdin), read no further than the event size limit allows;
+    `what` names it in a message (default `--json FILE`)."""
+    what = what or f"--json {name}"
     try:
         if name == "-":
             raw = sys.stdin.buffer.read(events.MAX_BYTES + 1)
@@ -243,15 +282,14 @@ def read_event_file(name: str) -> bytes:
             with open(name, "rb") as fh:  # /dev/zero or a FIFO never ends: read a bound
                 raw = fh.read(events.MAX_BYTES + 1)
     except OSError as exc:
-        raise UsageError(f"--json {name}: {exc.strerror}") from None
+        raise UsageError(f"{what}: {exc.strerror}") from None
     if len(raw) > events.MAX_BYTES:
-        raise UsageError(f"--json {name}: larger than the event limit of {events.MAX_BYTES}"
-                         " bytes")
+        raise UsageError(f"{what}: larger than the event limit of {events.MAX_BYTES} bytes")
     return raw
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from nomaflowd.dispatch import SENT, send_test
+    from nomaflowd.dispatch import SENT, Result, send_test
     from nomaflowd.routing import Router, default_recipient
 
     cfg = load_config(args)
@@ -275,11 +313,13 @@ def cmd_test(args: argparse.Namespace) -> int:
     quiet = logging.getLogger("nomaflowd")
     if not quiet.handlers:
         quiet.addHandler(logging.NullHandler())
+    def say(result: Result) -> None:  # before it is recorded: it happened either way
+        print(f"{result.outcome} {tc.name} -> {recipient}: {result.detail}", flush=True)
+
     try:
-        result = send_test(cfg, tc.name, recipient)
+        result = send_test(cfg, tc.name, recipient, say)
     finally:
         database.close()
-    print(f"{result.outcome} {tc.name} -> {recipient}: {result.detail}")
     return 0 if result.outcome == SENT else 1
 
 
@@ -340,6 +380,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from nomaflowd import audit
+    for flag, value in (("--job", args.job), ("--run", args.run), ("--since", args.since),
+                        ("--outcome", args.outcome)):
+        if value is not None and not is_utf8(value):
+            raise UsageError(f"{flag}: the argument is not UTF-8 text")
     cfg = load_config(args, decrypt=False)
     db.open_database(cfg.database)
     since = audit.parse_since(args.since, db.utcnow()) if args.since else None
@@ -359,7 +403,12 @@ def cmd_secret(args: argparse.Namespace) -> int:
             crypto.write_key(key_file)
             print(f"created {key_file} (mode 0600); keep it out of version control")
             return 0
-        value = sys.stdin.read()
+        try:  # the bytes: a text stdin may have kept undecodable ones as surrogates
+            raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+            value = raw.decode() if isinstance(raw, bytes) else raw
+            value.encode()
+        except UnicodeError:
+            raise UsageError("the secret on stdin is not UTF-8 text") from None
         value = value[:-1] if value.endswith("\n") else value
         if not value:
             raise UsageError("nothing on stdin: pipe the secret in, e.g. `printf %s URL | "
@@ -389,10 +438,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from nomaflowd.explain import explain
 
     cfg = load_config(args)
-    try:
-        raw = Path(args.event).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{args.event}: {exc.strerror}") from None
+    raw = read_event_file(args.event, args.event)
     try:
         event = events.parse(raw, Path(args.event).name, utcnow())
     except Rejected as exc:

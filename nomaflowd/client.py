@@ -8,6 +8,7 @@ Needs only the spool path: no config, no key, no third-party package.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -23,7 +24,8 @@ def drop(spool_dir: str | os.PathLike[str], event: dict[str, Any]) -> Path:
     """Write one event the protocol's way: temp name, fsync, rename to `*.json`."""
     spool = Path(spool_dir)
     if not spool.is_dir():
-        raise FileNotFoundError(f"spool directory {spool} does not exist")
+        raise FileNotFoundError(errno.ENOENT, "the spool directory does not exist (the daemon"
+                                " creates it when it starts)")
     try:
         body = json.dumps(event, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -449,7 +450,8 @@ def load(path: Path, *, decrypt: bool = True) -> Config:
     decrypt=False checks that secret fields hold enc: tokens without needing the key
     (for `emit` and `secret keygen`, which may run where the key is not readable).
     """
-    path = path.resolve() if path.exists() else path
+    with contextlib.suppress(OSError):  # one it may not see: read_toml says so
+        path = path.resolve(strict=True)
     data = read_toml(path)
     base = path.parent
     top = Table(data, "")

@@ -13,6 +13,7 @@ from pathlib import Path
 from nomaflowd import config, crypto
 from nomaflowd.client import drop
 from nomaflowd.daemon import Daemon
+from nomaflowd.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,11 @@ class Receiver(BaseHTTPRequestHandler):
 
 
 def run_demo(root: Path, port: int) -> int:
-    server = ThreadingHTTPServer(("127.0.0.1", port), Receiver)
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", port), Receiver)
+    except OSError as exc:
+        raise UsageError(f"--port {port}: cannot listen on 127.0.0.1 ({exc.strerror or exc});"
+                         " pick another port, or 0 for a free one") from None
     port = server.server_address[1]
     threading.Thread(target=server.serve_forever, name="demo-receiver", daemon=True).start()
     demo_dir = root / "var" / "demo"

@@ -367,15 +367,19 @@ def record(results: list[Result], replica: str) -> None:
                 r.duration_ms, r.detail)
 
 
-def send_test(cfg: Config, name: str, recipient: str | None = None) -> Result:
+def send_test(cfg: Config, name: str, recipient: str | None = None,
+              sent: Callable[[Result], None] | None = None) -> Result:
     """The Test button (`nomaflowd test`, the notifications page): one "test from Nomaflow"
     through transport `name` now, recorded like any alert (audit row with alert 'test' and
-    the `notification` log line). `recipient` defaults to the transport's default."""
+    the `notification` log line). `recipient` defaults to the transport's default; `sent`
+    hears the result before it is recorded (which may fail)."""
     tc = cfg.transports[name]
     transports = build({name: tc}, cfg.send_timeout_seconds)
     try:
         r = attempt_once(transports[name], Attempt(test_alert(cfg.base_url), name,
                                                    recipient or default_recipient(tc)))
+        if sent is not None:
+            sent(r)
         record([r], cfg.replica_id)
     finally:
         transports[name].close()

@@ -6,17 +6,26 @@ import io
 import os
 import re
 import select
+import shutil
 import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
 import threading
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import pytest
 
 from nomaflowd.cli import main
 from nomaflowd.serving import Server
-from tests.servers import wait_until
+from tests.harness import Tree
+from tests.servers import closed_port, wait_until
+
+NOBODY = 65534
 
 
 def run(tree, *argv: str) -> int:
@@ -209,3 +218,111 @@ def test_a_connection_that_trickles_its_request_is_cut_at_its_deadline():
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+# --- the CLI: every odd argument is one line, never "internal error" ----------------------------
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["audit", "--limit", "99999999999999999999"], "--limit"),
+    (["audit", "--limit", "0"], "--limit"),
+    (["audit", "--since", "99999999999d"], "--since"),
+    (["audit", "--job", "j\udcff"], "--job"),
+    (["audit", "--run", "r\udcfe"], "--run"),
+    (["demo", "--port", "99999"], "--port"),
+    (["demo", "--port", "-1"], "--port"),
+])
+def test_an_odd_cli_argument_is_a_usage_error_naming_it(tree, capsys, argv, says):
+    tree.write_config()
+    code = main([*argv, "--config", str(tree.config_path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("nomaflowd: ") and err.count("\n") == 1 and says in err, err
+    assert "internal error" not in err
+
+
+def test_secret_encrypt_of_bytes_that_are_not_utf8_is_a_usage_error(tree, capsys, monkeypatch):
+    tree.write_config()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe"),
+                                                      errors="surrogateescape"))
+    assert main(["secret", "encrypt", "--config", str(tree.config_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == "nomaflowd: the secret on stdin is not UTF-8 text\n"
+
+
+def test_explain_reads_no_further_than_the_event_limit(tree, capsys):
+    tree.write_config()
+    assert main(["explain", "/dev/zero", "--config", str(tree.config_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nomaflowd: /dev/zero: larger than the event limit of ")
+
+
+def test_emit_into_a_spool_that_does_not_exist_says_what_to_do(tree, capsys):
+    tree.write_config()  # the daemon has never run: no spool yet
+    assert main(["emit", "--job", "j", "--run", "r", "--state", "FAILED",
+                 "--config", str(tree.config_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"nomaflowd: cannot write into {tree.spool}: the spool directory does not"
+                   " exist (the daemon creates it when it starts)\n")
+
+
+def test_a_reader_that_stops_reading_ends_the_output_quietly(tree):
+    tree.write_config()
+    assert main(["audit", "--config", str(tree.config_path)]) == 0  # creates the database
+    with sqlite3.connect(tree.db_path) as conn:  # more than a pipe holds
+        conn.executemany(
+            "INSERT INTO notifications (created_at, job_id, run_id, alert, level, transport,"
+            " transport_type, recipient, outcome, detail, duration_ms, replica) VALUES"
+            " ('2026-12-01 00:00:00', ?, 'r', 'failed', 'error', 'hook', 'webhook', 'hook',"
+            " 'SENT', 'HTTP 200', 1, 'a')", [(f"job-{i}",) for i in range(3000)])
+    proc = subprocess.run(
+        f'"{sys.executable}" -m nomaflowd audit --format json --config "{tree.config_path}"'
+        ' | head -c 1 >/dev/null; echo "${PIPESTATUS[0]}"',
+        shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60)
+    assert proc.stderr == "", proc.stderr
+    assert proc.stdout.strip() == "141"  # as a process that SIGPIPE ended
+
+
+@pytest.fixture
+def nobodys_tree():
+    """A tree `nobody` can reach (pytest's own directories are root's alone)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run as another user")
+    top = Path(tempfile.mkdtemp(prefix="nomaflowd-nobody-"))
+    top.chmod(0o755)
+    yield Tree(top / "t")
+    shutil.rmtree(top)
+
+
+def test_a_config_the_user_may_not_read_is_one_line(nobodys_tree):
+    tree = nobodys_tree
+    tree.write_config()
+    tree.config_path.chmod(0o600)
+    tree.config_path.parent.chmod(0o700)
+    proc = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         sys.executable, "-m", "nomaflowd", "audit", "--config", str(tree.config_path)],
+        capture_output=True, text=True, timeout=60, cwd=tree.root.parent)
+    assert (proc.returncode, proc.stderr) == (
+        2, f"nomaflowd: {tree.config_path} cannot be read (Permission denied)\n")
+
+
+@pytest.mark.parametrize("command", [["run"], ["prune"], ["test", "hook"]])
+def test_a_database_that_cannot_be_written_is_one_line_naming_the_key(tree, command):
+    """The database file on a read-only mount (root writes through file modes)."""
+    tree.write_config(tree.webhook("hook", f"http://127.0.0.1:{closed_port()}/x"))
+    assert main(["audit", "--config", str(tree.config_path)]) == 0  # creates the database
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -m is not permitted here (needs root or CAP_SYS_ADMIN)")
+    proc = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         'mount --bind -o ro "$0" "$0" && exec "$@"', str(tree.db_path),
+         sys.executable, "-m", "nomaflowd", *command, "--config", str(tree.config_path)],
+        capture_output=True, text=True, timeout=60, cwd=tree.root,
+        env={**os.environ, "NOTIFY_SOCKET": ""})
+    assert proc.returncode == 1, proc.stderr
+    assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "nomaflowd: daemon.database cannot be written: attempt to write a readonly database;"
+        " the daemon's user needs write access to the database file and its directory")
+    if command[0] == "test":  # the send happened: it says so before the database error
+        assert proc.stdout.startswith("FAILED_TRANSPORT hook -> hook: connection refused")
