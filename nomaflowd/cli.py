@@ -19,6 +19,7 @@ from typing import Any
 from nomaflowd import __version__, config, crypto, db, events, logs
 from nomaflowd.config import Config
 from nomaflowd.errors import ConfigError, NomaflowError, Rejected, UsageError
+from nomaflowd.text import escape, for_terminal
 
 STATES_HELP = ", ".join(events.STATES)
 
@@ -314,7 +315,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     if not quiet.handlers:
         quiet.addHandler(logging.NullHandler())
     def say(result: Result) -> None:  # before it is recorded: it happened either way
-        print(f"{result.outcome} {tc.name} -> {recipient}: {result.detail}", flush=True)
+        # The detail quotes the upstream's answer: escaped, as in the log.
+        print(f"{result.outcome} {tc.name} -> {escape(recipient)}: {escape(result.detail)}",
+              flush=True)
 
     try:
         result = send_test(cfg, tc.name, recipient, say)
@@ -442,11 +445,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     try:
         event = events.parse(raw, Path(args.event).name, utcnow())
     except Rejected as exc:
-        print(f"the daemon would reject this file: {exc}")
+        print(f"the daemon would reject this file: {escape(str(exc))}")
         return 1
     database, why = open_history(cfg)
     try:
-        print(explain(cfg, event, history=why))
+        print(for_terminal(explain(cfg, event, history=why)))  # the event's text, shown
     finally:
         if database is not None:
             database.close()

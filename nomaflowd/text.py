@@ -24,3 +24,14 @@ def escape(text: str) -> str:
         else:
             out.append(repr(ch)[1:-1])  # \\n, \\x1b, \\u2028, \\U000e0001
     return "".join(out)
+
+
+def for_terminal(text: str) -> str:
+    """`text` as lines a terminal shows, not obeys: newlines and tabs stay, every other
+    control character (ESC starting a sequence that clears the screen or sets the title,
+    a CR that overwrites the line, BEL) and invisible format character is escaped as by
+    escape(). Backslashes stay single: JSON shown this way still reads as JSON."""
+    if text.isprintable():
+        return text
+    return "\n".join("\t".join(escape(part).replace("\\\\", "\\") for part in line.split("\t"))
+                     for line in text.split("\n"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import select
@@ -23,7 +24,7 @@ import pytest
 from nomaflowd.cli import main
 from nomaflowd.serving import Server
 from tests.harness import Tree
-from tests.servers import closed_port, wait_until
+from tests.servers import Reply, closed_port, wait_until
 
 NOBODY = 65534
 
@@ -326,3 +327,30 @@ def test_a_database_that_cannot_be_written_is_one_line_naming_the_key(tree, comm
         " the daemon's user needs write access to the database file and its directory")
     if command[0] == "test":  # the send happened: it says so before the database error
         assert proc.stdout.startswith("FAILED_TRANSPORT hook -> hook: connection refused")
+
+
+TERMINAL_TRICKS = "a\x1b[2J\x1b]0;pwned\x07b\rOVERWRITE\x9b31m"
+
+
+def test_explain_shows_an_events_control_characters_instead_of_obeying_them(tree, capsys):
+    tree.write_config('[transports.mail]\ntype = "email"\nhost = "127.0.0.1"\nport = 25\n'
+                      'tls = "none"\ndefault_from = "n@corp.local"\n'
+                      'default_recipient = "ops@corp.local"\n')
+    event = tree.root / "e.json"
+    event.write_text(json.dumps({"job_id": "j", "run_id": "r", "state": "FAILED",
+                                 "error": TERMINAL_TRICKS, "step": 'say "hi"\\there'}))
+    assert main(["explain", str(event), "--config", str(tree.config_path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out and "\x9b" not in out
+    assert "a\\x1b[2J\\x1b]0;pwned\\x07b" in out and "OVERWRITE\\x9b31m" in out
+    assert "\n" in out  # still lines
+
+
+def test_test_shows_an_upstreams_control_characters_instead_of_obeying_them(tree, http, capsys):
+    http.default = Reply(500, ("bad" + TERMINAL_TRICKS + "\r\nouted").encode())
+    tree.write_config(tree.webhook("evil", http.url()))
+    assert main(["test", "evil", "--config", str(tree.config_path)]) == 1
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out
+    assert out.startswith("FAILED_DELIVERY evil -> evil: HTTP 500: bada\\x1b[2J")
