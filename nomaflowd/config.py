@@ -493,11 +493,13 @@ def load(path: Path, *, decrypt: bool = True) -> Config:
         "jobs_file": _resolve(base, d.get("jobs_file", str, "jobs.toml")),
         "key_file": key_file,
         "base_url": d.get("base_url", str, ""),
-        "poll_seconds": d.positive("poll_seconds", float, 30.0, most=86400),
+        # Below a tenth of a second a timer is a busy loop (0.001: a core at 100 % and the
+        # scheduler logging its skipped runs 60 times a second).
+        "poll_seconds": d.positive("poll_seconds", float, 30.0, most=86400, least=0.1),
         "retention_days": d.positive("retention_days", int, 183, most=36500),
         "send_timeout_seconds": d.positive("send_timeout_seconds", float, 10.0, most=300),
         "replica_id": d.get("replica_id", str) or socket.gethostname(),
-        "rescan_seconds": d.positive("rescan_seconds", float, 2.0, most=3600),
+        "rescan_seconds": d.positive("rescan_seconds", float, 2.0, most=3600, least=0.1),
         "web_listen": _listen(d, "web_listen"),
         "web_password": secret(d, "web_password", False),
         "metrics_listen": _listen(d, "metrics_listen"),

@@ -7,7 +7,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from nomaflowd.errors import Rejected
@@ -23,6 +23,7 @@ STATES = (*RUN_STATES, *TOGGLE_STATES, "NOTICE")
 STRING_FIELDS = ("job_id", "state", "message", "run_id", "event_id", "triggered_by", "step",
                  "error", "traceback", "by")
 TIME_FIELDS = ("at", "started_at", "finished_at")
+FUTURE_SLACK = timedelta(minutes=5)  # how far ahead of ours a runner's clock may be
 LIST_FIELDS = ("recipients", "tags")
 INT_FIELDS = ("attempt", "max_attempts")
 KNOWN = frozenset((*STRING_FIELDS, *TIME_FIELDS, *LIST_FIELDS, *INT_FIELDS, "alerts"))
@@ -51,6 +52,9 @@ class Event:
     payload: str                      # the JSON text as received
     alerts: AlertsBlock | None
     tags: tuple[str, ...] | None
+    # Times the runner's clock put past FUTURE_SLACK ahead of ours, as written: each is
+    # taken as the time the file was read instead.
+    ahead: tuple[tuple[str, str], ...] = ()
 
     def get(self, key: str) -> Any:
         return self.fields.get(key)
@@ -239,6 +243,13 @@ def parse(raw: bytes, name: str, received_at: datetime) -> Event:
     if "recipients" in obj and state != "NOTICE":
         raise Rejected("recipients is only for NOTICE events; use alerts.recipients")
     times = {key: parse_time(obj[key], key) for key in TIME_FIELDS if key in obj}
+    # A runner's clock ahead of ours: a finish in 2031 would order this run after every
+    # later one, each real success until then "late", and an incident it opened would never
+    # be closed. Past FUTURE_SLACK, the time the file was read stands in for it.
+    ahead = tuple((key, str(obj[key])) for key, t in times.items()
+                  if t > received_at + FUTURE_SLACK)
+    for key, _ in ahead:
+        times[key] = received_at
     # Here, not at import: the CLI's commands that never parse an event (audit: bench g) skip
     # the catalogue's imports (time zones, cron), 9 ms of their start.
     from nomaflowd.catalogue import parse_alerts, parse_tags
@@ -266,4 +277,5 @@ def parse(raw: bytes, name: str, received_at: datetime) -> Event:
         payload=text,
         alerts=alerts,
         tags=tags,
+        ahead=ahead,
     )

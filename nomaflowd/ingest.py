@@ -144,6 +144,10 @@ class Ingest:
                 refused = cat.may_write(event.job_id, raw.uid, raw.gid)
                 if refused:
                     raise Rejected(refused)
+                for key, written in event.ahead:
+                    logger.warning("spool file %r (job %s): %s %s is ahead of this host's"
+                                   " clock; the time the file was read is used instead (check"
+                                   " the runner's clock)", name, event.job_id, key, written)
                 accepted.append((name, event))
             except Rejected as exc:
                 self.reject(name, str(exc), now)

@@ -388,3 +388,9 @@ def test_commands_without_the_key_read_a_config_with_an_encrypted_proxy(tree, ca
     tree.key.unlink()  # a runner's host has no key
     assert main([*command, "--config", str(tree.config_path)]) == 0, capsys.readouterr().err
     assert "s3cretCANARY" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key", ["poll_seconds", "rescan_seconds"])
+def test_a_timer_below_a_tenth_of_a_second_is_refused(tree, key):
+    with pytest.raises(ConfigError, match=f"daemon.{key} must be at least 0.1$"):
+        load(tree, daemon=f"{key} = 0.001")

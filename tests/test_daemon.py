@@ -369,3 +369,23 @@ def test_metrics_carry_every_name_and_label_readme_lists(tree, http, daemon_fact
     assert 0 <= samples[("nomaflowd_newest_event_age_seconds", ())] < 60
     assert "nomaflowd_digests_sent" in families
     assert d.stop() == 0
+
+
+def test_a_reload_keeps_the_spool_and_database_until_a_restart(tree, http, daemon_factory):
+    """README: a change to spool_dir or database needs a restart. A reload says so, keeps
+    both, and applies the rest of the new config."""
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = daemon_factory()
+    elsewhere = tree.root / "other"
+    tree.write_config(tree.webhook("ops", http.url("/after-reload")),
+                      daemon=f'spool_dir = "{elsewhere / "spool"}"\n'
+                             f'database = "sqlite:///{elsewhere / "other.db"}"')
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: "reloaded" in d.output(), what="reload logged")
+    for key in ("spool_dir", "database"):
+        assert f"daemon.{key} changed; it takes effect at the next restart" in d.output()
+    tree.drop(FAILED)  # into the running spool
+    assert http.wait_for(1)[0].path == "/after-reload"  # the rest of the config applies
+    wait_until(lambda: len(tree.notifications()) == 1, what="the row in the running database")
+    assert not (elsewhere / "other.db").exists() and not (elsewhere / "spool").exists()
+    assert d.stop() == 0

@@ -282,6 +282,28 @@ def test_success_after_success_and_late_success_send_no_recovery(tree, http, inp
     assert body["summary"].startswith("\U0001f7e2 sync recovered after 1 failed run")
 
 
+def test_a_runner_clock_years_ahead_does_not_keep_the_incident_open(tree, http, inproc,
+                                                                    caplog):
+    """A success stamped in 2031 (a runner's clock) must not make every later real success
+    "late": the next failure still opens PagerDuty's incident and the next success closes it."""
+    http.replies["/v2/enqueue"] = pd_reply
+    tree.write_config(tree.webhook("hook", http.url("/hook")) + pagerduty(tree, http))
+    tree.write_jobs('[jobs.skew.alerts]\non_recovery = true\nrecipients = ["hook", "pd"]\n')
+    d = inproc()
+    tree.drop({"job_id": "skew", "run_id": "s0", "state": "SUCCEEDED",
+               "finished_at": "2031-01-01T00:00:00Z", "at": "2031-01-01T00:00:00Z"})
+    d.pump()
+    tree.drop({"job_id": "skew", "run_id": "r1", "state": "FAILED", "error": "boom"})
+    d.pump(lambda: len(http.requests) == 2, what="the failure's two sends")
+    tree.drop({"job_id": "skew", "run_id": "r2", "state": "SUCCEEDED"})
+    d.pump(lambda: len(http.requests) == 4, what="the recovery's two sends")
+    sent = sorted((r.path, r.json().get("alert") or r.json()["event_action"])
+                  for r in http.requests)
+    assert sent == [("/hook", "failed"), ("/hook", "recovered"),
+                    ("/v2/enqueue", "resolve"), ("/v2/enqueue", "trigger")]
+    assert "finished_at 2031-01-01T00:00:00Z is ahead of this host's clock" in caplog.text
+
+
 # --- learned long-run thresholds ---------------------------------------------------------
 
 def drop_history(tree: Any, job: str, minutes: list[float]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -11,11 +12,11 @@ import sqlite3
 import subprocess
 import urllib.error
 import urllib.request
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 
-from nomaflowd import events
+from nomaflowd import db, events
 from nomaflowd.deliveries import HELD, NO_TRANSPORT
 from tests.servers import Reply, wait_until
 from tests.test_web import bound_port
@@ -385,3 +386,23 @@ def test_a_stop_waits_for_the_database_to_record_what_was_sent(tree, http, daemo
     with psycopg2.connect(pg_schema) as conn, conn.cursor() as cur:
         cur.execute("SELECT outcome FROM notifications")
         assert cur.fetchall() == [("SENT",)]
+
+
+def test_retention_runs_daily_on_the_scheduler(tree, inproc, caplog):
+    """README: rows older than retention_days are pruned daily (the first run a minute
+    after the start); brought forward here, the job itself removes the old row."""
+    caplog.set_level(logging.INFO, logger="nomaflowd")
+    tree.write_config("", daemon="retention_days = 30")
+    d = inproc()
+    job = d.daemon.scheduler.get_job("prune")
+    assert job.trigger.interval == timedelta(days=1)
+    assert job.next_run_time - datetime.now().astimezone() <= timedelta(minutes=1)
+    for run_id, days in (("old", 31), ("recent", 29)):
+        db.NotificationRow.insert(
+            created_at=db.utcnow() - timedelta(days=days), job_id="j", run_id=run_id,
+            alert="failed", level="high", transport="hook", transport_type="webhook",
+            recipient="hook", outcome="SENT", detail="", replica="x").execute()
+    job.modify(next_run_time=datetime.now().astimezone())
+    d.pump(lambda: "retention: removed 1 notifications" in caplog.text,
+           what="the scheduled retention run")
+    assert [r["run_id"] for r in tree.notifications()] == ["recent"]

@@ -370,3 +370,17 @@ def test_a_frozen_database_is_said_before_the_watchdog_stops_the_daemon(tree, ht
     [stuck] = [line for line in a.output().splitlines() if "has not turned" in line]
     assert " ERROR " in stuck and "peewee.py" in stuck  # where: a query that has no answer
     assert [r.json()["run_id"] for r in http.requests] == ["before", "during"]
+
+
+@pytest.mark.parametrize(("query", "expected"), [
+    ("", {"connect_timeout": "5", "keepalives_idle": "5"}),
+    ("&connect_timeout=15&keepalives_idle=9", {"connect_timeout": "15", "keepalives_idle": "9"}),
+])
+def test_the_urls_own_link_settings_win_over_the_defaults(pg_schema, query, expected):
+    """README: each link bound can be set in the URL's query string instead."""
+    database = db.open_database(pg_schema + query)
+    try:
+        params = database.connection().get_dsn_parameters()
+        assert {k: params.get(k) for k in expected} == expected
+    finally:
+        database.close()
