@@ -55,8 +55,9 @@ def span(minutes: float) -> str:
     return f"{round(minutes / 1440)} days"
 
 
-def _iso(dt: datetime | None) -> str | None:
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ") if dt else None
+def rfc3339(dt: datetime | None) -> str | None:
+    """RFC 3339 in UTC (isoformat pads a year before 1000: strftime's %Y does not)."""
+    return dt.replace(microsecond=0).isoformat() + "Z" if dt else None
 
 
 @dataclass(frozen=True)
@@ -219,8 +220,8 @@ def from_event(kind: str, event: Any, url: str, *, minutes: float | None = None)
         event_id=event.event_id,
         state=event.state,
         url=url,
-        started_at=_iso(event.started_at),
-        finished_at=_iso(event.finished_at),
+        started_at=rfc3339(event.started_at),
+        finished_at=rfc3339(event.finished_at),
         details=details,
         minutes=minutes,
     )

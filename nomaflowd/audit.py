@@ -76,7 +76,7 @@ def query(*, job: str | None = None, run: str | None = None, since: datetime | N
 def _timestamp(value: Any) -> str:
     """UTC ISO 8601 whichever way the backend returns it (SQLite: text; PostgreSQL: datetime)."""
     if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return value.isoformat(timespec="microseconds") + "Z"  # a year before 1000 padded
     text = str(value).replace(" ", "T")
     return text + ("Z" if "." in text else ".000000Z")
 

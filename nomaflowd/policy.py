@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from nomaflowd import alerts, catalogue, db, events, incidents, state
-from nomaflowd.alerts import Alert, alert_key
+from nomaflowd.alerts import Alert, alert_key, rfc3339
 from nomaflowd.catalogue import Catalogue, Effective, WatchedCatalogue
 from nomaflowd.config import Config
 from nomaflowd.routing import Plan, Router
@@ -62,7 +62,7 @@ class Policy:
         alert = Alert(kind="long_run", key=alert_key(run.job_id, run.run_id, "long_run"),
                       job_id=run.job_id, run_id=run.run_id, event_id=None, state="RUNNING",
                       url=self.config.run_url(run.run_id),
-                      started_at=started.strftime("%Y-%m-%dT%H:%M:%SZ") if started else None,
+                      started_at=rfc3339(started),
                       minutes=minutes, usual_minutes=run.usual_minutes)
         return Routed(alert, eff, self.router.plan(
             eff.alerts.recipients, eff.tags, from_event=eff.alerts_origin == "event",

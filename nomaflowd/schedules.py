@@ -40,7 +40,7 @@ FIELDS = ("schedule", "expected_at", "missed_deadline", "disabled", "toggled_at"
 
 
 def iso(dt: datetime | None) -> str:
-    return dt.strftime("%Y-%m-%d %H:%M:%SZ") if dt else ""
+    return dt.isoformat(sep=" ", timespec="seconds") + "Z" if dt else ""
 
 
 def minutes(value: float) -> timedelta:

@@ -84,7 +84,7 @@ def e(value: object) -> str:
 
 
 def when(value: datetime | None) -> str:
-    return f"{value:%Y-%m-%d %H:%M:%S}Z" if value else ""
+    return value.isoformat(sep=" ", timespec="seconds") + "Z" if value else ""
 
 
 def url_of(address: tuple[Any, ...]) -> str:

@@ -389,3 +389,13 @@ def test_a_reload_keeps_the_spool_and_database_until_a_restart(tree, http, daemo
     wait_until(lambda: len(tree.notifications()) == 1, what="the row in the running database")
     assert not (elsewhere / "other.db").exists() and not (elsewhere / "spool").exists()
     assert d.stop() == 0
+
+
+def test_a_year_before_1000_goes_out_as_rfc3339(tree, http, daemon_factory):
+    tree.write_config(tree.webhook("ops", http.url()))
+    daemon_factory()
+    tree.drop({**FAILED, "started_at": "0001-01-01T00:00:00Z",
+               "finished_at": "0999-05-26T02:14:22Z"})
+    body = http.wait_for(1)[0].json()
+    assert (body["started_at"], body["finished_at"]) == ("0001-01-01T00:00:00Z",
+                                                         "0999-05-26T02:14:22Z")
