@@ -113,6 +113,7 @@ class Daemon:
         self.config = cfg
         self.wakeup = threading.Event()
         self.stopping = threading.Event()
+        self.exit_code = 0  # 1 when it stops because it must not go on
         self.reload_requested = False
         self.timers: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.ready = False
@@ -257,7 +258,7 @@ class Daemon:
                 self.wakeup.clear()
         stall_watch.close()
         self.shutdown()
-        return 0
+        return self.exit_code
 
     def step(self, now: datetime | None = None) -> bool:
         """Finish what came back, do what is due, ingest at most one batch.
@@ -300,6 +301,14 @@ class Daemon:
     def poll(self, now: datetime) -> None:
         """Every poll_seconds: heartbeat, take over a dead peer's claims, sweep our own
         unfinished ones, long-run warnings, schedules."""
+        gone = db.file_gone()
+        if gone:
+            logger.critical("daemon.database: %s was %s while the daemon ran; stopping, so that"
+                            " nothing more is recorded into a file that is gone",
+                            db.file_path(), gone)
+            self.exit_code = 1
+            self.stopping.set()
+            return
         try:
             self.heartbeat()
             self.deliveries.take_over(db.db_now())

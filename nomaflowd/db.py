@@ -44,6 +44,26 @@ proxy = pw.DatabaseProxy()
 # The open SQLite database's write-ahead log, which make_durable() flushes (None: PostgreSQL,
 # or an in-memory database).
 _wal_path: str | None = None
+_file: tuple[str, int, int] | None = None  # the SQLite file opened: path, device, inode
+
+
+def file_path() -> str | None:
+    return _file[0] if _file is not None else None
+
+
+def file_gone() -> str | None:
+    """How the SQLite file opened is no longer at its path ("removed", "replaced by another
+    file"), or None: writes after that go to a file nobody will open again."""
+    if _file is None:
+        return None
+    path, dev, ino = _file
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "removed"
+    except OSError:
+        return None  # cannot tell (EACCES, EIO): the next query says what is wrong
+    return None if (st.st_dev, st.st_ino) == (dev, ino) else "replaced by another file"
 PRUNE_BATCH = 5000
 # pg_advisory_xact_lock key that serialises schema creation and migration across replicas
 # ("nomaflow" in ASCII, so another application's key is unlikely to collide with it).
@@ -508,14 +528,18 @@ def open_database(url: str) -> pw.Database:
             " pip install 'nomaflowd[postgres]'"
         ) from None
     proxy.initialize(db)
-    global _wal_path
+    global _wal_path, _file
     _wal_path = f"{path}-wal" if path is not None else None
+    _file = None
     try:
         with _startup_lock(path):
             if path is not None:
                 _create_private(path)
             db.connect(reuse_if_open=True)
             create_or_migrate(db)
+            if path is not None:
+                st = os.stat(path)
+                _file = (str(path), st.st_dev, st.st_ino)
     except (pw.PeeweeException, OSError) as exc:
         raise NomaflowError(f"daemon.database cannot be opened: {_why(exc, url)}") from None
     return db

@@ -120,3 +120,18 @@ def test_a_vanished_spool_is_reported_as_such_and_recovered_from(tree, http, dae
     assert http.wait_for(1, timeout=10)[0].json()["run_id"] == "back"
     wait_until(lambda: (tree.spool / "rejected" / "bad.json.error").exists(), what="rejected")
     assert d.stop() == 0
+
+
+def test_a_database_file_removed_under_the_daemon_stops_it_saying_why(tree, http,
+                                                                      daemon_factory):
+    """What it recorded after the removal would vanish with the unlinked file at the next
+    restart: it stops (exit 1, systemd starts it again on a new file) and says why."""
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = daemon_factory()
+    for path in tree.db_path.parent.glob(tree.db_path.name + "*"):
+        path.unlink()
+    assert d.proc is not None
+    assert d.proc.wait(timeout=20) == 1
+    assert (f"daemon.database: {tree.db_path} was removed while the daemon ran; stopping, so"
+            " that nothing more is recorded into a file that is gone") in d.output()
+    assert "Traceback" not in d.output()
