@@ -224,6 +224,19 @@ def cmd_emit(args: argparse.Namespace) -> int:
         for value in values:
             if value is not None and not is_utf8(value):
                 raise UsageError(f"{flag} is not valid UTF-8 text")
+    given = [flag for flag, value in (
+        ("--job", args.job), ("--state", args.state), ("--run", args.run),
+        ("--error", args.error), ("--step", args.step), ("--by", args.by),
+        ("--triggered-by", args.triggered_by), ("--notice", args.notice), ("--tag", args.tags),
+        ("--to", args.to)) if value is not None]
+    if args.json and given:
+        raise UsageError(f"--json gives the whole event; leave out {', '.join(given)}")
+    if args.notice is not None and not args.notice.strip():
+        raise UsageError("--notice needs the message's text")
+    if args.notice is not None and args.state and args.state.upper() != "NOTICE":
+        raise UsageError(f"--notice makes a NOTICE event, not {args.state}; leave out --state")
+    if any(not r.strip() for r in args.to or []):
+        raise UsageError("--to needs a recipient (a #channel, an address, a transport name)")
     if args.json:
         raw = read_event_file(args.json)
         try:
@@ -299,7 +312,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         raise UsageError(f"no transport named {args.transport!r} (have: {names})")
     tc = cfg.transports[args.transport]
     recipient = default_recipient(tc)
-    if args.to:
+    if args.to and tc.type != "webhook":  # a webhook's recipient is the webhook, as in routing
         written = args.to.strip()
         if written.startswith(f"{tc.name}:"):  # the routing form NAME:recipient
             written = written[len(tc.name) + 1:].strip()

@@ -33,6 +33,15 @@ def run(tree: Any, *argv: str) -> int:
 
 # --- nomaflowd test --------------------------------------------------------------------------
 
+@pytest.mark.parametrize("to", ["hook:foo", "foo", "hook"])
+def test_test_to_a_webhook_is_the_webhook_whatever_to_says(tree, http, capsys, to):
+    """As in an event file: a webhook's recipient is the webhook (hook:anything is hook)."""
+    tree.write_config(tree.webhook("hook", http.url()))
+    assert run(tree, "test", "hook", "--to", to) == 0
+    assert capsys.readouterr().out.startswith("SENT hook -> hook: HTTP 200")
+    assert [r["recipient"] for r in tree.notifications()] == ["hook"]
+
+
 def test_test_slack_sends_records_and_exits_0(tree, http, capsys):
     tree.write_config(tree.slack("slack", http.url(HOOK_PATH)))
     assert run(tree, "test", "slack") == 0

@@ -354,3 +354,19 @@ def test_test_shows_an_upstreams_control_characters_instead_of_obeying_them(tree
     assert out.count("\n") == 1
     assert "\x1b" not in out and "\x07" not in out and "\r" not in out
     assert out.startswith("FAILED_DELIVERY evil -> evil: HTTP 500: bada\\x1b[2J")
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--job", "j", "--run", "r", "--state", "FAILED", "--notice", "hi"],
+     "--notice makes a NOTICE event, not FAILED; leave out --state"),
+    (["--json", "-", "--job", "j", "--state", "FAILED"],
+     "--json gives the whole event; leave out --job, --state"),
+    (["--job", "j", "--notice", ""], "--notice needs the message's text"),
+    (["--job", "j", "--notice", "hi", "--to", ""], "--to needs a recipient"),
+])
+def test_emit_refuses_flags_it_would_silently_drop(tree, capsys, argv, says):
+    tree.write_config()
+    tree.spool.mkdir(parents=True)
+    assert main(["emit", *argv, "--config", str(tree.config_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"nomaflowd: {says}")
+    assert tree.spool_files() == []
