@@ -3,8 +3,8 @@ alert arrive without any Slack or SMTP account."""
 
 from __future__ import annotations
 
+import fcntl
 import json
-import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,8 +14,7 @@ from nomaflowd import config, crypto
 from nomaflowd.client import drop
 from nomaflowd.daemon import Daemon
 from nomaflowd.errors import UsageError
-
-logger = logging.getLogger(__name__)
+from nomaflowd.text import for_terminal
 
 CONFIG = """\
 # Written by `nomaflowd demo`: the embedded defaults plus a local receiver.
@@ -43,7 +42,9 @@ class Receiver(BaseHTTPRequestHandler):
             shown = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
         except ValueError:
             shown = body.decode(errors="replace")
-        logger.info("local receiver got an alert:\n%s", shown)
+        # Printed, not logged: the log shows a value on one line, escaped, and this is the
+        # JSON a newcomer reads.
+        print(for_terminal(f"local receiver got an alert:\n{shown}"), flush=True)
 
     def log_message(self, format: str, *args: object) -> None:
         pass  # the line above says it better
@@ -59,6 +60,16 @@ def run_demo(root: Path, port: int) -> int:
     threading.Thread(target=server.serve_forever, name="demo-receiver", daemon=True).start()
     demo_dir = root / "var" / "demo"
     demo_dir.mkdir(parents=True, exist_ok=True)
+    # One demo per directory: a second one rewrote the first's config, shared its spool,
+    # and its alert went to the first one's receiver.
+    lock = (demo_dir / ".lock").open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        server.server_close()
+        raise UsageError(f"another nomaflowd demo is running in {demo_dir}; stop it (Ctrl-C)"
+                         " or run this one from another directory") from None
     key_file = root / "var" / "lib" / "nomaflowd.key"
     if not key_file.exists():
         crypto.write_key(key_file)
@@ -77,10 +88,9 @@ def run_demo(root: Path, port: int) -> int:
         drop(cfg.spool_dir, {"job_id": "reporting-nightly-sync", "run_id": run_id,
                              "state": "FAILED", "step": "copy-orders", "triggered_by": "cron",
                              "error": "OperationalError: connection refused"})
-        logger.info("demo: dropped a FAILED event; drop your own with\n  nomaflowd emit --config"
-                    " %s --job my-job --run r1 --state FAILED --error boom\n"
-                    "  then: nomaflowd audit --config %s   (Ctrl-C stops)", config_file,
-                    config_file)
+        print(f"demo: dropped a FAILED event; drop your own with\n  nomaflowd emit --config"
+              f" {config_file} --job my-job --run r1 --state FAILED --error boom\n"
+              f"  then: nomaflowd audit --config {config_file}   (Ctrl-C stops)", flush=True)
 
     threading.Thread(target=first_alert, name="demo-event", daemon=True).start()
     try:

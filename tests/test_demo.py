@@ -25,6 +25,12 @@ def test_demo_delivers_an_alert_to_its_local_receiver_and_stops_cleanly(tmp_path
                                    "FAILED", "--error", "boom"], cwd=tmp_path,
                                   capture_output=True, text=True, timeout=30)
             assert emit.returncode == 0, emit.stderr
+            # A second demo in the same directory would take over the first one's files.
+            second = subprocess.run([sys.executable, "-m", "nomaflowd", "demo"], cwd=tmp_path,
+                                    capture_output=True, text=True, timeout=30)
+            assert (second.returncode, second.stderr) == (
+                2, f"nomaflowd: another nomaflowd demo is running in {tmp_path}/var/demo;"
+                   " stop it (Ctrl-C) or run this one from another directory\n")
             wait_until(lambda: log.read_text().count("outcome=SENT") == 2, timeout=20,
                        what="the emitted event's alert")
             proc.send_signal(signal.SIGINT)
@@ -34,7 +40,9 @@ def test_demo_delivers_an_alert_to_its_local_receiver_and_stops_cleanly(tmp_path
                 proc.kill()
     text = log.read_text()
     assert "local receiver got an alert" in text
-    assert '"alert": "failed"' in text
+    lines = text.splitlines()
+    assert '  "alert": "failed",' in lines  # the JSON as it came, one field a line
+    assert any(line.startswith("  nomaflowd emit --config ") for line in lines)
     assert (tmp_path / "var" / "lib" / "nomaflowd.key").exists()
     audit = subprocess.run([sys.executable, "-m", "nomaflowd", "audit", "--config",
                             str(tmp_path / "var" / "demo" / "nomaflowd.toml"), "--format",
