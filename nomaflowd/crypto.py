@@ -208,8 +208,10 @@ def rotate(config_file: Path, key_file: Path) -> int:
         try:
             plain = old.decrypt(match.group(0)[len(PREFIX) :].encode())
         except InvalidToken:
+            line = text.count("\n", 0, match.start()) + 1
             raise ConfigError(
-                f"a token in {config_file} cannot be decrypted with {key_file}; nothing was changed"
+                f"{config_file}, line {line}: an enc: token (in a comment too) cannot be"
+                f" decrypted with {key_file}; re-encrypt or remove it; nothing was changed"
             ) from None
         count += 1
         return PREFIX + new.encrypt(plain).decode()

@@ -394,3 +394,24 @@ def test_commands_without_the_key_read_a_config_with_an_encrypted_proxy(tree, ca
 def test_a_timer_below_a_tenth_of_a_second_is_refused(tree, key):
     with pytest.raises(ConfigError, match=f"daemon.{key} must be at least 0.1$"):
         load(tree, daemon=f"{key} = 0.001")
+
+
+def test_rotate_names_the_line_of_a_token_it_cannot_decrypt_and_rotates_a_proxy(tree, capsys,
+                                                                                tmp_path):
+    other = tmp_path / "other.key"
+    crypto.write_key(other)
+    stale = crypto.encrypt(crypto.load_keys(other), "old")
+    proxy = tree.enc("http://u:pw@proxy.corp.local:3128")
+    tree.write_config(tree.webhook("h", "https://hooks.example/x", f'proxy = "{proxy}"')
+                      + f"# was: {stale}\n")
+    before = tree.config_path.read_text()
+    line = before[:before.index(stale)].count("\n") + 1
+    assert main(["secret", "rotate", "--config", str(tree.config_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"nomaflowd: {tree.config_path}, line {line}: an enc: token (in a comment too) cannot"
+        f" be decrypted with {tree.key}; re-encrypt or remove it; nothing was changed\n")
+    assert tree.config_path.read_text() == before
+    tree.config_path.write_text(before.replace(f"# was: {stale}\n", ""))
+    assert main(["secret", "rotate", "--config", str(tree.config_path)]) == 0
+    cfg = config.load(tree.config_path)
+    assert cfg.transports["h"].settings["proxy"].reveal() == "http://u:pw@proxy.corp.local:3128"
