@@ -8,6 +8,7 @@ import stat
 import statistics
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from nomaflowd import catalogue, db, incidents
 from nomaflowd.alerts import span
@@ -28,6 +29,12 @@ def run_checks(cfg: Config, *, history: bool = False) -> list[tuple[str, str]]:
         problems.append(("error", "no transports configured: no alert can reach anyone"))
     if not cfg.base_url:
         problems.append(("warning", "daemon.base_url is empty: alerts carry no run link"))
+    if "://" in cfg.database and urlsplit(cfg.database).password:
+        # Not an enc: token: runners' `emit` and `audit` open the database without the key.
+        problems.append(("warning", "daemon.database holds a password in plaintext, in a file"
+                         " runners may read; leave it out of the URL and give it in a"
+                         " ~/.pgpass file of the daemon's user, or as PGPASSWORD in the unit's"
+                         " environment"))
     try:
         cat = catalogue.load(cfg.jobs_file)
     except ConfigError as exc:

@@ -415,3 +415,12 @@ def test_rotate_names_the_line_of_a_token_it_cannot_decrypt_and_rotates_a_proxy(
     assert main(["secret", "rotate", "--config", str(tree.config_path)]) == 0
     cfg = config.load(tree.config_path)
     assert cfg.transports["h"].settings["proxy"].reveal() == "http://u:pw@proxy.corp.local:3128"
+
+
+def test_check_warns_about_a_database_password_in_the_url(tree, capsys):
+    tree.write_config(tree.webhook("h", "https://hooks.example/x"),
+                      daemon='database = "postgresql://nomaflowd:S3CRET@127.0.0.1:1/x"')
+    main(["check", "--config", str(tree.config_path)])
+    out = capsys.readouterr().out
+    assert "warning: daemon.database holds a password in plaintext" in out
+    assert "S3CRET" not in out
