@@ -425,7 +425,7 @@ def cmd_secret(args: argparse.Namespace) -> int:
             value.encode()
         except UnicodeError:
             raise UsageError("the secret on stdin is not UTF-8 text") from None
-        value = value[:-1] if value.endswith("\n") else value
+        value = value.removesuffix("\n").removesuffix("\r")  # the line's end, if any
         if not value:
             raise UsageError("nothing on stdin: pipe the secret in, e.g. `printf %s URL | "
                              "nomaflowd secret encrypt`")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from nomaflowd import crypto
 from nomaflowd.cli import main
 from nomaflowd.serving import Server
 from tests.harness import Tree
@@ -370,3 +371,11 @@ def test_emit_refuses_flags_it_would_silently_drop(tree, capsys, argv, says):
     assert main(["emit", *argv, "--config", str(tree.config_path)]) == 2
     assert capsys.readouterr().err.startswith(f"nomaflowd: {says}")
     assert tree.spool_files() == []
+
+
+def test_secret_encrypt_drops_the_line_end_a_windows_editor_left(tree, capsys, monkeypatch):
+    tree.write_config()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"https://hooks.example/x\r\n")))
+    assert main(["secret", "encrypt", "--config", str(tree.config_path)]) == 0
+    token = capsys.readouterr().out.strip()
+    assert crypto.decrypt(tree.keys, token, "t").reveal() == "https://hooks.example/x"
