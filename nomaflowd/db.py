@@ -522,6 +522,7 @@ def open_database(url: str) -> pw.Database:
                 db._initialize_connection = _bounded_waits
                 for name, value in link_bounds().items():
                     db.connect_params.setdefault(name, value)  # the URL's own win
+                db._connect = _looked_up_first(db, db._connect)
     except ImportError:
         raise ConfigError(
             "daemon.database is PostgreSQL but no driver is installed;"
@@ -574,6 +575,31 @@ def link_bounds() -> dict[str, int]:
     if libpq_version() >= 120000:
         return LINK_BOUNDS
     return {k: v for k, v in LINK_BOUNDS.items() if k != "tcp_user_timeout"}
+
+
+def _looked_up_first(database: Any, connect: Any) -> Any:
+    """`connect`, after the host's name is looked up within connect_timeout: libpq's own
+    lookup comes before its connect_timeout, and with a resolver that does not answer it
+    waited resolv.conf's timeouts (30 s and more), past systemd's watchdog. A name that
+    resolves (or fails at once) goes on to libpq, which looks it up again and says why."""
+    from nomaflowd.resolve import LookupTimeout, lookup
+
+    def looked_up() -> Any:
+        params = database.connect_params
+        host = str(params.get("host") or "")
+        if host and not host.startswith("/") and "," not in host and "hostaddr" not in params:
+            timeout = float(params.get("connect_timeout") or LINK_BOUNDS["connect_timeout"])
+            try:
+                lookup(host, int(params.get("port") or 5432), timeout)
+            except LookupTimeout:
+                raise pw.OperationalError(
+                    f'could not translate host name "{host}" to address: the resolver gave'
+                    f" no answer within {timeout:g}s") from None
+            except (OSError, ValueError):
+                pass  # libpq's own lookup says why, in its words
+        return connect()
+
+    return looked_up
 
 
 def _bounded_waits(conn: Any) -> None:

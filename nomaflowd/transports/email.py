@@ -14,17 +14,15 @@ from email.utils import formatdate, make_msgid, parseaddr
 from typing import Any
 
 from nomaflowd.alerts import Alert, digest_by_job, digest_headline
+from nomaflowd.resolve import LookupTimeout, bounded, open_socket
 from nomaflowd.transports.base import (
     DEADLINES,
     DeliveryError,
-    LookupTimeout,
     Rendered,
     Transport,
     TransportError,
     b64,
-    bounded,
     describe_exception,
-    open_socket,
 )
 
 

@@ -45,10 +45,10 @@ import urllib3.util.connection  # noqa: E402
 
 from nomaflowd.alerts import Alert  # noqa: E402
 from nomaflowd.crypto import Secret  # noqa: E402
+from nomaflowd.resolve import LookupTimeout, open_socket  # noqa: E402
 from nomaflowd.transports.base import (  # noqa: E402
     DEADLINES,
     DeliveryError,
-    LookupTimeout,
     RateLimited,
     Rendered,
     Sent,
@@ -56,7 +56,6 @@ from nomaflowd.transports.base import (  # noqa: E402
     TransportError,
     b64,
     host_of,
-    open_socket,
     parse_retry_after,
     retry_after,
 )

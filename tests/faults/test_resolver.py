@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -86,3 +88,22 @@ def test_a_resolver_that_never_answers_is_cut_at_the_send_timeout(tree, daemon_f
         assert row["outcome"] == "FAILED_TRANSPORT"
         assert row["detail"] == "timed out after 1s (DNS lookup)"
         assert row["duration_ms"] < 3000
+
+
+def test_a_database_host_the_resolver_never_answers_for_is_an_outage_in_seconds(
+        tree, deaf_resolver):
+    """libpq's connect_timeout starts after its name lookup: with a resolver that does not
+    answer, each connect waited resolv.conf's 30 s, and systemd's watchdog (30 s) killed
+    the daemon with nothing in its log. The lookup is bounded by connect_timeout too."""
+    resolver, prefix = deaf_resolver
+    tree.write_config(daemon='database = "postgresql://postgres@db.unanswered.test:5432/test'
+                             '?connect_timeout=2"')
+    tree.spool.mkdir(parents=True)
+    proc = subprocess.run([*prefix, sys.executable, "-m", "nomaflowd", "run", "--config",
+                           str(tree.config_path)], capture_output=True, text=True,
+                          timeout=20, cwd=tree.root, env={**os.environ, "NOTIFY_SOCKET": ""})
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "nomaflowd: daemon.database cannot be opened: OperationalError: could not translate"
+        ' host name "db.unanswered.test" to address: the resolver gave no answer within 2s')
+    assert resolver.asked_for("db.unanswered.test")
