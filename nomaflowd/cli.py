@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run")
     p.add_argument("--since", help="e.g. 7d, 12h, 2026-05-01")
     p.add_argument("--outcome", help="SENT, FAILED_TRANSPORT or FAILED_DELIVERY")
-    p.add_argument("--limit", type=row_limit)
+    p.add_argument("--limit", type=int_in(1, 10_000_000, "a number of rows"))
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     p = sub.add_parser("secret", parents=[common], help="key file and enc: tokens")
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common],
                        help="run the daemon with a local receiver and send one alert to it")
-    p.add_argument("--port", type=port_number, default=0)
+    p.add_argument("--port", type=int_in(0, 65535, "a port (0 takes a free one)"), default=0)
     return parser
 
 
@@ -122,27 +122,18 @@ READONLY_FIX = ("the daemon's user needs write access to the database file and i
                 " directory")
 
 
-def port_number(text: str) -> int:
-    """A TCP port for argparse: 0 (any free port) to 65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port (0 to 65535; 0 takes a free"
-                                         " one)")
-    return port
+def int_in(least: int, most: int, what: str) -> Any:
+    """An argparse type: an integer from `least` to `most`, `what` naming it in a refusal."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"{value}: give {what} from {least} to {most}")
+        return value
 
-
-def row_limit(text: str) -> int:
-    """--limit for argparse: 1 to 10,000,000 rows."""
-    try:
-        limit = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of rows: {text!r}") from None
-    if not 1 <= limit <= 10_000_000:
-        raise argparse.ArgumentTypeError(f"{limit}: give 1 to 10000000 rows")
-    return limit
+    return parse
 
 
 def setup_logging() -> None:
@@ -217,18 +208,15 @@ def cmd_emit(args: argparse.Namespace) -> int:
     from nomaflowd.client import drop
 
     cfg = load_config(args, decrypt=False)
-    for flag, values in (("--job", [args.job]), ("--state", [args.state]), ("--run", [args.run]),
-                         ("--error", [args.error]), ("--step", [args.step]), ("--by", [args.by]),
-                         ("--triggered-by", [args.triggered_by]), ("--notice", [args.notice]),
-                         ("--tag", args.tags or []), ("--to", args.to or [])):
-        for value in values:
-            if value is not None and not is_utf8(value):
+    flags = (("--job", args.job), ("--state", args.state), ("--run", args.run),
+             ("--error", args.error), ("--step", args.step), ("--by", args.by),
+             ("--triggered-by", args.triggered_by), ("--notice", args.notice),
+             ("--tag", args.tags), ("--to", args.to))
+    for flag, value in flags:
+        for one in value if isinstance(value, list) else [value]:
+            if one is not None and not is_utf8(one):
                 raise UsageError(f"{flag} is not valid UTF-8 text")
-    given = [flag for flag, value in (
-        ("--job", args.job), ("--state", args.state), ("--run", args.run),
-        ("--error", args.error), ("--step", args.step), ("--by", args.by),
-        ("--triggered-by", args.triggered_by), ("--notice", args.notice), ("--tag", args.tags),
-        ("--to", args.to)) if value is not None]
+    given = [flag for flag, value in flags if value is not None]
     if args.json and given:
         raise UsageError(f"--json gives the whole event; leave out {', '.join(given)}")
     if args.notice is not None and not args.notice.strip():
