@@ -162,7 +162,7 @@ class _Connection(urllib3.connection.HTTPConnection):
 
     def _new_conn(self) -> socket.socket:
         """urllib3's _new_conn() with the name lookup bounded by the timeout as well
-        (base.lookup) and the socket registered before its connect."""
+        (resolve.lookup) and the socket registered before its connect."""
         host = self._dns_host.strip("[]")
         try:
             host.encode("idna")
