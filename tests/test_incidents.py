@@ -634,3 +634,16 @@ def test_incident_preset_still_sends_headers_and_signature_and_ignores_body_temp
     assert main(["check", "--config", str(tree.config_path)]) == 0
     assert ("warning: transports.pd.body_template is ignored: the pagerduty preset sends"
             " that API's own body") in capsys.readouterr().out
+
+
+def test_a_pagerduty_event_stays_under_512_kb_whatever_the_event_holds():
+    """PagerDuty refuses an event over 512 KB: every text of custom_details is clipped, the
+    step and who triggered it too (a 530,000-character step made 531,561 bytes)."""
+    from nomaflowd.transports.pagerduty import PagerDuty
+    from tests.test_transport_slack import make_alert
+
+    transport = PagerDuty("pd", {"routing_key": "k" * 32}, timeout=1)
+    for field in ("step", "triggered_by", "error"):
+        alert = make_alert("failed", **{field: "\U0001f525" * 60_000})
+        body = transport.event(alert, "k" * 32)
+        assert len(json.dumps(body, ensure_ascii=False).encode()) < 100_000, field

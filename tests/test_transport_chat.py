@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 
@@ -315,7 +315,8 @@ def storm(jobs: int, per_job: int = 1) -> list[Alert]:
 def digest_text(preset: str, body: dict[str, Any]) -> str:
     """The visible text of one digest message, after checking the platform's limits."""
     if preset == "teams":
-        assert len(json.dumps(body).encode()) < 28_000  # Teams' message size limit
+        # Teams' message size limit, on the UTF-8 JSON as it is sent
+        assert len(json.dumps(body, ensure_ascii=False).encode()) < 28_000
         return "\n".join(texts(card_of(body)))
     if preset == "discord":
         assert len(body["content"]) <= 2000
@@ -349,6 +350,44 @@ def test_chat_digest_names_every_job(rig_for, http, preset, jobs, per_job):
         assert results[0].detail.endswith(f"({len(shown)} messages)")
     if per_job > 1:
         assert "\u00d73" in channel
+
+
+WIDE = {
+    "japanese errors": lambda j: {"job_id": f"job-{j:04d}", "error": "\u65e5\u672c\u8a9e" * 94},
+    "chinese errors": lambda j: {"job_id": f"job-{j:04d}", "error": "\u4e2d\u6587" * 500},
+    "emoji job ids": lambda j: {"job_id": f"{j:04d}" + "\U0001f525" * 196},
+}
+
+
+@pytest.mark.parametrize("preset", ["teams", "discord", "google_chat"])
+@pytest.mark.parametrize(("wide", "jobs"), [("japanese errors", 30), ("chinese errors", 300),
+                                            ("emoji job ids", 400)])
+def test_a_digest_of_wide_characters_fits_each_platforms_limits(rig_for, http, preset, wide,
+                                                                 jobs):
+    """A character is 3 or 4 bytes on the wire: a digest part measured in characters went
+    over Teams' 28 KB (30 jobs with Japanese errors: 30,754 bytes)."""
+    rig = rig_for(preset)
+    batch = [make_alert("failed", run_id=f"r{j}", **WIDE[wide](j)) for j in range(jobs)]
+    results = rig.digest(batch)
+    assert {r.outcome for r in results} == {SENT}
+    for request in http.requests:
+        body = request.json()
+        digest_text(preset, body)
+        if preset == "teams":
+            assert len(request.body) < 28_000, len(request.body)  # what goes on the wire
+        if preset == "google_chat":
+            assert len(request.body) < 32_000, len(request.body)
+
+
+def test_a_teams_card_of_control_characters_fits_28_kb(rig_for, http):
+    """Each control character is six bytes of JSON (\\u0001): a card of them went over."""
+    rig = rig_for("teams")
+    junk = "\x01\x02\x1b" * 700
+    result = rig.attempt(make_alert("failed", job_id="\U0001f525" * 200, run_id="r" * 200,
+                                    step=junk, error=junk, triggered_by=junk))
+    assert result.outcome == SENT
+    [request] = http.requests
+    assert len(request.body) < 28_000, len(request.body)
 
 
 # --- config -------------------------------------------------------------------------------
@@ -423,3 +462,21 @@ def test_check_says_body_template_is_ignored_with_a_chat_preset(tree, http, caps
     tree.write_config(tree.webhook(preset, http.url(PATHS[preset]), f'preset = "{preset}"'))
     main(["check", "--config", str(tree.config_path)])
     assert "body_template is ignored" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset", ["discord", "google_chat"])
+def test_the_run_link_survives_when_the_text_is_clipped(rig_for, http, preset):
+    """The text is clipped before the link is added: a clip through `<url|View run>` left
+    broken markup, and Discord's description lost its `[View run](…)` line."""
+    rig = rig_for(preset)
+    fire = "\U0001f525" * 200  # as the daemon links it: 2,400 characters percent-encoded
+    long = "x" * 1000
+    alert = replace(make_alert("failed", job_id=fire, run_id=fire, step=long, error=long,
+                               triggered_by=long, by=long),
+                    url=f"https://nomaflow.test/runs/{quote(fire)}/")
+    result = rig.attempt(alert)
+    assert result.outcome == SENT
+    body = http.requests[0].json()
+    text = body["text"] if preset == "google_chat" else body["embeds"][0]["description"]
+    assert len(text) <= 4096
+    assert text.endswith((f"<{alert.url}|View run>", f"[View run]({alert.url})")), text[-60:]

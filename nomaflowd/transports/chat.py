@@ -5,6 +5,7 @@ many messages as the platform's limits need, and reading a JSON error answer."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from nomaflowd.alerts import SEVERITY, Alert, digest_by_job, digest_headline, digest_line
@@ -85,16 +86,19 @@ def compact_lines(groups: list[tuple[str, list[Alert]]], escape: Any) -> list[st
     return lines
 
 
-def pack(lines: list[str], budget: int) -> list[list[str]]:
-    """Whole lines into as few parts as fit `budget` characters each."""
+def pack(lines: list[str], budget: int, measure: Callable[[str], int] = len
+         ) -> list[list[str]]:
+    """Whole lines into as few parts as fit `budget` each, a line costing measure(line) + 1
+    (characters by default)."""
     parts: list[list[str]] = [[]]
     size = 0
     for line in lines:
-        if parts[-1] and size + 1 + len(line) > budget:
+        cost = 1 + measure(line)
+        if parts[-1] and size + cost > budget:
             parts.append([])
             size = 0
         parts[-1].append(line)
-        size += 1 + len(line)
+        size += cost
     return parts
 
 
@@ -105,7 +109,12 @@ class ChatPreset(Webhook):
     """
 
     preset: ClassVar[str]
-    digest_budget: ClassVar[int]  # characters of digest lines in one message
+    digest_budget: ClassVar[int]  # digest lines in one message, as measure_line() counts
+
+    @staticmethod
+    def measure_line(line: str) -> int:
+        """What a digest line costs of digest_budget: characters (Teams: bytes)."""
+        return len(line)
 
     def escape(self, text: str) -> str:
         """Event text made inert in the platform's markup."""
@@ -157,7 +166,7 @@ class ChatPreset(Webhook):
         if rest:
             lines.append(f"{len(rest)} more jobs ({sum(len(g) for _, g in rest)} alerts):")
             lines += compact_lines(rest, self.escape)
-        parts = pack(lines, self.digest_budget - HEAD_ROOM)
+        parts = pack(lines, self.digest_budget - HEAD_ROOM, self.measure_line)
         headline = digest_headline(alerts)
         out = []
         for k, part in enumerate(parts, 1):

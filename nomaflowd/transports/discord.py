@@ -17,6 +17,7 @@ from nomaflowd.transports.chat import ChatPreset, clip, colour_int, facts, json_
 
 CONTENT_MAX = 2000        # Discord's limits: message content,
 TITLE_MAX = 256           # embed title,
+FACTS_ROOM = 500  # characters the facts keep beside the run's link
 DESCRIPTION_MAX = 4096    # embed description (and 6000 characters across a message's embeds)
 USERNAME = "Nomaflow"
 # Event text must not ping anyone: no @everyone, @here, role or user mention is parsed.
@@ -41,11 +42,15 @@ class Discord(ChatPreset):
         summary = self.summary(alert)
         lines = [f"**{label}** {self.escape(value)}" for label, value in facts(alert)
                  if label != "Job"]
-        if alert.url:
-            lines.append(self.link(alert.url, alert.link_text))
+        # The facts are clipped, not the run's link after them (one too long to leave them
+        # room is left to the title, which links the run too).
+        link = "\n" + self.link(alert.url, alert.link_text) if alert.url else ""
+        if DESCRIPTION_MAX - len(link) < FACTS_ROOM:
+            link = ""
         embed: dict[str, Any] = {
             "title": clip(f"{alert.subject_word} {alert.job_id}".strip(), TITLE_MAX),
-            "description": clip("\n".join(lines) or summary, DESCRIPTION_MAX),
+            "description": clip("\n".join(lines) or summary, DESCRIPTION_MAX - len(link))
+                           + link,
         }
         if alert.url:
             embed["url"] = alert.url

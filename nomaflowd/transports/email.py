@@ -161,7 +161,7 @@ class Email(Transport):
         text = [f"{headline} ({digest_id})", ""]
         rows = []
         for a in ordered:
-            error = _header(a.get("error"))
+            error = _header(a.get("error")[:DIGEST_ERROR_MAX])  # each alert has its row
             text.append(f"{a.subject_word:<13} {_header(a.job_id)}  run {a.run_id or '-'}"
                         + (f"  {error}" if error else "") + (f"  {a.url}" if a.url else ""))
             link = (f'<a href="{html.escape(a.url, quote=True)}">{html.escape(a.run_id or "")}'
@@ -263,6 +263,10 @@ class Email(Transport):
             smtp.quit()
         return "SMTP 250 accepted"
 
+
+# A digest line's error, in characters: 40 alerts with 900 KB errors made a 74 MB message
+# (Postfix takes 10 MB by default). The whole error is in each alert's own email and row.
+DIGEST_ERROR_MAX = 500
 
 # "Authentication required" / "encryption required for this mechanism" (RFC 4954 §6).
 AUTH_CODES = frozenset({530, 538})

@@ -18,6 +18,7 @@ from nomaflowd.transports.chat import ChatPreset, clip, facts
 TEXT_MAX = 4096           # Google Chat's limit for `text`
 # Reply in the job's thread; when a thread cannot be found (or the space has no threads),
 # start a new one instead of failing.
+SUMMARY_ROOM = 500  # characters the summary keeps beside the run's link
 REPLY_OPTION = ("messageReplyOption", "REPLY_MESSAGE_FALLBACK_TO_NEW_THREAD")
 
 
@@ -52,10 +53,14 @@ class GoogleChat(ChatPreset):
         return urlunsplit(parts._replace(query="&".join([*query, "=".join(REPLY_OPTION)])))
 
     def message(self, alert: Alert) -> dict[str, Any]:
-        text = self.summary(alert)
-        if alert.url:
-            text += " " + self.link(alert.url, alert.link_text)
-        body: dict[str, Any] = {"text": clip(text, TEXT_MAX), "cardsV2": [self.card(alert)]}
+        # The summary is clipped, not the link after it: a clip through `<url|label>` left
+        # broken markup. A link too long to leave the summary room is left to the card's
+        # button.
+        link = " " + self.link(alert.url, alert.link_text) if alert.url else ""
+        if TEXT_MAX - len(link) < SUMMARY_ROOM:
+            link = ""
+        text = clip(self.summary(alert), TEXT_MAX - len(link)) + link
+        body: dict[str, Any] = {"text": text, "cardsV2": [self.card(alert)]}
         if alert.job_id:
             body["thread"] = {"threadKey": thread_key(alert.job_id)}
         return body

@@ -16,6 +16,7 @@ from nomaflowd.transports.incident import IncidentTransport
 SEVERITIES = {"high": "error", "medium": "warning", "low": "info"}
 SUMMARY_MAX = 1024           # PagerDuty truncates the summary at 1024 characters
 DETAIL_MAX = 4000            # per custom_details text; the whole event must stay < 512 KB
+LABEL_MAX = 1000             # the step and who triggered it: each text is clipped
 TEST_KEY = "nomaflow/test"
 
 
@@ -24,7 +25,8 @@ def details(alert: Alert) -> dict[str, Any]:
     out: dict[str, Any] = {"job_id": alert.job_id, "alert": alert.kind}
     for name, value in (("run_id", alert.run_id), ("state", alert.state),
                         ("started_at", alert.started_at), ("finished_at", alert.finished_at),
-                        ("triggered_by", alert.get("triggered_by")), ("step", alert.get("step")),
+                        ("triggered_by", clip(alert.get("triggered_by"), LABEL_MAX)),
+                        ("step", clip(alert.get("step"), LABEL_MAX)),
                         ("error", clip(alert.get("error"), DETAIL_MAX))):
         if value:
             out[name] = value

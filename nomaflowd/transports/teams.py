@@ -7,6 +7,7 @@ https://adaptivecards.io/explorer/
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -16,9 +17,15 @@ from nomaflowd.transports.chat import ChatPreset, clip, facts
 CARD = "application/vnd.microsoft.card.adaptive"
 SCHEMA = "http://adaptivecards.io/schemas/adaptive-card.json"
 VERSION = "1.4"               # what Teams renders (1.5 on desktop only)
-# Teams refuses a message over about 28 KB; a digest part keeps its text well under that.
-DIGEST_BUDGET = 12_000
+# Teams refuses a message over about 28 KB of UTF-8 JSON. A digest part's lines are
+# counted in the bytes they take in the card (a CJK character is 3, an emoji 4: counted in
+# characters, 30 jobs with Japanese errors made 30,754 bytes), and a card is shrunk to fit.
+MESSAGE_MAX = 26_000
+DIGEST_BUDGET = 20_000
+TEXT_BLOCK = len(b'{"type": "TextBlock", "text": "", "wrap": true, "spacing": "None"}, ')
 FACT_MAX = 1000
+# Control characters show as nothing and cost six bytes of JSON each (\u0001).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]+")
 # Card text is Markdown (bold, italic, lists, links): event text gets the characters that
 # make markup backslash-escaped, as CommonMark allows for any punctuation; `_` only at a
 # word's edge (`run_a8c4d` is no emphasis, and reads the same in any renderer).
@@ -74,20 +81,30 @@ class Teams(ChatPreset):
     digest_budget = DIGEST_BUDGET
 
     def escape(self, text: str) -> str:
-        return _MARKDOWN.sub(r"\\\1", text)
+        return _MARKDOWN.sub(r"\\\1", _CONTROL.sub("\ufffd", text))
+
+    @staticmethod
+    def measure_line(line: str) -> int:
+        return TEXT_BLOCK + len(json.dumps(line, ensure_ascii=False).encode())
 
     def link(self, url: str, label: str) -> str:
         return f"[{label}]({url})"
 
     def message(self, alert: Alert) -> dict[str, Any]:
-        body = [headline_block(self.summary(alert), alert.colour)]
-        shown = [{"title": label, "value": self.escape(clip(value, FACT_MAX))}
-                 for label, value in facts(alert)]
-        if shown:
-            body.append({"type": "FactSet", "facts": shown})
         actions = ([{"type": "Action.OpenUrl", "title": alert.link_text, "url": alert.url}]
                    if alert.url else [])
-        return card(body, actions)
+        most = FACT_MAX
+        while True:  # the facts shorter until the card fits (wide characters cost more)
+            body = [headline_block(self.summary(alert), alert.colour)]
+            shown = [{"title": label, "value": self.escape(clip(value, most))}
+                     for label, value in facts(alert)]
+            if shown:
+                body.append({"type": "FactSet", "facts": shown})
+            message = card(body, actions)
+            if most <= 100 or len(json.dumps(message, ensure_ascii=False).encode()) \
+                    <= MESSAGE_MAX:
+                return message
+            most //= 2
 
     def digest_message(self, head: str, lines: list[str], worst: Alert, digest_id: str
                        ) -> dict[str, Any]:
