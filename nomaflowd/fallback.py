@@ -32,8 +32,11 @@ def counts(r: Result) -> bool:
     """Every outcome of a transport moves its streak. A 429 is no outcome: the alert waits
     for a digest (the rate limit, not a broken channel), and the digest's own outcome is
     the one that counts, once per alert in it. A digest the channel refuses is as silent
-    as single alerts refused, and in a storm every alert may be in one."""
-    return bool(r.attempt.transport)
+    as single alerts refused, and in a storm every alert may be in one. What was never
+    sent says nothing of the channel: a recipient refused by routing (a runner naming one
+    it may not: three in a row paged the fallback about a healthy transport), or a
+    transport no longer configured."""
+    return bool(r.attempt.transport) and not r.attempt.error and bool(r.transport_type)
 
 
 def observe(results: list[Result], policy: Policy, now: datetime) -> list[Routed]:

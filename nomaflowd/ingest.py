@@ -329,6 +329,12 @@ class Ingest:
             updates = [f for key, f in finishes.items() if key not in inserted]
             if updates:
                 db.executemany(state.FINISH_RUN.format(p=db.proxy.param), updates)
+            # A run whose row a retried FAILED made before its RUNNING came: the start, and
+            # its long-run clock, arrive now.
+            starts = [(r[3], r[6], r[0], r[1]) for key, r in rows.items()
+                      if key not in inserted and r[2] == "RUNNING" and r[3] is not None]
+            if starts:
+                db.executemany(state.START_RUN.format(p=db.proxy.param), starts)
         # Learned deadlines and recoveries read the runs rows just written (same transaction).
         routed.extend(Routed(*due) for due in incidents.after_runs_recorded(
             self.policy.config, recorded, cat, routed, now))

@@ -180,13 +180,21 @@ def apply(row: db.ScheduleRow, e: events.Event, block: AlertsBlock, schedule: Sc
             row.expected_at = schedule.next_after(row.expected_at)
         if not row.disabled:
             row.missed_deadline = row.expected_at + window
+    # Events may arrive in any order: one that ended before what the row already knows (a
+    # success before the last one, or before the episode's first failure; a failure before
+    # the last success) neither moves the last success back nor ends or opens an episode.
+    ended = e.finished_at or e.at
     if run_state == "SUCCEEDED":
-        row.last_success_at = e.finished_at or e.at
-        row.stale_deadline = (later(row.last_success_at, timedelta(hours=block.on_stale_hours))
-                              if block.on_stale_hours and not row.disabled else None)
-        row.failing_since, row.reminders_sent, row.remind_deadline = None, 0, None
-    elif run_state == "FAILED" and row.failing_since is None:
-        row.failing_since = e.finished_at or e.at
+        if row.last_success_at is None or ended >= row.last_success_at:
+            row.last_success_at = ended
+            row.stale_deadline = (
+                later(ended, timedelta(hours=block.on_stale_hours))
+                if block.on_stale_hours and not row.disabled else None)
+        if row.failing_since is None or ended >= row.failing_since:
+            row.failing_since, row.reminders_sent, row.remind_deadline = None, 0, None
+    elif (run_state == "FAILED" and row.failing_since is None
+          and (row.last_success_at is None or ended >= row.last_success_at)):
+        row.failing_since = ended
         row.reminders_sent = 0
         every = block.remind_every_minutes
         row.remind_deadline = (later(row.failing_since, minutes(every))

@@ -16,6 +16,12 @@ FINISH_RUN = (
 )
 
 
+START_RUN = (
+    "UPDATE runs SET started_at = {p}, long_run_deadline = {p} WHERE job_id = {p}"
+    " AND run_id = {p} AND state = 'RUNNING' AND started_at IS NULL"
+)
+
+
 def alerts_due(event: Event, block: AlertsBlock) -> list[str]:
     """The alert kinds (SPEC §5) this event asks for under its effective alerts block."""
     state = event.state

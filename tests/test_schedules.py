@@ -43,6 +43,26 @@ def test_retried_attempts_stay_quiet_until_the_last(tree, http, inproc):
     assert tree.notifications()[0]["alert"] == "failed"
 
 
+def test_a_retried_failure_before_its_running_event_keeps_the_long_run_clock(tree, http,
+                                                                              inproc):
+    """The RUNNING event of a run whose retried FAILED came first still starts its long-run
+    clock (the row was made by the FAILED, without a start, and the RUNNING was ignored)."""
+    from nomaflowd.db import utcnow
+
+    tree.write_config(tree.webhook("hook", http.url()))
+    tree.write_jobs('[jobs.lr.alerts]\nrecipients = ["hook"]\non_long_run_minutes = 10\n')
+    d = inproc()
+    start = utcnow()
+    tree.drop({"job_id": "lr", "run_id": "a1", "state": "FAILED", "attempt": 1,
+               "max_attempts": 3, "error": "retry"})
+    d.pump()
+    tree.drop({"job_id": "lr", "run_id": "a1", "state": "RUNNING", "started_at": stamp(start)})
+    d.pump()
+    assert d.daemon.poll_long_runs(start + timedelta(minutes=9)) == 0
+    assert d.daemon.poll_long_runs(start + timedelta(minutes=11)) == 1
+    d.pump(lambda: alerts_of(tree, "long_run"), what="the long-run warning's row")
+
+
 def test_on_retry_alerts_each_attempt_and_the_last_says_how_many(tree, http, inproc):
     tree.write_config(tree.slack("slack", http.url("/slack")))
     tree.write_jobs('[jobs.etl.alerts]\nrecipients = ["#data"]\non_retry = true\n')
@@ -358,6 +378,42 @@ def test_reminders_are_capped_and_stop_at_success(tree, http, inproc):
     assert "1 failed run (reminder 1 of 2)" in texts(http, "reminder")[2]
 
 
+def test_events_arriving_late_do_not_end_or_start_an_episode_out_of_order(tree, http, inproc):
+    """Events may come in any order: an older success arriving after a newer failure must
+    not stop its reminders, an older failure arriving after a newer success must not open an
+    episode (the real failure after it then got no reminders), and an older success must not
+    make the job look stale."""
+    from nomaflowd.db import utcnow
+
+    setup_slack(tree, http, '[jobs.late.alerts]\nremind_every_minutes = 10\n'
+                'on_stale_hours = 0.5\nrecipients = ["#ops"]\n'
+                '[jobs.lf.alerts]\nremind_every_minutes = 10\nrecipients = ["#ops"]\n')
+    d = inproc()
+    now = utcnow()
+    tree.drop({"job_id": "late", "run_id": "r2", "state": "FAILED", "error": "newer"})
+    d.pump()
+    tree.drop({"job_id": "late", "run_id": "r1", "state": "SUCCEEDED",
+               "started_at": stamp(now - timedelta(minutes=65)),
+               "finished_at": stamp(now - timedelta(minutes=60))})
+    tree.drop({"job_id": "lf", "run_id": "r2", "state": "SUCCEEDED",
+               "finished_at": stamp(now - timedelta(minutes=1))})
+    d.pump()
+    tree.drop({"job_id": "lf", "run_id": "r1", "state": "FAILED",
+               "finished_at": stamp(now - timedelta(minutes=60))})
+    d.pump()
+    tree.drop({"job_id": "lf", "run_id": "r3", "state": "FAILED", "error": "real"})
+    d.pump()
+    assert d.daemon.poll_schedules(now + timedelta(minutes=11)) == 2  # a reminder each
+    d.pump(lambda: len(alerts_of(tree, "reminder")) == 2, what="both reminders' rows")
+    assert sorted(r["job_id"] for r in alerts_of(tree, "reminder")) == ["late", "lf"]
+    tree.drop({"job_id": "late", "run_id": "r3", "state": "SUCCEEDED"})
+    d.pump()
+    tree.drop({"job_id": "late", "run_id": "r0", "state": "SUCCEEDED",
+               "finished_at": stamp(now - timedelta(minutes=90))})
+    d.pump()
+    assert d.daemon.poll_schedules(utcnow() + timedelta(minutes=5)) == 0  # not stale
+
+
 def test_a_disabled_event_ends_the_reminders(tree, http, inproc):
     """README (reminder): "A success or a DISABLED event ends them"."""
     from nomaflowd.db import utcnow
@@ -537,6 +593,28 @@ def test_failing_webhook_makes_one_fallback_email_and_its_recovery_another(tree,
     streak = "SELECT failures, alerted_at FROM transport_streaks WHERE transport = 'hook'"
     assert tree.sql(streak) == [(0, None)]
     assert len(smtp.messages) == 2
+
+
+def test_recipients_a_runner_may_not_name_do_not_count_against_the_transport(tree, http,
+                                                                            inproc):
+    """A refused recipient is never sent: it says nothing of the channel. Three of them in a
+    row made a runner page the fallback about a healthy transport."""
+    http.default = Reply(200, b"ok")
+    tree.write_config(tree.slack("slack", http.url("/slack"), 'default_channel = "#a"')
+                      + tree.webhook("hook", http.url("/hook")),
+                      daemon='fallback_recipients = ["hook"]\nfallback_after_failures = 2\n'
+                             'event_recipients = ["#ok-*"]')
+    d = inproc()
+    for i in range(3):
+        tree.drop({"job_id": "n", "state": "NOTICE", "message": f"m{i}",
+                   "recipients": [f"#bad{i}"]})
+    d.pump(lambda: len(tree.notifications()) == 3, what="three refused rows")
+    tree.drop({"job_id": "n", "state": "NOTICE", "message": "fine", "recipients": ["#ok-n"]})
+    d.pump(lambda: len(tree.notifications()) == 4, what="the allowed notice's row")
+    assert [r.path for r in http.requests] == ["/slack"]  # no fallback page to /hook
+    assert [(r["recipient"], r["outcome"]) for r in tree.notifications()] == [
+        ("#bad0", "FAILED_TRANSPORT"), ("#bad1", "FAILED_TRANSPORT"),
+        ("#bad2", "FAILED_TRANSPORT"), ("#ok-n", "SENT")]
 
 
 # --- two replicas on PostgreSQL ----------------------------------------------------------------
