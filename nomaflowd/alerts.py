@@ -126,7 +126,8 @@ class Alert:
             pieces = [f"{job} recovered after {self.failures} failed {runs}"
                       f" (first failure {span(self.minutes or 0)} ago)"]
         elif self.kind == "recovered":
-            pieces = [f"{job} run succeeded after its long-run warning"]
+            after = self.get("after") or "its long-run warning"
+            pieces = [f"{job} run succeeded after {after}"]
         elif self.kind == "succeeded":
             pieces = [f"{job} run succeeded"]
         elif self.kind == "cancelled":

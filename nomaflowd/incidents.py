@@ -287,14 +287,19 @@ def recovery_for(cfg: Config, event: Event, eff: Effective, now: datetime,
     finished = db.as_datetime(run[1])
     assert finished is not None
     ep = episode(event.job_id, finished, event.run_id)
-    if not ep.run_ids and run[2] is None:
+    attempt_failed = not ep.run_ids and bool(
+        triggered(event.job_id, [str(event.run_id)], in_batch))  # a retried attempt alerted
+    if not ep.run_ids and run[2] is None and not attempt_failed:
         return None  # success after success, the common case: nothing to close
     if newer_finish(event.job_id, finished, str(event.run_id)):
         return None  # a late event: a newer run already closed or continued the episode
     rec = plan_recovery(cfg, ep, event.run_id, eff.alerts.on_recovery, in_batch)
     if not rec.plan.targets:
         return None
-    return recovered_alert(cfg, event, rec.episode, now), rec
+    alert = recovered_alert(cfg, event, rec.episode, now)
+    if attempt_failed:
+        alert = replace(alert, details={**alert.details, "after": "a failed attempt"})
+    return alert, rec
 
 
 def open_candidates(successes: list[Event], now: datetime) -> set[str]:
@@ -315,6 +320,15 @@ def open_candidates(successes: list[Event], now: datetime) -> set[str]:
                    " (SELECT 1 FROM runs s WHERE s.job_id = f.job_id AND s.state = 'SUCCEEDED'"
                    f" AND s.updated_at < {p} AND s.finished_at > f.finished_at)")
             found.update(row[0] for row in db.proxy.execute_sql(sql, [*chunk, now]))
+    # A succeeding run that alerted `failed` itself: a retried attempt (on_retry), its row
+    # in `notifications` by (job_id, run_id), one index look-up per success.
+    pairs = sorted({(e.job_id, str(e.run_id)) for e in successes})
+    for i in range(0, len(pairs), CHUNK):
+        chunk_pairs = pairs[i:i + CHUNK]
+        sql = ("SELECT DISTINCT job_id FROM notifications WHERE alert = 'failed' AND"
+               f" (job_id, run_id) IN (VALUES {', '.join([f'({p}, {p})'] * len(chunk_pairs))})")
+        found.update(row[0] for row in db.proxy.execute_sql(
+            sql, [x for pair in chunk_pairs for x in pair]))
     return found
 
 
@@ -330,6 +344,7 @@ def after_runs_recorded(cfg: Config, batch: Iterable[Event], cat: Catalogue,
     learned: dict[str, Learned] = {}
     batch = list(batch)
     maybe_open = open_candidates([e for e in batch if e.state == "SUCCEEDED" and e.run_id], now)
+    maybe_open.update(e.job_id for e in batch if e.retrying)  # its alert is in this batch
     for e in batch:
         if e.state not in ("RUNNING", "SUCCEEDED") or not e.run_id:
             continue

@@ -282,6 +282,30 @@ def test_success_after_success_and_late_success_send_no_recovery(tree, http, inp
     assert body["summary"].startswith("\U0001f7e2 sync recovered after 1 failed run")
 
 
+def test_an_incident_a_retried_attempt_opened_is_resolved_when_the_run_succeeds(tree, http,
+                                                                                inproc):
+    """on_retry alerts a failed attempt: PagerDuty opens the job's incident. The run then
+    succeeds: the incident is resolved and the failure's recipients hear of it (it stayed
+    open: the run never FAILED, so no episode was seen to end)."""
+    http.replies["/v2/enqueue"] = pd_reply
+    tree.write_config(tree.webhook("hook", http.url("/hook")) + pagerduty(tree, http))
+    tree.write_jobs('[jobs.pdj.alerts]\non_retry = true\non_recovery = true\n'
+                    'recipients = ["pd", "hook"]\n')
+    d = inproc()
+    tree.drop({"job_id": "pdj", "run_id": "p1", "state": "RUNNING"})
+    tree.drop({"job_id": "pdj", "run_id": "p1", "state": "FAILED", "attempt": 1,
+               "max_attempts": 2, "error": "flaky"})
+    d.pump(lambda: len(tree.notifications()) == 2, what="the failed attempt's two rows")
+    tree.drop({"job_id": "pdj", "run_id": "p1", "state": "SUCCEEDED"})
+    d.pump(lambda: len(http.requests) == 4, what="the recovery's two sends")
+    sent = sorted((r.path, r.json().get("alert") or r.json()["event_action"])
+                  for r in http.requests)
+    assert sent == [("/hook", "failed"), ("/hook", "recovered"),
+                    ("/v2/enqueue", "resolve"), ("/v2/enqueue", "trigger")]
+    [recovered] = [r.json() for r in http.requests if r.json().get("alert") == "recovered"]
+    assert "pdj run succeeded after a failed attempt" in recovered["summary"]
+
+
 def test_a_runner_clock_years_ahead_does_not_keep_the_incident_open(tree, http, inproc,
                                                                     caplog):
     """A success stamped in 2031 (a runner's clock) must not make every later real success
