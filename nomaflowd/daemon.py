@@ -175,7 +175,7 @@ class Daemon:
         self.scheduler.start()
         if self.config.metrics_listen:
             self.metrics_server = metrics.MetricsServer(
-                self.config.metrics_listen, self.gauges, self.healthy)
+                self.config.metrics_listen, self.gauges, self.unhealthy)
 
     def install_signals(self) -> None:
         """SIGTERM/SIGINT stop, SIGHUP reloads. The kernel's signal reaches a relay thread
@@ -289,8 +289,7 @@ class Daemon:
                 self.spool_lost = False  # it is back (perhaps a new directory): watch it anew
                 self.rewatch()
             if not pending:
-                self.outage = False
-                return False
+                return False  # nothing here met the database: the poll says how it is
             more = self.ingest.step(now or utcnow())
             self.outage = False
             return more
@@ -311,6 +310,7 @@ class Daemon:
             return
         try:
             self.heartbeat()
+            self.outage = False  # the database answered
             self.deliveries.take_over(db.db_now())
             self.deliveries.sweep(utcnow())
             longrun.poll(self.policy, self.deliveries, now)
@@ -319,6 +319,7 @@ class Daemon:
             if self.ingest.last_scan and not self.ingest.pending:
                 self.schedules.poll(self.policy, self.deliveries, now)
         except db.OUTAGES as exc:
+            self.outage = True
             self.say_once_a_minute("poll", "poll skipped, database unavailable: %s",
                                    db.one_line(exc))
 
@@ -466,10 +467,16 @@ class Daemon:
 
     # --- read from other threads (metrics) -------------------------------------------
 
-    def healthy(self) -> bool:
-        """/healthz: the loop turns, the database answers, and our replica id is our own."""
-        turning = time.monotonic() - self.last_progress < max(10.0, 3 * self.config.rescan_seconds)
-        return turning and not self.outage and self.identity.unique
+    def unhealthy(self) -> str:
+        """/healthz: "" while the loop turns, the database answers and our replica id is our
+        own; else which of them is not so."""
+        if time.monotonic() - self.last_progress >= max(10.0, 3 * self.config.rescan_seconds):
+            return "main loop stalled"
+        if self.outage:
+            return "database unavailable"
+        if not self.identity.unique:
+            return f"another live daemon uses replica_id {self.config.replica_id}"
+        return ""
 
     def gauges(self) -> dict[str, float]:
         """Live values for /metrics (called on the metrics thread)."""

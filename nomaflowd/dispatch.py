@@ -380,6 +380,7 @@ def send_test(cfg: Config, name: str, recipient: str | None = None,
                                                    recipient or default_recipient(tc)))
         if sent is not None:
             sent(r)
+        metrics.observe_result(r)  # counted like any attempt (the page's Test: a live daemon)
         record([r], cfg.replica_id)
     finally:
         transports[name].close()

@@ -102,7 +102,7 @@ class Live:
 
 class MetricsServer:
     def __init__(self, address: tuple[str, int], gauges: Callable[[], dict[str, float]],
-                 healthy: Callable[[], bool]) -> None:
+                 unhealthy: Callable[[], str]) -> None:
         from http.server import BaseHTTPRequestHandler
 
         from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -121,9 +121,9 @@ class MetricsServer:
                     if path == "/metrics":
                         body, status, kind = generate_latest(REGISTRY), 200, CONTENT_TYPE_LATEST
                     elif path == "/healthz":
-                        ok = healthy()
-                        body = b"ok\n" if ok else b"main loop stalled\n"
-                        status, kind = (200 if ok else 503), "text/plain"
+                        why = unhealthy()  # "" when healthy
+                        body = f"{why or 'ok'}\n".encode()
+                        status, kind = (503 if why else 200), "text/plain"
                     else:
                         body, status, kind = b"not found\n", 404, "text/plain"
                 except Exception:  # a scraper gets an answer it can alert on, never a reset

@@ -54,9 +54,13 @@ class Server(ThreadingHTTPServer):
             self.shutdown_request(request)
             raise
 
+    def deadline_seconds(self) -> float:
+        """How long a connection that starts now may last."""
+        return self.connection_seconds
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
-            deadline = time.monotonic() + self.connection_seconds
+            deadline = time.monotonic() + self.deadline_seconds()
             with DEADLINES.watch(lambda: request, deadline):
                 super().process_request_thread(request, client_address)
         finally:
@@ -69,7 +73,7 @@ class Server(ThreadingHTTPServer):
             self._warned = now
             logger.warning("%s: %d connections open, the most it serves at once; answering"
                            " more with 503 (each connection may last %gs)", self.what,
-                           self.max_connections, self.connection_seconds)
+                           self.max_connections, self.deadline_seconds())
         with contextlib.suppress(OSError):
             request.setblocking(False)
             request.send(BUSY)

@@ -35,6 +35,7 @@ from nomaflowd.errors import ConfigError
 from nomaflowd.routing import default_recipient
 from nomaflowd.serving import Server
 from nomaflowd.spool import Spool
+from nomaflowd.text import escape
 from nomaflowd.transports import Transport, build
 
 logger = logging.getLogger(__name__)
@@ -113,8 +114,10 @@ def parse_query(query: str) -> dict[str, str]:
 
 
 def shown_name(name: str) -> str:
-    """A file name for the page: bytes that are not UTF-8 shown as U+FFFD."""
-    return os.fsencode(name).decode("utf-8", "replace")
+    """A file name for the page: bytes that are not UTF-8 shown as U+FFFD, and invisible or
+    reordering characters (U+202E, U+200B, U+2028) as escapes, as the log shows them, so a
+    name cannot pass for another."""
+    return escape(os.fsencode(name).decode("utf-8", "replace"))
 
 
 def rejected_notes(directory: Path, skip: int, count: int) -> tuple[int, list[tuple[str, str]]]:
@@ -174,7 +177,7 @@ class WebServer:
             # 32 connections at once (a browser opens about six); each lasts at most 30 s
             # more than a Test's send.
             self.httpd = _Server("web page", address, _Handler, max_connections=32,
-                                 connection_seconds=30 + config().send_timeout_seconds)
+                                 connection_seconds=30)
         except OSError as exc:
             raise ConfigError(f"daemon.web_listen {address[0]}:{address[1]}: cannot listen"
                               f" ({exc.strerror or exc}); pick another address or port") from None
@@ -480,6 +483,10 @@ class WebServer:
 class _Server(Server):
     web: WebServer
 
+    def deadline_seconds(self) -> float:
+        """30 s plus a Test's send, as the config says now (a reload may change it)."""
+        return self.connection_seconds + self.web.config().send_timeout_seconds
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
@@ -505,6 +512,9 @@ class _Handler(BaseHTTPRequestHandler):
                 handler(web)
         except BadRequest as exc:
             self.reply(400, "text/plain", f"{exc}\n")
+        except ConnectionError:  # the visitor went away (a closed tab) or was cut at the
+            logger.debug("notifications page: %s %s: the client went away",  # deadline
+                         self.command, self.path)
         except DB_ERRORS as exc:
             logger.error("notifications page: database unavailable: %s", db.one_line(exc))
             self.reply(503, "text/plain", "database unavailable; see the daemon's log\n")

@@ -172,12 +172,16 @@ def test_a_spool_io_error_is_not_called_a_database_outage(tree, http, inproc, ca
 
 
 def healthz(daemon) -> int:
+    return healthz_answer(daemon)[0]
+
+
+def healthz_answer(daemon) -> tuple[int, str]:
     port = bound_port(daemon, "metrics")
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
-            return int(resp.status)
+            return int(resp.status), resp.read().decode()
     except urllib.error.HTTPError as exc:
-        return int(exc.code)
+        return int(exc.code), exc.read().decode()
 
 
 def test_two_daemons_with_one_replica_id_are_told_so(tree, http, daemon_factory):
@@ -210,6 +214,30 @@ def test_healthz_fails_while_the_database_is_away(tree, http, daemon_factory, pg
     admin.execute_sql("ALTER TABLE events_away RENAME TO events")
     admin.close()
     http.wait_for(1, timeout=15)  # the file waited in the spool and goes out now
+    wait_until(lambda: healthz(d) == 200, what="/healthz back to 200")
+    assert d.stop() == 0
+
+
+def test_healthz_says_the_database_is_away_with_nothing_in_the_spool(tree, http,
+                                                                    daemon_factory, pg_schema):
+    """With no file to ingest only the poll meets the database: its failure is an outage
+    too, and the answer names it (it said 200, or "main loop stalled")."""
+    from playhouse.db_url import connect
+
+    tree.database = pg_schema
+    tree.write_config(tree.webhook("ops", http.url()),
+                      daemon='metrics_listen = "127.0.0.1:0"\npoll_seconds = 0.2')
+    d = daemon_factory()
+    assert healthz_answer(d) == (200, "ok\n")
+    admin = connect(pg_schema)
+    admin.execute_sql("ALTER TABLE replicas RENAME TO replicas_away")
+    try:
+        wait_until(lambda: "poll skipped, database unavailable" in d.output(),
+                   what="the failed poll logged")
+        assert healthz_answer(d) == (503, "database unavailable\n")
+    finally:
+        admin.execute_sql("ALTER TABLE replicas_away RENAME TO replicas")
+        admin.close()
     wait_until(lambda: healthz(d) == 200, what="/healthz back to 200")
     assert d.stop() == 0
 

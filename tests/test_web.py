@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import time
@@ -539,3 +540,57 @@ def test_twenty_thousand_rejected_files_are_paged(web, tree):
     last = web.get("/?rejected=19990").text
     assert "showing 19991 to 20000" in last and "id=rejected-older" not in last
     assert "<td>evt-00000.json<td>" in last
+
+
+def test_a_rejected_name_cannot_reorder_or_hide_itself_on_the_page(web, tree):
+    rejected = tree.spool / "rejected"
+    for name in ("bidi\u202e\u2066nosj.json", "\u200bzero\u061cal.json"):
+        (rejected / name).write_bytes(b"{not json")
+        (rejected / f"{name}.error").write_text("2026-05-01T00:00:00Z x: not JSON\n")
+    page = web.get().text
+    for char in ("\u202e", "\u2066", "\u200b", "\u061c"):
+        assert char not in page
+    assert "bidi\\u202e\\u2066nosj.json" in page and "\\u200bzero\\u061cal.json" in page
+
+
+def test_a_visitor_who_hangs_up_is_no_database_outage(web):
+    """A closed tab resets the connection while the page is written: nothing to log at
+    error level, and above all not "database unavailable"."""
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", web.port))
+        sock.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST
+    assert web.get().status == 200  # served after them
+    assert web.daemon.stop() == 0
+    assert "database unavailable" not in web.daemon.output()
+    assert " ERROR " not in web.daemon.output()
+
+
+def test_a_test_from_the_page_is_counted_in_the_metrics(tree, http, daemon_factory):
+    web = Web(tree, http, daemon_factory, daemon='metrics_listen = "127.0.0.1:0"')
+    token = csrf_token(web.get().text)
+    assert web.post_test("ops", token, {"Origin": web.base}).status == 303
+    metrics = fetch(f"http://127.0.0.1:{bound_port(web.daemon, 'metrics')}/metrics").text
+    assert re.search(r'nomaflowd_notifications_total\{alert="test",outcome="SENT",'
+                     r'transport="ops",transport_type="webhook"\} 1\.0', metrics), metrics
+
+
+def test_a_page_connection_may_last_30_s_plus_the_send_timeout_a_reload_set(tree):
+    """README: each connection lasts at most 30 s plus send_timeout_seconds (a Test's send);
+    after a reload raises the timeout, a Test that takes longer must not be cut at the old."""
+    from dataclasses import replace
+
+    from nomaflowd import config
+    from nomaflowd.spool import Spool
+    from nomaflowd.web import WebServer
+
+    tree.write_config()
+    current = [config.load(tree.config_path)]
+    server = WebServer(("127.0.0.1", 0), lambda: current[0], Spool(tree.spool))
+    try:
+        assert server.httpd.deadline_seconds() == 30 + 2
+        current[0] = replace(current[0], send_timeout_seconds=60)  # what a reload installs
+        assert server.httpd.deadline_seconds() == 30 + 60
+    finally:
+        server.close()
