@@ -311,8 +311,9 @@ class Daemon:
         try:
             self.heartbeat()
             self.outage = False  # the database answered
-            self.deliveries.take_over(db.db_now())
-            self.deliveries.sweep(utcnow())
+            if self.identity.unique:  # with a twin on our id, its claims look like ours
+                self.deliveries.take_over(db.db_now())
+                self.deliveries.sweep(utcnow())
             longrun.poll(self.policy, self.deliveries, now)
             # Not before the spool's backlog is in: a run that happened while we were down
             # is waiting there, and must not be called missed.

@@ -214,6 +214,8 @@ class ReplicaRow(Model):
     # The process behind the heartbeat: two daemons sharing one replica_id overwrite each
     # other's, which is how they are found out (take-over needs ids to be unique).
     instance_id = pw.CharField(max_length=64, null=True)
+    # Its own lease (it follows its own poll_seconds): peers judge it by this, not by theirs.
+    lease_seconds = pw.FloatField(null=True)
 
     class Meta:
         table_name = "replicas"
@@ -348,21 +350,24 @@ def db_now() -> datetime:
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S.%f")
 
 
-def heartbeat(replica: str, instance: str = "") -> tuple[datetime, str | None]:
-    """Record that this `instance` of `replica` is alive. Returns the database's now and the
-    instance id found in the row when another process wrote it since (None if none did)."""
+def heartbeat(replica: str, instance: str = "", lease: float | None = None
+              ) -> tuple[datetime, str | None]:
+    """Record that this `instance` of `replica` is alive, and the `lease` its peers give it.
+    Returns the database's now and the instance id found in the row when another process
+    wrote it since (None if none did)."""
     now = db_now()
     with proxy.atomic():
         row = ReplicaRow.get_or_none(ReplicaRow.replica_id == replica)
         if row is None:
             ReplicaRow.insert(replica_id=replica, seen_at=now, started_at=now,
-                              instance_id=instance or None).on_conflict(
+                              instance_id=instance or None, lease_seconds=lease).on_conflict(
                 conflict_target=[ReplicaRow.replica_id],
-                update={ReplicaRow.seen_at: now, ReplicaRow.instance_id: instance or None},
+                update={ReplicaRow.seen_at: now, ReplicaRow.instance_id: instance or None,
+                        ReplicaRow.lease_seconds: lease},
             ).execute()
             return now, None
-        ReplicaRow.update(seen_at=now, instance_id=instance or None).where(
-            ReplicaRow.id == row.id).execute()
+        ReplicaRow.update(seen_at=now, instance_id=instance or None,
+                          lease_seconds=lease).where(ReplicaRow.id == row.id).execute()
     other = row.instance_id
     return now, other if other and instance and other != instance else None
 

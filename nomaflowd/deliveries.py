@@ -150,15 +150,23 @@ class Deliveries:
         return swept
 
     def take_over(self, now: datetime) -> int:
-        """Claims of replicas whose heartbeat is older than the lease: a peer died mid-send."""
-        cutoff = now - timedelta(seconds=self.lease_seconds)
-        dead = [r.replica_id for r in db.ReplicaRow.select().where(
-            (db.ReplicaRow.seen_at < cutoff) & (db.ReplicaRow.replica_id != self.replica))]
+        """Claims of replicas whose heartbeat is older than their lease: a peer died mid-send.
+
+        Each peer is judged by the lease it published (its own poll_seconds): by ours, a
+        peer polling less often than we do was taken for dead while it sent, and every alert
+        went out twice. Only claims for transports this replica has are taken: one it does
+        not have would be recorded FAILED_TRANSPORT, and lost to the peer that has it."""
+        r = db.ReplicaRow
+        dead = [row.replica_id for row in r.select(r.replica_id, r.seen_at, r.lease_seconds)
+                .where(r.replica_id != self.replica)
+                if row.seen_at < now - timedelta(seconds=row.lease_seconds or self.lease_seconds)]
         d = db.DeliveryRow
+        mine = list(self.dispatcher.transports)
         taken = 0
         for replica in dead:
-            rows = list(d.select().where((d.state == "claimed") & (d.claimed_by == replica))
-                        .limit(BATCH))
+            rows = list(d.select().where((d.state == "claimed") & (d.claimed_by == replica)
+                                         & (d.transport.in_(mine) | (d.transport == "")))
+                        .limit(BATCH))  # "": recorded, never sent (routing found no one)
             taken += self.reclaim(rows, replica,
                                   f"taken over from replica {replica}, silent past its lease")
         if taken:

@@ -28,7 +28,7 @@ class Identity:
 
     def beat(self) -> None:
         """Stamp the heartbeat; note (and say once a minute) a twin on our replica_id."""
-        _, other = db.heartbeat(self.replica_id, self.instance)
+        _, other = db.heartbeat(self.replica_id, self.instance, self.lease_seconds)
         self.beats += 1
         if other and self.beats > 1:  # at the first beat it is our own predecessor's id
             self.twin, self.twin_seen = other, time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -384,3 +386,43 @@ def test_the_urls_own_link_settings_win_over_the_defaults(pg_schema, query, expe
         assert {k: params.get(k) for k in expected} == expected
     finally:
         database.close()
+
+
+def claim_of(replica: str, transport: str) -> None:
+    """A claim `replica` made and has not finished (a webhook alert for job j)."""
+    from nomaflowd.alerts import Alert
+
+    alert = Alert(kind="failed", key=f"j/{transport}", job_id="j", run_id="r", event_id=None,
+                  state="FAILED", url="")
+    db.DeliveryRow.insert(alert_key=alert.key, transport=transport, recipient=transport,
+                          context=json.dumps({"alert": alert.__dict__, "error": ""}),
+                          claimed_by=replica, claimed_at=db.utcnow()).execute()
+
+
+def test_a_peer_is_judged_by_its_own_lease_and_only_transports_we_have_are_taken(tree, http):
+    """A replica polling every 20 s (lease 60 s) is alive 20 s after its heartbeat, whatever
+    a peer's own 9 s lease says: taken for dead, its alerts went out twice. And a claim for a
+    transport the taker lacks stays for a replica that has it (it was recorded
+    FAILED_TRANSPORT, and lost)."""
+    from nomaflowd import config
+    from nomaflowd.deliveries import Deliveries
+    from nomaflowd.dispatch import Dispatcher
+    from nomaflowd.transports import build
+
+    cfg = config.load(tree.write_config(tree.webhook("hookA", http.url("/a"))))
+    db.open_database(f"sqlite:///{tree.db_path}")
+    dispatcher = Dispatcher(build(cfg.transports, 2), "host-b")
+    try:
+        taker = Deliveries(dispatcher, "host-b", lease_seconds=9)
+        db.heartbeat("host-a", "instance-a", 60.0)
+        claim_of("host-a", "hookA")
+        claim_of("host-a", "hookB")  # host-b has no hookB
+        later = db.db_now() + timedelta(seconds=20)
+        assert taker.take_over(later) == 0  # within host-a's own lease
+        assert taker.take_over(later + timedelta(seconds=41)) == 1  # past it: hookA only
+        owners = dict(db.DeliveryRow.select(db.DeliveryRow.transport, db.DeliveryRow.claimed_by)
+                      .tuples())
+        assert owners == {"hookA": "host-b", "hookB": "host-a"}
+        assert http.wait_for(1, path="/a")
+    finally:
+        dispatcher.close()
