@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import select
 import shutil
 import socket
@@ -26,6 +25,7 @@ from nomaflowd.cli import main
 from nomaflowd.serving import Server
 from tests.harness import Tree
 from tests.servers import Reply, closed_port, wait_until
+from tests.test_web import bound_port
 
 NOBODY = 65534
 
@@ -142,9 +142,7 @@ def test_the_metrics_port_serves_16_connections_at_once_and_answers_more_503(
         tree, http, daemon_factory):
     tree.write_config(tree.webhook("ops", http.url()), daemon='metrics_listen = "127.0.0.1:0"')
     d = daemon_factory()
-    found = wait_until(lambda: re.search(r"metrics listening on http://127\.0\.0\.1:(\d+)/",
-                                         d.output()), what="the metrics log line")
-    port = int(found.group(1))
+    port = bound_port(d, "metrics")
     held = silent_clients(port, 16)
     try:
         assert status_of(f"http://127.0.0.1:{port}/healthz") == (
@@ -163,9 +161,7 @@ def test_the_metrics_port_serves_16_connections_at_once_and_answers_more_503(
 def test_the_web_page_serves_32_connections_at_once(tree, http, daemon_factory):
     tree.write_config(tree.webhook("ops", http.url()), daemon='web_listen = "127.0.0.1:0"')
     d = daemon_factory()
-    found = wait_until(lambda: re.search(r"web page listening on http://127\.0\.0\.1:(\d+)/",
-                                         d.output()), what="the web page log line")
-    port = int(found.group(1))
+    port = bound_port(d)
     held = silent_clients(port, 32)
     try:
         assert status_of(f"http://127.0.0.1:{port}/")[0] == 503
