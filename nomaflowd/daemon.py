@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import queue
 import signal
@@ -309,8 +310,15 @@ class Daemon:
             self.stopping.set()
             return
         try:
+            beat_at = time.monotonic()  # before the heartbeat: its stamp is no earlier
             self.heartbeat()
             self.outage = False  # the database answered
+            # Our claims are safe from a peer's take-over for a lease after this heartbeat;
+            # the senders stop short of it by a third (a poll's worth and more), as the
+            # peer's clock and ours read the same lease a few milliseconds apart.
+            self.dispatcher.alive_until = (beat_at + self.lease_seconds * 2 / 3
+                                           if self.deliveries.peers() else math.inf)
+            self.deliveries.recheck()
             if self.identity.unique:  # with a twin on our id, its claims look like ours
                 self.deliveries.take_over(db.db_now())
                 self.deliveries.sweep(utcnow())

@@ -194,6 +194,37 @@ class Deliveries:
             count += 1
         return count
 
+    def peers(self) -> bool:
+        """Has another replica used this database (a heartbeat row not ours)? Only then can
+        this one's claims be taken over."""
+        r = db.ReplicaRow
+        return bool(r.select(r.id).where(r.replica_id != self.replica).exists())
+
+    def recheck(self) -> int:
+        """After this replica's lease ran out (frozen past it): what its senders held back
+        goes out if the claim is still its own; what a peer took over meanwhile is left to
+        that peer. Returns how many were left."""
+        withheld, self.dispatcher.withheld = self.dispatcher.withheld, []
+        if not withheld:
+            return 0
+        d = db.DeliveryRow
+        ids = [a.delivery_id for a in withheld if a.delivery_id is not None]
+        ours: set[int] = set()
+        for i in range(0, len(ids), BATCH):
+            ours.update(row.id for row in d.select(d.id).where(
+                d.id.in_(ids[i:i + BATCH]) & (d.state == "claimed")
+                & (d.claimed_by == self.replica)))
+        left = [a for a in withheld if a.delivery_id is not None and a.delivery_id not in ours]
+        for attempt in withheld:
+            if attempt.delivery_id is None or attempt.delivery_id in ours:
+                self.dispatcher.submit(attempt)
+        for attempt in left:
+            self.dispatcher.held.discard(attempt.delivery_id)
+        if left:
+            logger.warning("this daemon went silent past its lease: %d notification(s) are"
+                           " left to the replica that took them over", len(left))
+        return len(left)
+
     def release(self, unsent: list[Attempt]) -> None:
         """At shutdown: claims that were never tried stay claimed, marked as not attempted,
         so the next start sends them without calling them a resend."""

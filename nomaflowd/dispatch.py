@@ -9,6 +9,7 @@ send can never interleave on shared state, and there is nothing to lock.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import time
 import uuid
@@ -69,6 +70,7 @@ class _Done:
     transport: Transport
     results: list[Result]
     refused: RateLimited | None = None
+    withheld: bool = False  # not sent: this replica's lease ran out before (see alive_until)
 
 
 def verdict(name: str, send: Callable[[], str | Sent], *, reraise_429: bool
@@ -153,6 +155,12 @@ class Dispatcher:
         self._using: dict[int, int] = {}      # id(transport) -> messages in flight on it
         self._retired: list[Transport] = []   # replaced by a reload, closed once idle
         self._old_executors: list[ThreadPoolExecutor] = []
+        # Until when this replica's claims are its own (time.monotonic(); the heartbeat moves
+        # it on). A process frozen past its lease (SIGSTOP, a paused VM) may have had its
+        # claims taken over by a peer: on waking, its senders hold everything back until
+        # the main loop has checked what is still its own (Deliveries.recheck).
+        self.alive_until = math.inf
+        self.withheld: list[Attempt] = []
         self.configure(transports)
 
     # --- owning thread only -----------------------------------------------------------
@@ -210,6 +218,10 @@ class Dispatcher:
     def _work(self, transport: Transport, attempt: Attempt, paced: bool) -> None:
         """On a worker thread: send, hand the verdict back, nothing else."""
         started = time.monotonic()
+        if started > self.alive_until:
+            self._done.put(_Done(attempt, transport, [], withheld=True))
+            self.wake()
+            return
         try:
             done = _Done(attempt, transport, execute(transport, attempt, paced=paced))
         except RateLimited as exc:
@@ -253,6 +265,9 @@ class Dispatcher:
         self.sending -= 1
         self._futures.pop(id(done.attempt), None)
         self._using[id(done.transport)] -= 1
+        if done.withheld:
+            self.withheld.extend(done.attempt.members or (done.attempt,))
+            return []
         exc = done.refused
         if exc is None:
             return done.results
@@ -289,7 +304,8 @@ class Dispatcher:
     def close(self, timeout: float = 5.0) -> tuple[list[Result], list[Attempt]]:
         """Stop: sends already running get up to `timeout` seconds to finish. Returns their
         results, and the attempts that were never tried (in line, or queued behind others)."""
-        unsent = self.pacer.drain()
+        unsent = self.pacer.drain() + self.withheld
+        self.withheld = []
         for future, attempt, transport in list(self._futures.values()):
             if future.cancel():  # queued behind other sends, never started
                 self._futures.pop(id(attempt))

@@ -14,6 +14,7 @@ import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,6 +127,56 @@ def test_killed_replica_work_is_finished_by_its_peer(tree, http, pg_schema, tmp_
     assert duplicates <= taken
     assert not shared.joinpath("rejected").exists() or not any(
         p.suffix == ".json" for p in shared.joinpath("rejected").iterdir())
+
+
+def test_a_replica_frozen_past_its_lease_leaves_its_queue_to_the_peer_that_took_it(
+        tree, http, pg_schema, tmp_path):
+    """A frozen replica (SIGSTOP, a paused VM) woke up and sent everything it had queued,
+    although its peer had taken those claims over meanwhile: 80 duplicates of 100 in an
+    audit. Only what it had in flight at the freeze may go out twice."""
+    arrived: list[str] = []  # as each request comes in (it is recorded after the delay)
+
+    def slow(request: Any) -> Reply:
+        arrived.append(request.json()["run_id"])
+        return Reply(delay=0.3)
+
+    http.replies["/"] = slow
+    tree.database = pg_schema
+    b_tree = replica_tree(tmp_path / "b", tree, pg_schema)
+    configure(tree, http, "a")
+    configure(b_tree, http, "b")
+    a, b = start(tree, "a"), start(b_tree, "b")
+    try:
+        for i in range(40):
+            tree.drop({"job_id": "j", "run_id": f"f{i}", "state": "FAILED"})
+        http.wait_for(4)
+        os.kill(a.pid, signal.SIGSTOP)
+        time.sleep(0.5)  # what a wrote before the freeze arrives (b waits 9 s to take over)
+        sent_before = set(arrived)
+        wait_until(lambda: "took over" in b.output(), timeout=30, what="b taking a's claims")
+        os.kill(a.pid, signal.SIGCONT)
+        wanted = {f"f{i}" for i in range(40)}
+        wait_until(lambda: {r.json()["run_id"] for r in http.requests} >= wanted, timeout=40,
+                   what="all 40 delivered")
+        wait_until(lambda: "left to the replica that took them over" in a.output(),
+                   timeout=20, what="a saying what it left")
+        wait_until(lambda: pg_rows(pg_schema, "SELECT count(*) FROM deliveries WHERE state ="
+                                   " 'claimed'")[0][0] == 0, timeout=20, what="no open claim")
+        assert a.stop() == 0 and b.stop() == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(a.pid, signal.SIGCONT)
+        a.close()
+        b.close()
+    runs = [r.json()["run_id"] for r in http.requests]
+    duplicates = {r for r in runs if runs.count(r) > 1}
+    # What a had begun to send, its answer or its audit row not in yet, may go out twice:
+    # what its four senders were on at the freeze. What it had queued may not.
+    attempted = {r[0] for r in pg_rows(pg_schema, "SELECT run_id FROM notifications WHERE"
+                                       " replica = 'a'")}
+    assert duplicates <= attempted
+    assert len(attempted - sent_before) <= 4, sorted(attempted - sent_before)
+    assert len(sent_before) < 40
 
 
 # --- PostgreSQL stopped and started under load: a private server --------------------------
