@@ -44,19 +44,25 @@ def configure(tree, http, replica: str, daemon: str = "") -> None:
                       daemon=f'replica_id = "{replica}"\n{daemon}')
 
 
-def test_same_events_in_both_spools_are_delivered_once(tree, http, pg_schema, tmp_path):
+def two_replicas(tree, http, pg_schema: str, tmp_path: Path) -> tuple[DaemonProcess,
+                                                                      DaemonProcess]:
+    """Replicas a and b on one PostgreSQL schema, each with its own spool and one webhook."""
     tree.database = pg_schema
     b_tree = replica_tree(tmp_path / "b", tree, pg_schema)
     configure(tree, http, "a")
     configure(b_tree, http, "b")
-    a, b = start(tree, "a"), start(b_tree, "b")
+    return start(tree, "a"), start(b_tree, "b")
+
+
+def test_same_events_in_both_spools_are_delivered_once(tree, http, pg_schema, tmp_path):
+    a, b = two_replicas(tree, http, pg_schema, tmp_path)
     try:
         for i in range(20):
             event = {"job_id": "j", "run_id": f"r{i}", "state": "FAILED"}
             tree.drop(event)
-            b_tree.drop(event)
+            b.tree.drop(event)
         http.wait_for(20)
-        wait_until(lambda: not tree.spool_files() and not b_tree.spool_files(), what="spools")
+        wait_until(lambda: not tree.spool_files() and not b.tree.spool_files(), what="spools")
         wait_until(lambda: pg_rows(pg_schema, "SELECT count(*) FROM notifications")[0][0] == 20,
                    what="20 audit rows")
         assert a.stop() == 0 and b.stop() == 0
@@ -141,11 +147,7 @@ def test_a_replica_frozen_past_its_lease_leaves_its_queue_to_the_peer_that_took_
         return Reply(delay=0.3)
 
     http.replies["/"] = slow
-    tree.database = pg_schema
-    b_tree = replica_tree(tmp_path / "b", tree, pg_schema)
-    configure(tree, http, "a")
-    configure(b_tree, http, "b")
-    a, b = start(tree, "a"), start(b_tree, "b")
+    a, b = two_replicas(tree, http, pg_schema, tmp_path)
     try:
         for i in range(40):
             tree.drop({"job_id": "j", "run_id": f"f{i}", "state": "FAILED"})

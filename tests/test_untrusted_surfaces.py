@@ -130,6 +130,20 @@ def silent_clients(port: int, count: int) -> list[socket.socket]:
     return [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
 
 
+def answer_past_the_limit(url: str, limit: int) -> tuple[int, bytes]:
+    """What `url` answers while `limit` silent clients hold the server; then, once they
+    hang up (each held thread ends with its client), it must answer 200 again."""
+    port = int(url.split(":")[2].split("/")[0])
+    held = silent_clients(port, limit)
+    try:
+        answer = status_of(url)
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: status_of(url)[0] == 200, what=f"{url} answering 200 again")
+    return answer
+
+
 def status_of(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
@@ -142,17 +156,8 @@ def test_the_metrics_port_serves_16_connections_at_once_and_answers_more_503(
         tree, http, daemon_factory):
     tree.write_config(tree.webhook("ops", http.url()), daemon='metrics_listen = "127.0.0.1:0"')
     d = daemon_factory()
-    port = bound_port(d, "metrics")
-    held = silent_clients(port, 16)
-    try:
-        assert status_of(f"http://127.0.0.1:{port}/healthz") == (
-            503, b"too many connections; retry later\n")
-    finally:
-        for sock in held:
-            sock.close()
-    # Each held thread ends with its client; then the port serves again.
-    wait_until(lambda: status_of(f"http://127.0.0.1:{port}/healthz")[0] == 200,
-               what="/healthz answered 200 again")
+    assert answer_past_the_limit(f"http://127.0.0.1:{bound_port(d, 'metrics')}/healthz", 16) \
+        == (503, b"too many connections; retry later\n")
     assert d.stop() == 0
     assert d.output().count("metrics: 16 connections open, the most it serves at once") == 1
     assert "Traceback" not in d.output()
@@ -161,15 +166,7 @@ def test_the_metrics_port_serves_16_connections_at_once_and_answers_more_503(
 def test_the_web_page_serves_32_connections_at_once(tree, http, daemon_factory):
     tree.write_config(tree.webhook("ops", http.url()), daemon='web_listen = "127.0.0.1:0"')
     d = daemon_factory()
-    port = bound_port(d)
-    held = silent_clients(port, 32)
-    try:
-        assert status_of(f"http://127.0.0.1:{port}/")[0] == 503
-    finally:
-        for sock in held:
-            sock.close()
-    wait_until(lambda: status_of(f"http://127.0.0.1:{port}/")[0] == 200,
-               what="the page answered 200 again")
+    assert answer_past_the_limit(f"http://127.0.0.1:{bound_port(d)}/", 32)[0] == 503
     assert d.stop() == 0
 
 
