@@ -194,6 +194,28 @@ def newer_finish(job_id: str, after: datetime, exclude_run: str) -> bool:
         & (r.run_id != exclude_run)).exists())
 
 
+def attempts_in_flight(runs: Sequence[tuple[str, str]]) -> list[tuple[str, str, str, str]]:
+    """(job_id, run_id, transport, recipient) of the claims still in flight (no verdict yet)
+    of these runs' retried attempts' `failed` alerts.
+
+    Their keys name the attempt, alert_key(job, run, "failed", "attempt-N"), so they are
+    matched by prefix; only claimed rows are looked at (the index on state), the few in
+    flight, not the delivered history.
+    """
+    found: list[tuple[str, str, str, str]] = []
+    p = db.proxy.param
+    for i in range(0, len(runs), CHUNK):
+        prefixes = {alert_key(job, run, "failed") + "/": (job, run)
+                    for job, run in runs[i:i + CHUNK]}
+        match = " OR ".join(f"substr(alert_key, 1, {len(x)}) = {p}" for x in prefixes)
+        for key, transport, recipient in db.proxy.execute_sql(
+                "SELECT alert_key, transport, recipient FROM deliveries"
+                f" WHERE state = 'claimed' AND ({match}) ORDER BY id", list(prefixes)):
+            job, run = prefixes[key[:key.rfind("/") + 1]]
+            found.append((job, run, transport, recipient))
+    return found
+
+
 class Planned(Protocol):
     alert: Alert
     plan: Plan
@@ -204,7 +226,8 @@ def triggered(job_id: str, run_ids: list[str], in_batch: Iterable[Planned] = ()
     """(transport, recipient) -> the trigger kinds it got for these runs.
 
     "Got" means an audit row with outcome SENT, or a claim still in flight (its verdict is
-    not in yet), or a claim being made in this very transaction (the same batch).
+    not in yet; a retried attempt's too), or a claim being made in this very transaction
+    (the same batch).
     """
     found: dict[tuple[str, str], set[str]] = {}
     n = db.NotificationRow
@@ -222,6 +245,9 @@ def triggered(job_id: str, run_ids: list[str], in_batch: Iterable[Planned] = ()
                     .where(d.alert_key.in_(names[i:i + CHUNK]) & (d.state == "claimed"))
                     .order_by(d.id)):
             found.setdefault((row.transport, row.recipient), set()).add(keys[row.alert_key])
+    for _job, _run, transport, recipient in attempts_in_flight(
+            [(job_id, run) for run in run_ids]):
+        found.setdefault((transport, recipient), set()).add("failed")
     for routed in in_batch:
         if routed.alert.key in keys:
             for t in routed.plan.targets:
@@ -321,7 +347,8 @@ def open_candidates(successes: list[Event], now: datetime) -> set[str]:
                    f" AND s.updated_at < {p} AND s.finished_at > f.finished_at)")
             found.update(row[0] for row in db.proxy.execute_sql(sql, [*chunk, now]))
     # A succeeding run that alerted `failed` itself: a retried attempt (on_retry), its row
-    # in `notifications` by (job_id, run_id), one index look-up per success.
+    # in `notifications` by (job_id, run_id), one index look-up per success; or its claim
+    # still in flight, its verdict not in yet.
     pairs = sorted({(e.job_id, str(e.run_id)) for e in successes})
     for i in range(0, len(pairs), CHUNK):
         chunk_pairs = pairs[i:i + CHUNK]
@@ -329,6 +356,7 @@ def open_candidates(successes: list[Event], now: datetime) -> set[str]:
                f" (job_id, run_id) IN (VALUES {', '.join([f'({p}, {p})'] * len(chunk_pairs))})")
         found.update(row[0] for row in db.proxy.execute_sql(
             sql, [x for pair in chunk_pairs for x in pair]))
+        found.update(job for job, _run, _t, _r in attempts_in_flight(chunk_pairs))
     return found
 
 

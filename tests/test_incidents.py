@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -304,6 +305,40 @@ def test_an_incident_a_retried_attempt_opened_is_resolved_when_the_run_succeeds(
                     ("/v2/enqueue", "resolve"), ("/v2/enqueue", "trigger")]
     [recovered] = [r.json() for r in http.requests if r.json().get("alert") == "recovered"]
     assert "pdj run succeeded after a failed attempt" in recovered["summary"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres",
+                                                           marks=pytest.mark.postgres)])
+def test_a_success_while_the_attempts_trigger_is_still_in_flight_resolves_it(tree, http,
+                                                                             inproc, request,
+                                                                             backend):
+    """The retried attempt's trigger is still on its way (PagerDuty has not answered, so no
+    audit row yet) when the run's success is read: the incident is resolved all the same."""
+    if backend == "postgres":
+        tree.database = request.getfixturevalue("pg_schema")
+    at_pagerduty, answer = threading.Event(), threading.Event()
+
+    def slow_trigger(req: Request) -> Reply:
+        if req.json()["event_action"] == "trigger":
+            at_pagerduty.set()
+            answer.wait(10)
+        return pd_reply(req)
+
+    http.replies["/v2/enqueue"] = slow_trigger
+    tree.write_config(pagerduty(tree, http))
+    tree.write_jobs('[jobs.pdj.alerts]\non_retry = true\nrecipients = ["pd"]\n')
+    d = inproc()
+    tree.drop({"job_id": "pdj", "run_id": "p1", "state": "FAILED", "attempt": 1,
+               "max_attempts": 2, "error": "flaky"})
+    d.pump(at_pagerduty.is_set, what="the trigger at PagerDuty")
+    tree.drop({"job_id": "pdj", "run_id": "p1", "state": "SUCCEEDED"})
+    run, audit = db.RunRow, db.NotificationRow  # the daemon's own database, either backend
+    d.pump(lambda: run.get(run.run_id == "p1").state == "SUCCEEDED", what="the success read")
+    answer.set()
+    d.pump(lambda: audit.select().count() == 2, what="trigger and resolve audited")
+    assert [r.json()["event_action"] for r in http.requests] == ["trigger", "resolve"]
+    assert [(r.alert, r.outcome) for r in audit.select().order_by(audit.id)] == [
+        ("failed", "SENT"), ("recovered", "SENT")]
 
 
 def test_a_runner_clock_years_ahead_does_not_keep_the_incident_open(tree, http, inproc,
