@@ -15,7 +15,8 @@ from typing import Any
 
 from tests.harness import HttpRecorder, Reply, Request
 
-__all__ = ["ForwardProxy", "HttpRecorder", "Reply", "Request", "SilentTls", "SmtpTarpit",
+__all__ = ["ForwardProxy", "HttpRecorder", "Reply", "Request", "ScriptedSmtp", "SilentTls",
+           "SmtpTarpit",
            "closed_port", "wait_until"]
 
 
@@ -242,3 +243,79 @@ class ScriptedHttp:
             socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
         self.listener.close()
         self.thread.join(5)
+
+
+class ScriptedSmtp:
+    """A plain SMTP server saying what real MTAs say and aiosmtpd will not: a greeting other
+    than 220 (`greeting`, after which it hangs up), 421 to a connection past `max_connections`
+    open at once, and answers computed from a command (`answer(line)` returns the reply
+    line, or None for the usual one). Accepted messages' bytes are in `messages`."""
+
+    def __init__(self, greeting: str = "220 mx.test ESMTP", max_connections: int = 0,
+                 answer: Callable[[str], str | None] = lambda line: None,
+                 extensions: tuple[str, ...] = ("8BITMIME", "AUTH PLAIN LOGIN")) -> None:
+        self.greeting, self.max_connections = greeting, max_connections
+        self.answer, self.extensions = answer, extensions
+        self.messages: list[bytes] = []
+        self.refused = 0  # connections answered 421 for the limit
+        self.open = 0
+        self._lock = threading.Condition()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self._accept, name="scripted-smtp", daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.closing.is_set():
+            if select.select([self.listener], [], [], 0.05)[0]:
+                with contextlib.suppress(OSError):
+                    conn = self.listener.accept()[0]
+                    threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.open += 1
+            over = 0 < self.max_connections < self.open
+            self.refused += over
+        try:
+            with conn, contextlib.suppress(OSError), conn.makefile("rb") as reader:
+                if over:
+                    conn.sendall(b"421 4.7.0 Too many concurrent SMTP connections\r\n")
+                    return
+                conn.sendall(self.greeting.encode() + b"\r\n")
+                if not self.greeting.startswith("220"):
+                    return
+                self._converse(conn, reader)
+        finally:
+            with self._lock:
+                self.open -= 1
+
+    def _converse(self, conn: socket.socket, reader: Any) -> None:
+        while line := reader.readline().decode("utf-8", "replace").rstrip("\r\n"):
+            verb = line.split(" ", 1)[0].upper()
+            said = self.answer(line)
+            if said is None and verb == "EHLO":
+                said = "\r\n".join(f"250-{x}" for x in ("mx.test", *self.extensions)) + "\r\n250 OK"
+            elif said is None and verb == "DATA":
+                conn.sendall(b"354 go ahead\r\n")
+                data = b""
+                while not data.endswith(b"\r\n.\r\n"):
+                    chunk = reader.readline()
+                    if not chunk:
+                        return
+                    data += chunk
+                with self._lock:
+                    self.messages.append(data[:-3])
+                    self._lock.notify_all()
+                said = "250 2.0.0 queued"
+            elif said is None:
+                said = {"QUIT": "221 bye", "AUTH": "235 2.7.0 ok"}.get(verb, "250 OK")
+            conn.sendall(said.encode() + b"\r\n")
+            if said.startswith(("221", "421")):
+                return
+
+    def close(self) -> None:
+        self.closing.set()
+        self.thread.join(5)
+        self.listener.close()

@@ -11,8 +11,9 @@ import pytest
 from nomaflowd import config
 from nomaflowd.dispatch import FAILED_DELIVERY, FAILED_TRANSPORT, SENT, Attempt, Dispatcher
 from nomaflowd.transports import build
+from nomaflowd.transports.base import b64
 from nomaflowd.transports.email import Email
-from tests.servers import SmtpTarpit, closed_port
+from tests.servers import ScriptedSmtp, SmtpTarpit, closed_port
 from tests.smtp_server import Certs, SmtpRecorder, make_certs
 from tests.test_transport_slack import RUN_URL, make_alert
 
@@ -165,6 +166,77 @@ def test_email_rejected_message_is_failed_delivery(smtp_factory, rig_factory, ce
     result = rig_factory(smtp.port, trusted(certs)).attempt()
     assert result.outcome == FAILED_DELIVERY
     assert "554" in result.detail and "rejected as spam" in result.detail
+
+
+# --- what relays say that aiosmtpd does not --------------------------------------------------
+
+@pytest.mark.parametrize("greeting", ["421 4.7.0 mx.test Too many concurrent SMTP connections",
+                                      "554 5.7.1 mx.test You are not welcome here"])
+def test_email_a_greeting_refusal_is_recorded_with_its_words(rig_factory, greeting):
+    """The greeting's code and text reach the row (it said `SMTPServerDisconnected`)."""
+    relay = ScriptedSmtp(greeting=greeting)
+    try:
+        result = rig_factory(relay.port, 'tls = "none"\n').attempt()
+    finally:
+        relay.close()
+    assert result.outcome == FAILED_DELIVERY
+    assert result.detail == f"SMTP {greeting} (greeting)"
+
+
+def test_email_421_at_rcpt_is_the_relay_closing_not_the_recipient_refused(rig_factory):
+    relay = ScriptedSmtp(answer=lambda line: "421 4.3.2 mx.test shutting down"
+                         if line.upper().startswith("RCPT") else None)
+    try:
+        result = rig_factory(relay.port, 'tls = "none"\n').attempt()
+    finally:
+        relay.close()
+    assert result.outcome == FAILED_DELIVERY
+    assert result.detail == "SMTP 421 4.3.2 mx.test shutting down (service not available)"
+
+
+def test_email_a_non_ascii_password_logs_in(smtp_factory, rig_factory, certs, tree):
+    """RFC 4616: PLAIN is UTF-8. smtplib encodes it as ASCII and raised UnicodeEncodeError,
+    so every email of the transport failed as an internal error."""
+    smtp = smtp_factory(starttls=certs, users={"nomaflow": "Grüße-aus-Köln-CANARY"})
+    result = rig_factory(smtp.port, trusted(certs)
+                         + with_login(tree, "Grüße-aus-Köln-CANARY")).attempt()
+    assert result.outcome == SENT, result.detail
+    assert smtp.wait_for(1)[0].login == "nomaflow"
+
+
+def test_email_a_refusal_quoting_the_auth_command_late_shows_no_piece_of_it(rig_factory, tree):
+    """The server's words are cut for the row; the quoted AUTH PLAIN must be masked before
+    the cut, or its first characters (most of the password) stay readable."""
+    relay = ScriptedSmtp(answer=lambda line: f"535 5.7.8 {'x' * 150} {line}"
+                         if line.startswith("AUTH") else None, extensions=("AUTH PLAIN",))
+    try:
+        result = rig_factory(relay.port, 'tls = "none"\n' + with_login(tree)).attempt()
+    finally:
+        relay.close()
+    assert result.outcome == FAILED_TRANSPORT
+    plain = b64(f"\0nomaflow\0{PASSWORD}")
+    assert "535 5.7.8 xxx" in result.detail
+    assert not any(plain[i:i + 8] in result.detail for i in range(len(plain) - 8))
+
+
+def test_email_a_recipient_the_relay_cannot_take_says_why(rig_factory):
+    """smtplib's own messages reach the row (it said only `SMTPNotSupportedError`)."""
+    relay = ScriptedSmtp()  # no SMTPUTF8 on offer
+    try:
+        result = rig_factory(relay.port, 'tls = "none"\n').attempt(recipient="jörg@corp.test")
+    finally:
+        relay.close()
+    assert result.outcome == FAILED_TRANSPORT
+    assert "SMTPUTF8" in result.detail, result.detail
+
+
+def test_email_marks_itself_automatic_so_vacation_replies_stay_away(smtp_factory, rig_factory):
+    """RFC 3834: an auto-responder does not answer mail marked Auto-Submitted."""
+    smtp = smtp_factory()
+    assert rig_factory(smtp.port, 'tls = "none"\n').attempt().outcome == SENT
+    [mail] = smtp.wait_for(1)
+    assert mail.message["Auto-Submitted"] == "auto-generated"
+    assert mail.message["Message-ID"].endswith("@corp.test>")
 
 
 # --- no verdict ------------------------------------------------------------------------------
@@ -331,3 +403,30 @@ def test_email_digest_of_huge_errors_stays_a_size_a_server_takes(smtp_factory, r
     [mail] = smtp.wait_for(1)
     assert len(mail.message.as_bytes()) < 1_000_000
     assert all(f"job-{j}" in mail.part("text/plain") for j in range(40))
+
+
+# --- a relay's limits, end to end ------------------------------------------------------------
+
+def test_a_relay_taking_one_connection_at_a_time_gets_every_alert(tree, inproc):
+    """The senders open connections side by side; a relay allowing one answers the others
+    421 "too many connections". Those alerts wait in line, as after a 429, and go again:
+    all twelve arrive (eleven were recorded FAILED_TRANSPORT `SMTPServerDisconnected`)."""
+    relay = ScriptedSmtp(max_connections=1)
+    try:
+        tree.write_config('[transports.mail]\ntype = "email"\nhost = "127.0.0.1"\n'
+                          f'port = {relay.port}\ntls = "none"\n'
+                          'default_from = "Nomaflow <nomaflow@corp.test>"\n')
+        tree.write_jobs('[jobs.sync.alerts]\nrecipients = ["ops@corp.test"]\n')
+        d = inproc()
+        for i in range(12):
+            tree.drop({"job_id": "sync", "run_id": f"run-{i:02d}", "state": "FAILED",
+                       "error": "boom"})
+        d.pump(lambda: len(tree.notifications()) == 12, timeout=30, what="twelve rows")
+    finally:
+        relay.close()
+    assert relay.refused > 0  # the limit was met
+    assert {r["outcome"] for r in tree.notifications()} == {"SENT"}
+    arrived = b"".join(relay.messages)
+    assert all(f"run-{i:02d}".encode() in arrived for i in range(12))
+    refused = [r for r in tree.notifications() if "421" in r["detail"]]
+    assert refused and all("refused with SMTP 421 4.7.0" in r["detail"] for r in refused)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hmac
 import html
 import smtplib
 import socket
@@ -11,13 +12,14 @@ import time
 from collections.abc import Callable
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
-from typing import Any
+from typing import Any, cast
 
 from nomaflowd.alerts import Alert, digest_by_job, digest_headline
 from nomaflowd.resolve import LookupTimeout, bounded, open_socket
 from nomaflowd.transports.base import (
     DEADLINES,
     DeliveryError,
+    RateLimited,
     Rendered,
     Transport,
     TransportError,
@@ -26,10 +28,21 @@ from nomaflowd.transports.base import (
 )
 
 
+class _Utf8(str):
+    """A str that smtplib's auth() encodes as UTF-8 where it asks for ASCII."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return str.encode(self, "utf-8", errors)
+
+
 class _Smtp(smtplib.SMTP):
     """smtplib's client with the socket in `sock` from before its connect, so the deadline
     thread can cut the connect and the greeting (read inside connect(): a greeting that
-    never ends held a send for good), and the name lookup bounded by the timeout too."""
+    never ends held a send for good), and the name lookup bounded by the timeout too.
+
+    AUTH sends the credentials as UTF-8 (RFC 4616 for PLAIN; what servers take for LOGIN
+    and CRAM-MD5): smtplib encodes them as ASCII, and a password like `Grüße` failed every
+    send with UnicodeEncodeError (python/cpython#73936)."""
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         self._host = host  # smtplib sets it only in __init__; TLS checks the name against it
@@ -37,6 +50,21 @@ class _Smtp(smtplib.SMTP):
 
     def _watched(self, sock: socket.socket) -> None:
         self.sock = sock
+
+    def auth(self, mechanism: str, authobject: Any, *,
+             initial_response_ok: bool = True) -> tuple[int, bytes]:
+        def utf8(*challenge: bytes) -> str | None:
+            answer = authobject(*challenge)
+            return None if answer is None else _Utf8(answer)
+        return super().auth(mechanism, cast(Any, utf8), initial_response_ok=initial_response_ok)
+
+    # typeshed spells this as two overloads (None -> None, bytes -> str); one body serves both.
+    def auth_cram_md5(self, challenge: bytes | None = None  # type: ignore[override]
+                      ) -> str | None:
+        if challenge is None:
+            return None
+        return self.user + " " + hmac.HMAC(self.password.encode("utf-8"), challenge,
+                                           "md5").hexdigest()
 
 
 class _SmtpTls(_Smtp, smtplib.SMTP_SSL):
@@ -113,8 +141,7 @@ class Email(Transport):
         msg["Subject"] = f"[Nomaflow] {alert.subject_word} {subject_job}"
         msg["From"] = self.settings["default_from"]
         msg["To"] = recipient
-        msg["Date"] = formatdate(usegmt=True)
-        msg["Message-ID"] = make_msgid(domain="nomaflow")
+        self._headers(msg)
         summary = alert.summary()
         traceback = alert.get("traceback")
         lines = [summary]
@@ -135,6 +162,14 @@ class Email(Transport):
         )
         return msg
 
+    def _headers(self, msg: EmailMessage) -> None:
+        """Date, a Message-ID in the sender's domain, and Auto-Submitted (RFC 3834), so
+        that vacation replies and auto-responders leave the alerts alone."""
+        msg["Date"] = formatdate(usegmt=True)
+        domain = parseaddr(self.settings["default_from"])[1].rpartition("@")[2]
+        msg["Message-ID"] = make_msgid(domain=domain or "nomaflow")
+        msg["Auto-Submitted"] = "auto-generated"
+
     def _context(self) -> ssl.SSLContext:
         """Verifying context: the system's CAs, or only `ca_file` for a private CA."""
         ca_file = self.settings.get("ca_file")
@@ -154,8 +189,7 @@ class Email(Transport):
         msg["Subject"] = f"[Nomaflow] DIGEST {len(alerts)} alerts"
         msg["From"] = self.settings["default_from"]
         msg["To"] = recipient
-        msg["Date"] = formatdate(usegmt=True)
-        msg["Message-ID"] = make_msgid(domain="nomaflow")
+        self._headers(msg)
         headline = digest_headline(alerts)
         ordered = [a for _, group in digest_by_job(alerts) for a in group]
         text = [f"{headline} ({digest_id})", ""]
@@ -190,37 +224,62 @@ class Email(Transport):
                                         context=self._context()))
                 else:
                     box.append(_Smtp(local_hostname=name, timeout=self.timeout))
-                box[0].connect(s["host"], s["port"])
+                code, text = box[0].connect(s["host"], s["port"])
+                if code != 220:  # smtplib checks the greeting only in its constructor
+                    raise _Greeting(code, text)
                 return self._converse(box[0], build, recipient)
+        except _Greeting as exc:
+            raise self._refused(exc.smtp_code, exc.smtp_error, "greeting") from None
         except smtplib.SMTPRecipientsRefused as exc:
             code, text = next(iter(exc.recipients.values()))
-            raise DeliveryError(f"SMTP {code} {_text(text)} (recipient refused)") from None
+            raise self._refused(code, text, "recipient refused") from None
         except smtplib.SMTPSenderRefused as exc:
             if exc.smtp_code in AUTH_CODES:
-                raise TransportError(f"authentication required: SMTP {exc.smtp_code} "
-                                     f"{_text(exc.smtp_error)}") from None
-            raise DeliveryError(f"SMTP {exc.smtp_code} {_text(exc.smtp_error)} "
-                                "(sender refused)") from None
+                raise TransportError(f"authentication or TLS required: SMTP {exc.smtp_code} "
+                                     f"{self._text(exc.smtp_error)}") from None
+            raise self._refused(exc.smtp_code, exc.smtp_error, "message too large"
+                                if exc.smtp_code == 552 else "sender refused") from None
         except smtplib.SMTPDataError as exc:
-            raise DeliveryError(f"SMTP {exc.smtp_code} {_text(exc.smtp_error)} "
-                                "(message rejected)") from None
+            raise self._refused(exc.smtp_code, exc.smtp_error, "message rejected") from None
         except smtplib.SMTPAuthenticationError as exc:
             raise TransportError(f"authentication failed: SMTP {exc.smtp_code} "
-                                 f"{_text(exc.smtp_error)}") from None
+                                 f"{self._text(exc.smtp_error)}") from None
         except smtplib.SMTPResponseException as exc:
             if time.monotonic() >= deadline:
                 raise TransportError(f"timed out after {self.timeout:g}s") from None
-            raise TransportError(f"SMTP {exc.smtp_code} {_text(exc.smtp_error)}") from None
+            if exc.smtp_code == SERVICE_NOT_AVAILABLE:
+                raise self._refused(exc.smtp_code, exc.smtp_error, "closing") from None
+            raise TransportError(f"SMTP {exc.smtp_code} {self._text(exc.smtp_error)}") from None
         except (OSError, smtplib.SMTPException) as exc:
             if isinstance(exc, LookupTimeout):
                 raise TransportError(f"timed out after {self.timeout:g}s (DNS lookup)") from None
             if time.monotonic() >= deadline:
                 raise TransportError(f"timed out after {self.timeout:g}s") from None
-            raise TransportError(_describe(exc)) from None
+            if isinstance(exc, smtplib.SMTPException) and str(exc):  # smtplib's own words
+                raise TransportError(f"{type(exc).__name__}: {self._text(exc)}") from None
+            raise TransportError(describe_exception(exc)) from None
         finally:
             for smtp in box:
                 with contextlib.suppress(OSError):  # the connection is gone either way
                     smtp.close()
+
+    def _text(self, value: Any) -> str:
+        """A server's words for the row: one line, the secrets masked before the cut (a
+        refusal quoting AUTH PLAIN after 170 characters kept most of the password)."""
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        return self.mask(str(value).replace("\r", " ").replace("\n", " "))[:TEXT_MAX]
+
+    def _refused(self, code: int, text: Any, what: str) -> DeliveryError:
+        """An answer refusing the send. 421 is the server closing the connection, not
+        judging the message: "too many connections", "shutting down". It is SMTP's 429,
+        so the alert waits in line and goes again (README, pacing)."""
+        words = f"SMTP {code} {self._text(text)}"
+        if code == SERVICE_NOT_AVAILABLE:
+            if what != "greeting":
+                what = "service not available"
+            return RateLimited(f"{words} ({what})", BUSY_PAUSE)
+        return DeliveryError(f"{words} ({what})")
 
     def _converse(self, smtp: smtplib.SMTP, build: Callable[[str | None], EmailMessage],
                   recipient: str) -> str:
@@ -235,7 +294,7 @@ class Email(Transport):
                 smtp.starttls(context=self._context())
             except smtplib.SMTPResponseException as exc:
                 raise TransportError(f"TLS: STARTTLS refused: SMTP {exc.smtp_code} "
-                                     f"{_text(exc.smtp_error)}") from None
+                                     f"{self._text(exc.smtp_error)}") from None
             smtp.ehlo()
         if s.get("username"):
             if not smtp.has_extn("auth"):
@@ -257,7 +316,7 @@ class Email(Transport):
                                     mail_options=options)
         if refused:
             code, text = next(iter(refused.values()))
-            raise DeliveryError(f"SMTP {code} {_text(text)} (recipient refused)")
+            raise self._refused(code, text, "recipient refused")
         # The message was accepted; a rude goodbye changes nothing.
         with contextlib.suppress(OSError, smtplib.SMTPException):
             smtp.quit()
@@ -268,8 +327,18 @@ class Email(Transport):
 # (Postfix takes 10 MB by default). The whole error is in each alert's own email and row.
 DIGEST_ERROR_MAX = 500
 
-# "Authentication required" / "encryption required for this mechanism" (RFC 4954 §6).
+# "Authentication required" / "encryption required for this mechanism" (RFC 4954 §6), and
+# "Must issue a STARTTLS command first" (RFC 3207).
 AUTH_CODES = frozenset({530, 538})
+
+# "Service not available, closing transmission channel" (RFC 5321 §3.8), at any step.
+SERVICE_NOT_AVAILABLE = 421
+# How long a lane waits after a 421 (SMTP names no time): a relay's connection limit clears
+# as soon as the other sends end, which the lane also waits for.
+BUSY_PAUSE = 2.0
+
+# A server's words in a row, in characters.
+TEXT_MAX = 200
 
 
 def _header(value: str) -> str:
@@ -280,13 +349,5 @@ def _header(value: str) -> str:
     return " ".join(value.splitlines()).strip().replace("=?", "=\u200b?")
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        return describe_exception(exc)
-    return f"{type(exc).__name__}: {_text(exc)}" if str(exc) else type(exc).__name__
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return str(value).replace("\r", " ").replace("\n", " ")[:200]
+class _Greeting(smtplib.SMTPResponseException):
+    """The server's first words were not 220."""
