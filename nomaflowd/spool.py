@@ -89,13 +89,58 @@ class Spool:
         try:
             for d in (self.path, self.tmp):
                 d.mkdir(parents=True, exist_ok=True)
-            self.rejected.mkdir(mode=0o700, exist_ok=True)
+            self._own_rejected()
+            self._own_handling()
         except OSError as exc:  # a file where a directory goes, a path too long, EACCES...
             where = exc.filename or self.path
             raise ConfigError(f"daemon.spool_dir {self.path}: {where} cannot be made a"
                               f" directory ({exc.strerror or exc}); move what is there or"
                               " point spool_dir elsewhere") from None
         self._finish_notes()
+
+    def _own_rejected(self) -> None:
+        """rejected/ as a directory of this daemon's own that only it can write to.
+
+        Runners create entries in the spool, so while rejected/ is missing (an operator
+        removed it) one of them could take the name: a symlink to where the daemon would
+        then move and prune files, a file that stopped every rejection, a directory of
+        their own where they read other runners' notes and plant a symlinked one for the
+        page to show. Whatever is there and is not the daemon's is moved aside
+        (`rejected.untrusted-…`, said in the log) and a new directory made. The spool is
+        the daemon's and sticky: once made, no runner can rename or replace it.
+        """
+        for _ in range(3):
+            try:
+                st = os.lstat(self.rejected)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):  # a runner was quicker: judged next
+                    os.mkdir(self.rejected, 0o700)
+                continue
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022:
+                return
+            what = ("a symbolic link" if stat.S_ISLNK(st.st_mode)
+                    else "a file" if stat.S_ISREG(st.st_mode)
+                    else "not a directory" if not stat.S_ISDIR(st.st_mode)
+                    else f"owned by uid {st.st_uid}" if st.st_uid != os.geteuid()
+                    else f"writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
+            aside = self.path / (f"{REJECTED}.untrusted-{time.strftime('%Y%m%dT%H%M%S')}"
+                                 f"-{uuid.uuid4().hex[:6]}")
+            os.rename(self.rejected, aside)
+            logger.error("spool %s: %s/ was %s, not a directory of this daemon's own; moved"
+                         " it to %s and made a new one (see what it holds, then remove it)",
+                         self.path, REJECTED, what, aside.name)
+        raise PermissionError(errno.EACCES, "taken again each time it is made",
+                              str(self.rejected))
+
+    def _own_handling(self) -> None:
+        """The note of files in hand must be a file of ours: one left by another user (the
+        daemon ran as root before) is removed, not fatal at the first batch."""
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(self.handling)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                os.unlink(self.handling)
+                logger.warning("spool %s: %s was not a file of this daemon's own; removed it",
+                               self.path, escape(self.handling.name))
 
     def _finish_notes(self) -> None:
         """_reject() moves a file, then puts its note (written aside) in place: a stop in
@@ -180,16 +225,13 @@ class Spool:
         """
         for attempt in (1, 2):
             try:
+                # Removed by an operator, or taken by a runner meanwhile: made again. If
+                # that fails (a read-only mount), no file can be rejected: raise.
+                self._own_rejected()
                 self._reject(name, reason, now)
                 return True
             except OSError as exc:
                 if attempt == 1 and not os.path.isdir(self.rejected):
-                    # Removed by an operator: make it again. If that fails (a file took
-                    # its name, a read-only mount), no file can be rejected: raise.
-                    if os.path.lexists(self.rejected):
-                        raise NotADirectoryError(errno.ENOTDIR, f"{self.rejected} is not a"
-                                                 " directory") from None
-                    self.rejected.mkdir(mode=0o700)
                     continue
                 if not os.access(self.rejected, os.W_OK | os.X_OK):
                     raise
@@ -233,6 +275,7 @@ class Spool:
         cutoff = (now.replace(tzinfo=UTC) if now.tzinfo is None else now).timestamp() \
             - retention_days * 86400
         try:
+            self._own_rejected()  # never prune through a runner's symlink
             with os.scandir(self.rejected) as it:
                 entries = {e.name: e for e in it}
         except FileNotFoundError:
@@ -276,6 +319,7 @@ class Spool:
 
     def mark_handling(self, names: list[str]) -> None:
         if self._handling_fd is None:
+            self._own_rejected()
             fd = os.open(self.handling, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
                          0o600)
             st = os.fstat(fd)
@@ -323,10 +367,22 @@ class Spool:
             return []
         for note in notes:
             try:
-                out.append((note.name[:-len(".error")], note.read_text(errors="replace").strip()))
+                text = read_note(str(note), 1 << 16)
             except OSError:
                 continue
+            out.append((note.name[:-len(".error")], text.strip()))
         return out
+
+
+def read_note(path: str, limit: int) -> str:
+    """A rejected file's note, up to `limit` bytes: a regular file of the daemon's own, never
+    a symlink or a FIFO (the key, the database) that something else put in its place."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise PermissionError(errno.EACCES, "not a note of this daemon's own", path)
+        return fh.read(limit).decode("utf-8", "replace")
 
 
 class Watcher:

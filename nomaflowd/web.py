@@ -34,7 +34,7 @@ from nomaflowd.dispatch import SENT, Result, send_test
 from nomaflowd.errors import ConfigError
 from nomaflowd.routing import default_recipient
 from nomaflowd.serving import Server
-from nomaflowd.spool import Spool
+from nomaflowd.spool import Spool, read_note
 from nomaflowd.text import escape
 from nomaflowd.transports import Transport, build
 
@@ -144,8 +144,7 @@ def rejected_notes(directory: Path, skip: int, count: int) -> tuple[int, list[tu
     out = []
     for _, note in heapq.nlargest(skip + count, notes)[skip:]:
         try:
-            with open(os.path.join(directory, note), "rb") as fh:
-                text = fh.read(NOTE_BYTES).decode("utf-8", "replace")
+            text = read_note(os.path.join(directory, note), NOTE_BYTES)
         except OSError:
             text = "(note not readable)"
         lines = text.strip().splitlines()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -11,6 +12,7 @@ import pytest
 
 from nomaflowd import config
 from nomaflowd.daemon import Daemon
+from nomaflowd.web import rejected_notes
 from tests.conftest import Tree
 
 NOW = datetime(2026, 5, 26, 2, 30, 0)
@@ -300,16 +302,79 @@ def test_rejected_dir_removed_by_an_operator_comes_back(tree: Tree, daemon: Daem
     assert "top level" in error_note(tree, "a.json")
 
 
-def test_an_unusable_rejected_dir_raises(tree: Tree, daemon: Daemon):
+def empty_rejected(tree: Tree, daemon: Daemon) -> None:
+    """rejected/ gone, as after an operator's `rm -r`: the moment a runner could take it."""
     daemon.spool.close()
     for entry in (tree.spool / "rejected").iterdir():
         entry.unlink()
     (tree.spool / "rejected").rmdir()
-    (tree.spool / "rejected").write_text("not a directory")
+
+
+def set_aside(tree: Tree) -> list[str]:
+    return sorted(n for n in os.listdir(tree.spool) if n.startswith("rejected.untrusted-"))
+
+
+@pytest.mark.parametrize("planted", ["symlink", "file", "runner's directory"])
+def test_a_rejected_dir_a_runner_planted_is_moved_aside_not_used(tree: Tree, daemon: Daemon,
+                                                                 planted: str):
+    """While rejected/ is missing a runner can take the name (the spool is theirs to write
+    in): a symlink to where the daemon should move files (and prune them), a file that
+    stopped every rejection, a directory of their own where they read others' notes. None
+    is used: it is moved aside, said in the log, and a directory of the daemon's own made."""
+    empty_rejected(tree, daemon)
+    victim = tree.root / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("kept")
+    old = (datetime.now(UTC) - timedelta(days=400)).timestamp()
+    os.utime(victim / "precious", (old, old))
+    rejected_dir = tree.spool / "rejected"
+    if planted == "symlink":
+        rejected_dir.symlink_to(victim)
+    elif planted == "file":
+        rejected_dir.write_text("not a directory")
+    else:
+        rejected_dir.mkdir(mode=0o777)
+        os.chmod(rejected_dir, 0o777)
+        os.chown(rejected_dir, 54321, 54321)
     (tree.spool / "a.json").write_text("[]")
-    with pytest.raises(OSError):
-        daemon.spool.reject("a.json", "top level must be a JSON object", NOW)
-    assert (tree.spool / "a.json").exists()
+    assert daemon.spool.reject("a.json", "top level must be a JSON object", NOW)
+    assert daemon.spool.prune_rejected(datetime.now(UTC), 183) == 0
+    st = os.lstat(rejected_dir)
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+    assert stat.S_IMODE(st.st_mode) == 0o700
+    assert "top level" in error_note(tree, "a.json")
+    assert os.listdir(victim) == ["precious"]
+    assert len(set_aside(tree)) == 1
+
+
+def test_a_runner_planted_rejected_dir_is_moved_aside_at_start(tree: Tree):
+    tree.write_config("")
+    (tree.spool / "tmp").mkdir(parents=True)
+    (tree.spool / "rejected").mkdir(mode=0o777)
+    os.chown(tree.spool / "rejected", 54321, 54321)
+    (tree.spool / "rejected" / f".handling-{config.load(tree.config_path).replica_id}"
+     ).write_text("planted")
+    d = Daemon(config.load(tree.config_path))
+    d.initialize()
+    try:
+        assert os.lstat(tree.spool / "rejected").st_uid == os.geteuid()
+        assert len(set_aside(tree)) == 1
+        tree.drop(GOOD)
+        settle(d)
+        assert event_ids(tree) == ["etl/after-the-hostile-ones/SUCCEEDED"]
+    finally:
+        d.shutdown()
+
+
+def test_the_page_reads_no_note_through_a_symlink(tree: Tree, daemon: Daemon):
+    """A note that is a symlink (to the key, the database) is not read for the page."""
+    secret = tree.root / "secret.key"
+    secret.write_text("SECRET-CANARY-key\n")
+    (tree.spool / "rejected" / "x.json.error").symlink_to(secret)
+    total, notes = rejected_notes(daemon.spool.rejected, 0, 10)
+    assert total == 1
+    assert "CANARY" not in repr(notes)
+    assert "CANARY" not in repr(daemon.spool.rejected_files())
 
 
 def test_rejected_files_past_retention_are_pruned_with_their_notes(tree: Tree, daemon: Daemon):
