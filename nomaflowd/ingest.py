@@ -73,6 +73,7 @@ class Ingest:
         self.hinted = True
         self.last_scan = 0.0
         self.recorded: list[str] = []  # committed, deleted once on disk (remove())
+        self.read_as: dict[str, tuple[int, int]] = {}  # name -> the file read (SpoolFile.ident)
         self.last_event_at: float | None = None
         # time.monotonic() of the latest spool hint and of the loop's wake-up after it: the
         # first stages of NOMAFLOWD_DEBUG's per-batch "stages" line (bench/stages.py).
@@ -140,6 +141,7 @@ class Ingest:
                 if raw is None:
                     continue
                 budget -= len(raw)
+                self.read_as[name] = raw.ident
                 event = events.parse(raw, name, now)
                 refused = cat.may_write(event.job_id, raw.uid, raw.gid)
                 if refused:
@@ -170,6 +172,7 @@ class Ingest:
         # while this thread flushes the WAL, once for the batch, and only then deletes files.
         self.remove(self.recorded)
         self.recorded = []
+        self.read_as.clear()
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("stages batch=%d hinted=%.6f woke=%.6f started=%.6f parsed=%.6f"
                          " committed=%.6f submitted=%.6f runs=%s", len(names), self.hinted_at,
@@ -221,7 +224,7 @@ class Ingest:
             return
         for name in names:
             try:
-                self.spool.remove([name])
+                self.spool.remove([name], self.read_as)
             except OSError as exc:  # recorded already: a second read is a harmless duplicate
                 self.set_aside(name, f"recorded, but cannot be removed ({exc.strerror or exc})")
 

@@ -11,7 +11,7 @@ import re
 import stat
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,12 +62,14 @@ class SpoolFile(bytes):
 
     uid: int
     gid: int
+    ident: tuple[int, int]  # (st_dev, st_ino): the file read, whatever its name holds later
 
     @classmethod
-    def of(cls, data: bytes, uid: int, gid: int) -> SpoolFile:
+    def of(cls, data: bytes, st: os.stat_result) -> SpoolFile:
         read = cls(data)
-        read.uid = uid
-        read.gid = gid
+        read.uid = st.st_uid
+        read.gid = st.st_gid
+        read.ident = (st.st_dev, st.st_ino)
         return read
 
 
@@ -212,7 +214,7 @@ class Spool:
             data = b"".join(chunks)
             if len(data) > MAX_BYTES:
                 raise Rejected(f"file is larger than {MAX_BYTES} bytes")
-            return SpoolFile.of(data, st.st_uid, st.st_gid)
+            return SpoolFile.of(data, st)
         finally:
             os.close(fd)
 
@@ -311,11 +313,17 @@ class Spool:
                              exc.strerror or exc)
         return removed
 
-    def remove(self, names: list[str]) -> None:
+    def remove(self, names: list[str], read: Mapping[str, tuple[int, int]]) -> None:
+        """Delete the files read under these names (`read`: name -> SpoolFile.ident). A file a
+        runner renamed over the name since (the same name for its next event) stays, to be
+        read next; it used to be deleted unread."""
         for name in names:
+            path = os.path.join(self.path, name)
             # FileNotFoundError: another replica or an operator got there first.
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.path, name))
+                st = os.lstat(path)
+                if (st.st_dev, st.st_ino) == read.get(name):
+                    os.unlink(path)
 
     def mark_handling(self, names: list[str]) -> None:
         if self._handling_fd is None:

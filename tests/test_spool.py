@@ -197,6 +197,22 @@ def test_file_stays_in_the_spool_while_the_database_refuses_the_event(tree: Tree
     assert event_ids(tree) == ["reporting-nightly-sync/run_a8c4d/FAILED"]
 
 
+def test_a_file_renamed_over_one_already_read_is_not_deleted_unread(tree: Tree,
+                                                                    daemon: Daemon):
+    """A runner reusing a name (RUNNING, then FAILED, both as job42.json) while the first is
+    being recorded: the daemon deletes the file it read, not what the name holds by then
+    (20 of 60 such events were deleted unread, without a trace)."""
+    (tree.spool / "job42.json").write_text(json.dumps(GOOD))
+    first = daemon.spool.read("job42.json")
+    assert first is not None
+    (tree.spool / "tmp" / "next").write_text(json.dumps(FAILED))
+    os.rename(tree.spool / "tmp" / "next", tree.spool / "job42.json")
+    daemon.spool.remove(["job42.json"], {"job42.json": first.ident})
+    assert json.loads((tree.spool / "job42.json").read_text()) == FAILED
+    settle(daemon)
+    assert event_ids(tree) == ["reporting-nightly-sync/run_a8c4d/FAILED"]
+
+
 def test_same_event_in_two_files_is_one_row(tree: Tree, daemon: Daemon):
     first, second = tree.drop(FAILED), tree.drop({**FAILED, "error": "retried upload"})
     settle(daemon)
