@@ -28,7 +28,7 @@ from nomaflowd.config import Config
 from nomaflowd.db import utcnow
 from nomaflowd.deliveries import Deliveries
 from nomaflowd.dispatch import Dispatcher
-from nomaflowd.errors import NomaflowError
+from nomaflowd.errors import ConfigError, NomaflowError
 from nomaflowd.ingest import Ingest, SpoolUnreadable
 from nomaflowd.policy import Policy
 from nomaflowd.replicas import Identity
@@ -157,7 +157,7 @@ class Daemon:
         if self.config.web_listen:  # bound before anything starts: a busy port fails fast
             from nomaflowd.web import WebServer
             self.web = WebServer(self.config.web_listen, lambda: self.config, self.spool)
-        self.observer = watch(self.config.spool_dir, self.hint)  # watch first...
+        self.watch_spool()                                      # watch first...
         self.ingest.hinted = True                               # ...then scan the backlog
         self.ingest.count_tries(utcnow())
         self.heartbeat()
@@ -287,8 +287,9 @@ class Daemon:
                 self.spool_lost = True
                 return False
             if self.spool_lost and self.ingest.last_scan != scanned:
-                self.spool_lost = False  # it is back (perhaps a new directory): watch it anew
-                self.rewatch()
+                self.rewatch()  # it is back (perhaps a new directory): watch it anew
+            elif self.observer is None and self.ingest.last_scan != scanned:
+                self.watch_spool()  # inotify had no room at the last try
             if not pending:
                 return False  # nothing here met the database: the poll says how it is
             more = self.ingest.step(now or utcnow())
@@ -359,15 +360,42 @@ class Daemon:
             logger.error(message, *args)
 
     def rewatch(self) -> None:
-        """After the spool was gone: its subdirectories and a watch on the new directory."""
+        """After the spool was gone: its subdirectories and a watch on the new directory
+        (tried again at the next scan if either cannot be made yet)."""
         self.spool.close()
-        self.spool.prepare()
-        old, self.observer = self.observer, watch(self.config.spool_dir, self.hint)
+        try:
+            self.spool.prepare()
+        except ConfigError as exc:
+            self.say_once_a_minute("spool", "%s", exc)
+            return
+        self.spool_lost = False
+        self.watch_spool()
+        self.ingest.hinted = True
+        logger.info("spool %s is back", self.config.spool_dir)
+
+    def watch_spool(self) -> None:
+        """Watch the spool for arrivals. File events are only hints: without a watch
+        (inotify's limits reached, which failed the start) the rescan every rescan_seconds
+        finds the files, and each rescan tries the watch again."""
+        try:
+            watcher = watch(self.config.spool_dir, self.hint)
+        except OSError as exc:
+            if self.observer is not None:
+                self.observer.stop()
+                self.observer.join()
+                self.observer = None
+            self.say_once_a_minute(
+                "inotify", "cannot watch the spool %s for new files (%s); finding them by the"
+                " rescan every %gs meanwhile. Raise fs.inotify.max_user_instances or"
+                " fs.inotify.max_user_watches (sysctl)", self.config.spool_dir,
+                exc.strerror or exc, self.config.rescan_seconds)
+            return
+        old, self.observer = self.observer, watcher
         if old is not None:
             old.stop()
             old.join()
-        self.ingest.hinted = True
-        logger.info("spool %s is back; watching it again", self.config.spool_dir)
+        if self.logged.pop("inotify", None) is not None:
+            logger.info("watching the spool %s again", self.config.spool_dir)
 
     def idle_timeout(self) -> float:
         """How long the loop may block: until the next rescan, ping or paced send is due."""

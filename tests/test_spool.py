@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import logging
 import os
 import stat
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -391,6 +395,46 @@ def test_the_page_reads_no_note_through_a_symlink(tree: Tree, daemon: Daemon):
     assert total == 1
     assert "CANARY" not in repr(notes)
     assert "CANARY" not in repr(daemon.spool.rejected_files())
+
+
+@contextlib.contextmanager
+def inotify_exhausted() -> Iterator[None]:
+    """Every inotify instance this user may have, held: what a host with many watchers
+    meets (fs.inotify.max_user_instances, 128 by default)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    limit = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
+    fds: list[int] = []
+    try:
+        while len(fds) <= limit and (fd := libc.inotify_init1(os.O_CLOEXEC)) >= 0:
+            fds.append(fd)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_without_inotify_the_daemon_runs_on_the_rescan_and_watches_once_it_can(
+        tree: Tree, caplog: pytest.LogCaptureFixture):
+    """inotify's limits reached: the start used to fail (`internal error: OSError`). File
+    events are only hints; the rescan finds the files, and each rescan tries the watch."""
+    caplog.set_level(logging.INFO, logger="nomaflowd")
+    tree.write_config("")
+    (tree.spool / "tmp").mkdir(parents=True)
+    d = Daemon(config.load(tree.config_path))
+    try:
+        with inotify_exhausted():
+            d.initialize()
+            tree.drop(GOOD)
+            settle(d)
+            assert event_ids(tree) == ["etl/after-the-hostile-ones/SUCCEEDED"]
+            assert d.observer is None
+            assert "cannot watch the spool" in caplog.text
+            assert "fs.inotify.max_user_instances" in caplog.text
+        settle(d)  # a rescan, with instances free again
+        assert d.observer is not None
+        assert "watching the spool" in caplog.text.split("cannot watch the spool")[-1]
+    finally:
+        d.shutdown()
 
 
 def test_rejected_files_past_retention_are_pruned_with_their_notes(tree: Tree, daemon: Daemon):
