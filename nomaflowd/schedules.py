@@ -80,7 +80,7 @@ def arm(row: db.ScheduleRow, block: AlertsBlock, schedule: Schedule | None,
         row.schedule = spec
         row.expected_at = schedule.next_after(now) if schedule else None
     m = block.on_missed_minutes
-    row.missed_deadline = (row.expected_at + minutes(m)
+    row.missed_deadline = (later(row.expected_at, minutes(m))
                            if m and row.expected_at and not row.disabled else None)
     h = block.on_stale_hours
     since = max(row.last_success_at or row.monitored_since, row.toggled_at or row.monitored_since)
@@ -179,7 +179,7 @@ def apply(row: db.ScheduleRow, e: events.Event, block: AlertsBlock, schedule: Sc
                 break
             row.expected_at = schedule.next_after(row.expected_at)
         if not row.disabled:
-            row.missed_deadline = row.expected_at + window
+            row.missed_deadline = later(row.expected_at, window)
     # Events may arrive in any order: one that ended before what the row already knows (a
     # success before the last one, or before the episode's first failure; a failure before
     # the last success) neither moves the last success back nor ends or opens an episode.
@@ -311,12 +311,17 @@ class Schedules:
         window = minutes(m)
         times: list[datetime] = []
         t = row.expected_at
-        while t + window <= now and len(times) < MAX_TIMES:
+
+        def overdue(t: datetime) -> bool:  # a parked cron (`0 0 31 2 *`) is never due
+            due = later(t, window)
+            return due is not None and due <= now
+
+        while overdue(t) and len(times) < MAX_TIMES:
             times.append(t)
             t = schedule.next_after(t)
-        if t + window <= now:
+        if overdue(t):
             t = schedule.next_after(now - window)
-        row.expected_at, row.missed_deadline = t, t + window
+        row.expected_at, row.missed_deadline = t, later(t, window)
         if not times:
             return []
         seen = activity(row.job_id, times[0] - window)
@@ -391,8 +396,8 @@ def status(cat: Catalogue, now: datetime, limit: int = 200,
         row = rows.get(job)
         m = cat.effective(job).alerts.on_missed_minutes
         expected = row.expected_at if row and row.schedule == schedule.spec else None
-        late = bool(expected and not (row and row.disabled)
-                    and now > expected + minutes(m or 0))
+        due = later(expected, minutes(m or 0)) if expected else None
+        late = bool(due and not (row and row.disabled) and now > due)
         out.append({"job_id": job, "schedule": schedule.spec,
                     "next": expected or schedule.next_after(now),
                     "last_run_id": row.last_run_id if row else None,

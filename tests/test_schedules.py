@@ -754,3 +754,24 @@ def test_a_time_near_year_9999_on_a_scheduled_job_is_recorded(tree, http, inproc
     assert sorted(tree.sql("SELECT run_id, state FROM events")) == [
         ("1", "SUCCEEDED"), ("2", "FAILED")]
     assert d.daemon.poll_schedules(datetime(9999, 12, 31, 23, 59)) == 1
+
+
+def test_a_parked_cron_that_never_fires_breaks_no_other_job(tree, http, inproc):
+    """`0 0 31 2 *` (31 February) is how a cron job is parked. With on_missed_minutes it
+    overflowed every poll (no missed, stale or reminder alert for any job) and quarantined
+    the parked job's own FAILED event as a value the database cannot store."""
+    from nomaflowd.db import utcnow
+
+    setup_slack(tree, http, '[jobs.parked]\nschedule = "0 0 31 2 *"\n[jobs.parked.alerts]\n'
+                'on_missed_minutes = 15\nrecipients = ["#ops"]\n'
+                '[jobs.hourly]\nschedule = "@every 1h"\n[jobs.hourly.alerts]\n'
+                'on_missed_minutes = 5\nrecipients = ["#ops"]\n')
+    d = inproc()
+    d.daemon.poll_schedules(utcnow() - timedelta(hours=3))  # watched for three hours
+    tree.drop({"job_id": "parked", "run_id": "p1", "state": "FAILED", "error": "boom"})
+    d.pump(lambda: len(tree.notifications()) == 1, what="the parked job's failure")
+    assert [n for n in os.listdir(tree.spool / "rejected") if not n.startswith(".")] == []
+    d.daemon.poll_schedules(utcnow())
+    d.pump(lambda: len(tree.notifications()) == 2, what="the hourly job's missed alert")
+    assert [(r["job_id"], r["alert"]) for r in tree.notifications()] == [
+        ("parked", "failed"), ("hourly", "missed")]
