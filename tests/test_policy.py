@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -181,6 +182,45 @@ def test_long_run_warning_fires_from_the_running_daemon(tree, http, daemon_facto
     wait_until(lambda: len(tree.notifications()) == 1, what="audit row")
     assert d.stop() == 0
     assert tree.sql("SELECT state, long_run_alerted_at IS NOT NULL FROM runs") == [("RUNNING", 1)]
+
+
+FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+@pytest.mark.skipif(not FAKETIME.exists(), reason="libfaketime is not installed (.ci/run"
+                    " installs Debian's faketime)")
+def test_a_wall_clock_stepped_back_does_not_stop_the_poll(tree, http, daemon_factory):
+    """An NTP step or a restored VM moves the wall clock back 3 h: APScheduler, timing the
+    poll on it, waited 3 h (no long-run warning, no schedule check, no heartbeat, and
+    /healthz said ok). The daemon sees the step and polls again from then."""
+    clock = tree.root / "faketime"
+    clock.write_text("+0\n")
+    tree.write_config(tree.webhook("hook", http.url()),
+                      daemon="poll_seconds = 1\nmetrics_listen = \"127.0.0.1:0\"")
+    tree.write_jobs("[jobs.etl.alerts]\non_long_run_minutes = 1\n")
+    d = daemon_factory({"LD_PRELOAD": str(FAKETIME), "FAKETIME_TIMESTAMP_FILE": str(clock),
+                        "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+    wait_until(lambda: "nomaflowd started" in d.output(), what="the start")
+    clock.write_text("-10800\n")  # 3 h back
+    tree.drop({"job_id": "etl", "run_id": "late", "state": "RUNNING",
+               "started_at": ago(180 + 2)})  # 2 min ago by the daemon's clock
+    body = http.wait_for(1, timeout=20)[0].json()
+    assert (body["alert"], body["run_id"]) == ("long_run", "late")
+    assert "the wall clock stepped back by 3 h; the poll starts again from now" in d.output()
+    assert d.stop() == 0
+
+
+def test_a_wall_clock_stepped_forward_fires_the_timers_once_not_per_skipped_tick():
+    """APScheduler's own interval walked every tick a step skipped before coalescing them:
+    5 million for the 1 s checkpoint after a 60-day step (5 s of CPU, 285 MB)."""
+    from datetime import UTC, datetime
+
+    from nomaflowd.daemon import every
+
+    last = datetime(2026, 1, 1, tzinfo=UTC)
+    now = last + timedelta(days=60)
+    assert now < every(1).get_next_fire_time(last, now) <= now + timedelta(seconds=1)
+    assert every(1).get_next_fire_time(last, last) == last + timedelta(seconds=1)
 
 
 def test_a_reload_applies_a_new_poll_interval(tree, http, daemon_factory):
