@@ -194,8 +194,19 @@ def default_event_id(job_id: str, run_id: str | None, state: str, name: str,
     return event_id if len(event_id) <= ID_MAX else f"{state.lower()}/{digest}"
 
 
-def parse(raw: bytes, name: str, received_at: datetime) -> Event:
-    """Validate one spool file's bytes; `name` feeds the default event_id of notices."""
+def written_at(mtime: float) -> datetime:
+    """A file's modification time as the naive UTC the events use."""
+    return datetime.fromtimestamp(mtime, UTC).replace(tzinfo=None)
+
+
+def parse(raw: bytes, name: str, received_at: datetime,
+          written_at: datetime | None = None) -> Event:
+    """Validate one spool file's bytes; `name` feeds the default event_id of notices.
+
+    `at` defaults to `written_at`, when the file was written (its modification time), if
+    that is earlier than `received_at`: a run that reported while the daemon was down
+    happened then, not when the backlog was read after the restart (it was called missed).
+    """
     obj, text = decode(raw)
     # A NUL or a lone surrogate can only come from a \u escape: the decoder refuses a raw
     # control character in a string, and UTF-8 has no surrogates. Without one, the walk
@@ -270,7 +281,7 @@ def parse(raw: bytes, name: str, received_at: datetime) -> Event:
         job_id=obj["job_id"],
         state=state,
         run_id=run_id,
-        at=times.get("at", received_at),
+        at=times.get("at", min(written_at or received_at, received_at)),
         started_at=times.get("started_at"),
         finished_at=times.get("finished_at"),
         fields=obj,

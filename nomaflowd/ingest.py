@@ -142,7 +142,7 @@ class Ingest:
                     continue
                 budget -= len(raw)
                 self.read_as[name] = raw.ident
-                event = events.parse(raw, name, now)
+                event = events.parse(raw, name, now, events.written_at(raw.mtime))
                 refused = cat.may_write(event.job_id, raw.uid, raw.gid)
                 if refused:
                     raise Rejected(refused)

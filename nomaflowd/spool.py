@@ -63,6 +63,7 @@ class SpoolFile(bytes):
     uid: int
     gid: int
     ident: tuple[int, int]  # (st_dev, st_ino): the file read, whatever its name holds later
+    mtime: float  # when it was written (a rename keeps it): the event's time if it says none
 
     @classmethod
     def of(cls, data: bytes, st: os.stat_result) -> SpoolFile:
@@ -70,6 +71,7 @@ class SpoolFile(bytes):
         read.uid = st.st_uid
         read.gid = st.st_gid
         read.ident = (st.st_dev, st.st_ino)
+        read.mtime = st.st_mtime
         return read
 
 

@@ -4,7 +4,7 @@ channel breaks. End to end against local servers; time is passed in as `now`."""
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -275,6 +275,30 @@ def test_missed_once_per_time_and_one_alert_after_downtime(tree, http, inproc):
     d.close()
     d2 = inproc()
     assert d2.daemon.poll_schedules(t1 + timedelta(minutes=45, seconds=30)) == 0
+
+
+def test_a_run_written_while_the_daemon_was_down_counts_when_it_was_written(tree, http,
+                                                                            inproc):
+    """README's runners write no `at`. A run that reported while the daemon was down counted
+    at the time its file was read, after the restart, and was called missed. The file's
+    modification time (when it landed in the spool) stands in for `at`."""
+    from nomaflowd import timetable
+    from nomaflowd.db import utcnow
+
+    setup_slack(tree, http, '[jobs.nightly]\nschedule = "@every 1h"\n[jobs.nightly.alerts]\n'
+                'on_missed_minutes = 15\nrecipients = ["#ops"]\n')
+    d = inproc()
+    now0 = utcnow() - timedelta(hours=2)
+    d.daemon.poll_schedules(now0)
+    t1 = timetable.parse("@every 1h", None, "jobs.x").next_after(now0)
+    written = (t1 + timedelta(minutes=1)).replace(tzinfo=UTC).timestamp()
+    for state in ("RUNNING", "SUCCEEDED"):
+        path = tree.drop({"job_id": "nightly", "run_id": "n1", "state": state})
+        os.utime(path, (written, written))
+    d.pump()
+    assert d.daemon.poll_schedules(t1 + timedelta(minutes=20)) == 0
+    assert tree.sql("SELECT started_at, finished_at FROM runs") == [
+        (f"{t1 + timedelta(minutes=1)}", f"{t1 + timedelta(minutes=1)}")]
 
 
 def test_nothing_is_expected_while_the_job_is_disabled(tree, http, inproc):
