@@ -168,6 +168,7 @@ class Daemon:
         self.spool = Spool(cfg.spool_dir, cfg.replica_id)
         self.ingest = Ingest(self.spool, self.policy, self.deliveries)
         self.schedules = Schedules()
+        self.long_runs = longrun.LongRuns()
         self.deliveries.on_recorded = lambda results, now: fallback.observe(
             results, self.policy, now)
         self.observer: Watcher | None = None
@@ -366,7 +367,7 @@ class Daemon:
             if self.identity.unique:  # with a twin on our id, its claims look like ours
                 self.deliveries.take_over(db.db_now())
                 self.deliveries.sweep(utcnow())
-            longrun.poll(self.policy, self.deliveries, now)
+            self.long_runs.poll(self.policy, self.deliveries, now)
             # Not before the spool's backlog is in: a run that happened while we were down
             # is waiting there, and must not be called missed.
             if self.ingest.last_scan and not self.ingest.pending:
@@ -378,7 +379,7 @@ class Daemon:
 
     def poll_long_runs(self, now: datetime) -> int:
         """The long-run poll alone, at `now` (what tests drive)."""
-        return longrun.poll(self.policy, self.deliveries, now)
+        return self.long_runs.poll(self.policy, self.deliveries, now)
 
     def poll_schedules(self, now: datetime) -> int:
         """The due-schedule poll alone, at `now` (what tests drive)."""

@@ -194,6 +194,11 @@ def default_event_id(job_id: str, run_id: str | None, state: str, name: str,
     return event_id if len(event_id) <= ID_MAX else f"{state.lower()}/{digest}"
 
 
+# A file older than this when read waited in the spool (the daemon or its database was
+# down): it happened when it was written.
+WAITED = timedelta(minutes=1)
+
+
 def written_at(mtime: float) -> datetime:
     """A file's modification time as the naive UTC the events use."""
     return datetime.fromtimestamp(mtime, UTC).replace(tzinfo=None)
@@ -203,9 +208,11 @@ def parse(raw: bytes, name: str, received_at: datetime,
           written_at: datetime | None = None) -> Event:
     """Validate one spool file's bytes; `name` feeds the default event_id of notices.
 
-    `at` defaults to `written_at`, when the file was written (its modification time), if
-    that is earlier than `received_at`: a run that reported while the daemon was down
-    happened then, not when the backlog was read after the restart (it was called missed).
+    `at` defaults to `received_at`, or to `written_at` (the file's modification time) for a
+    file that waited in the spool longer than WAITED: a run that reported while the daemon
+    was down happened then, not when the backlog was read after the restart (it was called
+    missed). Not for every file: file times are coarse (a few ms), and a failure stamped
+    so could seem older than the success read just before it.
     """
     obj, text = decode(raw)
     # A NUL or a lone surrogate can only come from a \u escape: the decoder refuses a raw
@@ -281,7 +288,8 @@ def parse(raw: bytes, name: str, received_at: datetime,
         job_id=obj["job_id"],
         state=state,
         run_id=run_id,
-        at=times.get("at", min(written_at or received_at, received_at)),
+        at=times.get("at", written_at if written_at and written_at < received_at - WAITED
+                     else received_at),
         started_at=times.get("started_at"),
         finished_at=times.get("finished_at"),
         fields=obj,

@@ -261,6 +261,29 @@ def test_long_run_warns_once_across_polls_and_restart(tree, http, inproc):
     assert sorted(r["run_id"] for r in tree.notifications()) == ["early", "late"]
 
 
+def test_a_changed_threshold_applies_to_the_runs_already_running(tree, http, inproc):
+    """README: jobs.toml is followed as it changes. A run's deadline was fixed when its
+    RUNNING event came: lowering the threshold warned no run already running, and removing
+    it still warned at the old deadline. The deadlines follow the catalogue in force."""
+    tree.write_config(tree.webhook("hook", http.url()))
+    tree.write_jobs("[jobs.etl.alerts]\non_long_run_minutes = 60\n"
+                    "[jobs.sync.alerts]\non_long_run_minutes = 60\n")
+    d = inproc()
+    for job in ("etl", "sync"):
+        tree.drop({"job_id": job, "run_id": "r1", "state": "RUNNING", "started_at": ago(10)})
+    tree.drop({"job_id": "etl", "run_id": "own", "state": "RUNNING", "started_at": ago(10),
+               "alerts": {"on_long_run_minutes": 120}})  # the event's own threshold holds
+    d.pump()
+    assert d.daemon.poll_long_runs(db.utcnow()) == 0
+    tree.write_jobs("[jobs.etl.alerts]\non_long_run_minutes = 5\n[jobs.sync]\n")
+    now = db.utcnow()
+    assert d.daemon.poll_long_runs(now) == 1  # etl r1: 10 min against 5
+    assert d.daemon.poll_long_runs(now + timedelta(minutes=90)) == 0  # sync: none any more
+    d.pump()
+    assert [(r.json()["job_id"], r.json()["run_id"]) for r in http.requests] == [("etl", "r1")]
+    assert d.daemon.poll_long_runs(now + timedelta(minutes=111)) == 1  # etl own, at 120 min
+
+
 def test_late_running_event_for_finished_run_changes_nothing(tree, http, inproc):
     tree.write_config(tree.webhook("hook", http.url()))
     tree.write_jobs("[jobs.etl.alerts]\non_long_run_minutes = 1\n")
