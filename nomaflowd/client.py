@@ -8,6 +8,7 @@ Needs only the spool path: no config, no key, no third-party package.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
@@ -36,12 +37,18 @@ def drop(spool_dir: str | os.PathLike[str], event: dict[str, Any]) -> Path:
     tmp = tmp_dir / f".{name}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     try:
-        os.write(fd, body)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    final = spool / name
-    os.rename(tmp, final)
+        # The whole event or an error: os.write() may write part of it (a disk filling
+        # up), and a cut file renamed into the spool was quarantined as not JSON.
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        final = spool / name
+        os.rename(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return final
 
 

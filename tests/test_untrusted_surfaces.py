@@ -49,6 +49,32 @@ def test_emit_with_an_argument_that_is_not_utf8_is_a_usage_error(tree, capsys, a
     assert tree.spool_files() == []
 
 
+def test_emit_that_cannot_write_the_whole_event_fails_and_leaves_nothing(tree):
+    """A disk that fills mid-write (here RLIMIT_FSIZE, 8 KiB: the same short write): emit
+    said `dropped`, exit 0, renamed the cut file into the spool, and the daemon quarantined
+    it as not JSON. The event must not be half delivered and reported sent."""
+    import resource
+    import signal
+
+    tree.write_config()
+    (tree.spool / "tmp").mkdir(parents=True)
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    out = subprocess.run(
+        [sys.executable, "-m", "nomaflowd", "emit", "--config", str(tree.config_path),
+         "--job", "big", "--run", "r1", "--state", "FAILED", "--error", "x" * 20_000],
+        capture_output=True, text=True, preexec_fn=small_files, timeout=60)
+    assert out.returncode == 1, out
+    assert out.stdout == ""
+    assert out.stderr.startswith(f"nomaflowd: cannot write into {tree.spool}: File too large")
+    assert out.stderr.count("\n") == 1
+    assert tree.spool_files() == []
+    assert os.listdir(tree.spool / "tmp") == []
+
+
 def test_emit_json_from_an_endless_file_stops_at_the_event_limit(tree, capsys):
     tree.write_config()
     tree.spool.mkdir(parents=True)
