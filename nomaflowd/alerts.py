@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -82,6 +82,15 @@ class Alert:
     # Slack app mode: the failure episode's thread for one transport and recipient
     # (episode, ts, channel, text), set by threads.attach() just before sending.
     thread: dict[str, str] | None = None
+
+    @classmethod
+    def stored(cls, values: dict[str, Any]) -> Alert:
+        """An alert from a claim's context. A field this version does not know (the claim
+        was made by a newer one) is left out; a missing or unknown kind raises."""
+        known = {k: v for k, v in values.items() if k in _ALERT_FIELDS}
+        if known.get("kind") not in KINDS:
+            raise ValueError(f"unknown alert kind {str(known.get('kind'))[:40]!r}")
+        return cls(**known)
 
     @property
     def level(self) -> str:
@@ -191,6 +200,9 @@ class Alert:
             "level": self.level,
             "message": self.get("message"),
         }
+
+
+_ALERT_FIELDS = frozenset(f.name for f in fields(Alert))
 
 
 def alert_key(*parts: str) -> str:

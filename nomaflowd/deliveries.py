@@ -76,6 +76,7 @@ class Deliveries:
         self.on_recorded: Callable[[list[Result], datetime], list[Routed]] | None = None
         self.closing = False  # at shutdown: what on_recorded claims waits for the next start
         self.waiting_since = 0.0  # time.monotonic() when the oldest unrecorded result came
+        self.unreadable: set[int] = set()  # claims another version wrote: said once, left
 
     def claim(self, routed: Iterable[Routed], now: datetime | str) -> list[Attempt]:
         return claim(routed, self.replica, now)
@@ -181,16 +182,29 @@ class Deliveries:
         count = 0
         now = db.utcnow()
         for row in rows:
+            if row.id in self.unreadable:
+                continue
             won = d.update(claimed_by=self.replica, claimed_at=now,
                            attempts=d.attempts + 1).where(
                 (d.id == row.id) & (d.state == "claimed") & (d.claimed_by == owner)).execute()
             if not won:
                 continue
-            context = json.loads(row.context)
+            try:
+                context = json.loads(row.context)
+                alert = Alert.stored(context["alert"])
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                # Written by another version of nomaflowd (a rollback, a peer not yet
+                # upgraded): left claimed for one that can read it, said, never a crash.
+                d.update(claimed_by=owner).where(d.id == row.id).execute()
+                self.unreadable.add(row.id)
+                logger.error("claim %s cannot be read by this version of nomaflowd (%s: %s);"
+                             " left for the version that wrote it", row.alert_key,
+                             type(exc).__name__, exc)
+                continue
             why = note if note is not None else (HELD if row.attempts < 1 else RESENT)
-            self.dispatcher.submit(Attempt(Alert(**context["alert"]), row.transport,
-                                           row.recipient, delivery_id=row.id,
-                                           error=context["error"], note=why))
+            self.dispatcher.submit(Attempt(alert, row.transport, row.recipient,
+                                           delivery_id=row.id, error=context.get("error"),
+                                           note=why))
             count += 1
         return count
 

@@ -399,3 +399,30 @@ def test_a_year_before_1000_goes_out_as_rfc3339(tree, http, daemon_factory):
     body = http.wait_for(1)[0].json()
     assert (body["started_at"], body["finished_at"]) == ("0001-01-01T00:00:00Z",
                                                          "0999-05-26T02:14:22Z")
+
+
+def test_claims_another_version_left_are_resumed_or_named_never_a_crash_loop(tree, http,
+                                                                             inproc, caplog):
+    """A claim left unfinished by another version of nomaflowd (a rollback, a peer not yet
+    upgraded): an alert field this one does not know is ignored, and a claim it cannot read
+    at all is named in the log and left for a version that can. `Alert(**context)` raised
+    TypeError at every start: a crash loop under systemd."""
+    tree.write_config(tree.webhook("ops", http.url()))
+    first = inproc()
+    tree.drop(FAILED)
+    first.pump(lambda: tree.notifications(), what="the first alert")
+    first.close()
+    [(context, replica)] = tree.sql("SELECT context, claimed_by FROM deliveries")
+    newer = json.loads(context)
+    newer["alert"] = {**newer["alert"], "run_id": "from-a-newer-version", "added_later": 1}
+    tree.sql("INSERT INTO deliveries (alert_key, transport, recipient, event_id, context, state,"
+             " claimed_by, claimed_at, attempts) VALUES ('k-newer', 'ops', 'ops', NULL, ?,"
+             " 'claimed', ?, '2026-12-01 00:00:00', 1), ('k-unreadable', 'ops', 'ops', NULL,"
+             " '{\"alert\": {\"kind\": 3', 'claimed', ?, '2026-12-01 00:00:00', 1)",
+             json.dumps(newer), replica, replica)
+    again = inproc()
+    again.pump(lambda: len(http.requests) == 2, what="the newer version's claim sent")
+    assert http.requests[1].json()["run_id"] == "from-a-newer-version"
+    assert "claim k-unreadable cannot be read by this version" in caplog.text
+    assert tree.sql("SELECT state FROM deliveries WHERE alert_key = 'k-unreadable'") == [
+        ("claimed",)]
