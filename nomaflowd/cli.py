@@ -153,7 +153,7 @@ def open_history(cfg: Config) -> tuple[Any, str | None]:
         if path != ":memory:" and not Path(path).exists():
             return None, f"no database yet at {path}"
     try:
-        return db.open_database(cfg.database), None
+        return db.open_database(cfg.database, migrate=False), None
     except NomaflowError as exc:  # "daemon.database cannot be opened: ...", password masked
         return None, str(exc)
     except (pw.PeeweeException, OSError) as exc:
@@ -308,7 +308,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         if normal is None:
             raise UsageError(f"--to {args.to!r} is not a {tc.type} recipient")
         recipient = normal
-    database = db.open_database(cfg.database)
+    database = db.open_database(cfg.database, migrate=False)
     # The same path as a real alert and as the web page's Test button (send_test). Without
     # a handler its `notification` log line would reach the terminal through logging's last
     # resort, repeating the line printed below.
@@ -336,7 +336,7 @@ def cmd_transports(args: argparse.Namespace) -> int:
         print("no transports configured")
         return 0
     built = build(cfg.transports, cfg.send_timeout_seconds)
-    database = db.open_database(cfg.database)
+    database = db.open_database(cfg.database, migrate=False)
     n = db.NotificationRow
     rows = []
     try:
@@ -389,7 +389,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if value is not None and not is_utf8(value):
             raise UsageError(f"{flag}: the argument is not UTF-8 text")
     cfg = load_config(args, decrypt=False)
-    db.open_database(cfg.database)
+    db.open_database(cfg.database, migrate=False)
     since = audit.parse_since(args.since, db.utcnow()) if args.since else None
     filters = {"job": args.job, "run": args.run, "since": since, "outcome": args.outcome,
                "limit": args.limit}
@@ -427,7 +427,7 @@ def cmd_secret(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     cfg = load_config(args, decrypt=False)
-    db.open_database(cfg.database)
+    db.open_database(cfg.database, migrate=False)
     removed = db.prune(db.utcnow(), cfg.retention_days)
     from nomaflowd.spool import Spool
 

@@ -9,6 +9,7 @@ import os
 import re
 import sqlite3
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -64,10 +65,14 @@ def file_gone() -> str | None:
     except OSError:
         return None  # cannot tell (EACCES, EIO): the next query says what is wrong
     return None if (st.st_dev, st.st_ino) == (dev, ino) else "replaced by another file"
-PRUNE_BATCH = 5000
+PRUNE_BATCH = 2000
 # pg_advisory_xact_lock key that serialises schema creation and migration across replicas
 # ("nomaflow" in ASCII, so another application's key is unlikely to collide with it).
 SCHEMA_LOCK = int.from_bytes(b"nomaflow", "big")
+# The tables' version, kept in `nomaflowd_schema` (a database from before it has none: 0).
+# Raise it with any change an older nomaflowd cannot run on (a column it would not fill, a
+# unique key it relies on): an older one then refuses the newer tables at start.
+SCHEMA_VERSION = 1
 
 
 class Model(pw.Model):
@@ -489,8 +494,11 @@ class write:
                 raise
 
 
-def open_database(url: str) -> pw.Database:
-    """Connect, create or migrate the tables, and bind the models."""
+def open_database(url: str, migrate: bool = True) -> pw.Database:
+    """Connect, create or migrate the tables, and bind the models.
+
+    `migrate` False (the commands): a new database is made, an older one is refused (see
+    create_or_migrate); only the daemon upgrades the tables."""
     path: Path | None = None
     try:
         if url.startswith("sqlite:///"):
@@ -542,7 +550,7 @@ def open_database(url: str) -> pw.Database:
             if path is not None:
                 _create_private(path)
             db.connect(reuse_if_open=True)
-            create_or_migrate(db)
+            create_or_migrate(db, migrate)
             if path is not None:
                 st = os.stat(path)
                 _file = (str(path), st.st_dev, st.st_ino)
@@ -726,11 +734,14 @@ def _create_private(path: Path) -> None:
     os.close(fd)
 
 
-def create_or_migrate(db: pw.Database) -> None:
+def create_or_migrate(db: pw.Database, migrate: bool = True) -> None:
     """Create missing tables; add the columns and indexes that a newer version introduced.
 
     Safe when a whole fleet starts at once: each replica does its look-and-create under one
     lock, so the second finds the tables the first made instead of racing it to the catalog.
+    Tables a newer nomaflowd made are refused (SCHEMA_VERSION); with `migrate` False, so are
+    older ones: a command run after an upgrade, before the restart, migrated them under the
+    daemon still running the older version.
     """
     schema = None
     if isinstance(db, pw.PostgresqlDatabase):  # introspection defaults to "public"
@@ -745,6 +756,7 @@ def create_or_migrate(db: pw.Database) -> None:
             db.execute_sql("SET LOCAL lock_timeout = 0")
             db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
         existing = set(db.get_tables(schema=schema))
+        version = _check_version(db, existing, migrate)
         for model in MODELS:
             table = model._meta.table_name
             if table not in existing:
@@ -758,6 +770,32 @@ def create_or_migrate(db: pw.Database) -> None:
                 _widen_columns(db, model, schema)
             _drop_changed_indexes(db, model, schema)
             model._schema.create_indexes(safe=True)
+        if version != SCHEMA_VERSION:
+            db.execute_sql("CREATE TABLE IF NOT EXISTS nomaflowd_schema (version INTEGER NOT NULL)")
+            db.execute_sql("DELETE FROM nomaflowd_schema")
+            db.execute_sql(f"INSERT INTO nomaflowd_schema (version) VALUES ({SCHEMA_VERSION})")
+
+
+def _check_version(db: pw.Database, existing: set[str], migrate: bool) -> int | None:
+    """The tables' version (None: no tables yet); raises for one this process must not use."""
+    if "nomaflowd_schema" in existing:
+        version = db.execute_sql("SELECT MAX(version) FROM nomaflowd_schema").fetchone()[0] or 0
+    elif existing & {m._meta.table_name for m in MODELS}:
+        version = 0
+    else:
+        return None
+    if version > SCHEMA_VERSION:
+        raise NomaflowError(
+            f"daemon.database: its tables are schema version {version}, made by a newer"
+            f" nomaflowd (this one knows up to version {SCHEMA_VERSION}); upgrade nomaflowd on"
+            " this host, or point daemon.database elsewhere")
+    if version < SCHEMA_VERSION and not migrate:
+        raise NomaflowError(
+            f"daemon.database: its tables are from an older nomaflowd (schema version"
+            f" {version}, this one is {SCHEMA_VERSION}); the daemon upgrades them when it"
+            " starts (systemctl restart nomaflowd); commands do not, so that a daemon still"
+            " running the older version is not changed under it")
+    return int(version)
 
 
 def _add_columns(db: pw.Database, table: str, fields: list[pw.Field]) -> None:
@@ -825,11 +863,16 @@ def prune(now: datetime, retention_days: int) -> dict[str, int]:
     for model, condition in targets:
         total = 0
         while True:
+            started = time.monotonic()
             ids = model.select(model.id).where(condition).limit(PRUNE_BATCH)
             with proxy.atomic():
                 count = model.delete().where(model.id.in_([r.id for r in ids])).execute()
             total += count
             if count < PRUNE_BATCH:
                 break
+            # As long again without the write lock: batch after batch, the main loop (whose
+            # wait for SQLite's lock sleeps up to 100 ms a try) lost the race for seconds,
+            # and failure alerts with it (6.9 s over a million rows).
+            time.sleep(min(time.monotonic() - started, 1.0))
         removed[model._meta.table_name] = total
     return removed

@@ -603,3 +603,46 @@ def test_the_recovery_check_of_a_batch_does_not_grow_with_the_jobs_history(tree:
         assert large < 2 * small, (small, large)
     finally:
         database.close()
+
+
+def stored_version(database: Any) -> int:
+    return database.execute_sql("SELECT MAX(version) FROM nomaflowd_schema").fetchone()[0]
+
+
+def test_a_schema_from_a_newer_nomaflowd_is_refused_in_one_line(backend):
+    """A rollback, or a host not yet upgraded beside one that is: an older nomaflowd on a
+    newer schema failed every event as "database unavailable" (a unique key it expected was
+    gone). It now refuses to start on it, saying what to do."""
+    backend.write_config()
+    database = db.open_database(_url(backend))
+    assert stored_version(database) == db.SCHEMA_VERSION
+    database.execute_sql(f"UPDATE nomaflowd_schema SET version = {db.SCHEMA_VERSION + 1}")
+    database.close()
+    with pytest.raises(db.NomaflowError) as refused:
+        db.open_database(_url(backend))
+    assert str(refused.value) == (
+        f"daemon.database: its tables are schema version {db.SCHEMA_VERSION + 1}, made by a"
+        f" newer nomaflowd (this one knows up to version {db.SCHEMA_VERSION}); upgrade"
+        " nomaflowd on this host, or point daemon.database elsewhere")
+
+
+def test_a_command_does_not_migrate_an_older_schema_under_a_running_daemon(backend, capsys):
+    """`nomaflowd audit` after `pip install -U`, before the restart, migrated the schema
+    under the daemon still running the older version (which then held every event). Only
+    the daemon migrates; the command says so and leaves the database as it was."""
+    from nomaflowd.cli import main
+
+    backend.write_config()
+    database = db.open_database(_url(backend))
+    database.execute_sql("DROP TABLE nomaflowd_schema")  # as every version before this one
+    database.close()
+    assert main(["audit", "--config", str(backend.config_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == ("nomaflowd: daemon.database: its tables are from an older nomaflowd (schema"
+                   f" version 0, this one is {db.SCHEMA_VERSION}); the daemon upgrades them when"
+                   " it starts (systemctl restart nomaflowd); commands do not, so that a daemon"
+                   " still running the older version is not changed under it\n")
+    database = db.open_database(_url(backend))  # the daemon's start
+    assert stored_version(database) == db.SCHEMA_VERSION
+    database.close()
+    assert main(["audit", "--config", str(backend.config_path)]) == 0
