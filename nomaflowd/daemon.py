@@ -615,7 +615,8 @@ class Daemon:
     def prune_job(self) -> None:
         """APScheduler's thread, daily: retention (database rows only, no shared state)."""
         try:
-            removed: dict[str, int] = dict(db.prune(utcnow(), self.config.retention_days))
+            removed: dict[str, int] = dict(db.prune(utcnow(), self.config.retention_days,
+                                                    self.stopping))
             removed["rejected files"] = self.spool.prune_rejected(utcnow(),
                                                                   self.config.retention_days)
             logger.info("retention: removed %s", ", ".join(f"{n} {t}" for t, n in removed.items()))
