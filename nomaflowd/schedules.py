@@ -87,8 +87,15 @@ def arm(row: db.ScheduleRow, block: AlertsBlock, schedule: Schedule | None,
     stale = later(since, timedelta(hours=h)) if h and not row.disabled else None
     # Armed only while it has not come due: a stale alert already sent waits for a success.
     row.stale_deadline = stale if stale and (row.stale_deadline or stale > now) else None
-    if row.disabled or not block.remind_every_minutes:
+    every = block.remind_every_minutes
+    if row.disabled or not every or row.reminders_sent >= block.max_reminders:
         row.remind_deadline = None
+    elif row.failing_since is not None:
+        # An episode open when reminders were turned on or made more frequent: the next
+        # one is due by the interval now in force (it used to wait for the next episode).
+        due = later(row.failing_since, minutes(every * (row.reminders_sent + 1)))
+        if due is not None and (row.remind_deadline is None or due < row.remind_deadline):
+            row.remind_deadline = due
     refresh_next_check(row)
 
 

@@ -402,6 +402,31 @@ def test_reminders_are_capped_and_stop_at_success(tree, http, inproc):
     assert "1 failed run (reminder 1 of 2)" in texts(http, "reminder")[2]
 
 
+def test_reminder_settings_changed_during_an_episode_apply_to_it(tree, http, inproc):
+    """README: "while a failure episode is open ... every remind_every_minutes". Reminders
+    turned on, or made more frequent, while a job was already failing waited for the next
+    episode (the deadline was set only by the episode's first failure)."""
+    from nomaflowd.db import utcnow
+
+    setup_slack(tree, http, '[jobs.etl.alerts]\non_stale_hours = 48\nrecipients = ["#ops"]\n'
+                '[jobs.sync.alerts]\nremind_every_minutes = 600\nrecipients = ["#ops"]\n')
+    d = inproc()
+    for job in ("etl", "sync"):
+        tree.drop({"job_id": job, "run_id": "r1", "state": "FAILED", "error": "disk full"})
+    d.pump(lambda: len(tree.notifications()) == 2, what="the two failures")
+    t0 = utcnow()
+    assert d.daemon.poll_schedules(t0 + timedelta(minutes=30)) == 0
+    tree.write_jobs('[jobs.etl.alerts]\non_stale_hours = 48\nremind_every_minutes = 60\n'
+                    'recipients = ["#ops"]\n'
+                    '[jobs.sync.alerts]\nremind_every_minutes = 20\nrecipients = ["#ops"]\n')
+    assert d.daemon.poll_schedules(t0 + timedelta(minutes=31)) == 1  # sync: 20 min, overdue
+    assert d.daemon.poll_schedules(t0 + timedelta(minutes=45)) == 0
+    # etl: its first, at 60 min; sync: its second, 20 min after the first
+    assert d.daemon.poll_schedules(t0 + timedelta(minutes=61)) == 2
+    d.pump(lambda: len(alerts_of(tree, "reminder")) == 3, what="the three reminders' rows")
+    assert sorted(r["job_id"] for r in alerts_of(tree, "reminder")) == ["etl", "sync", "sync"]
+
+
 def test_events_arriving_late_do_not_end_or_start_an_episode_out_of_order(tree, http, inproc):
     """Events may come in any order: an older success arriving after a newer failure must
     not stop its reminders, an older failure arriving after a newer success must not open an
