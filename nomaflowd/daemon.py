@@ -151,6 +151,7 @@ class Daemon:
         self.pace_wait: float | None = None
         self.polled_at = time.monotonic()  # the last heartbeat the database took
         self.clock_offset = time.time() - time.monotonic()  # see check_clock
+        self.pruned_offset = self.clock_offset  # see prune_job
         self.scheduler: Any = None  # APScheduler's BackgroundScheduler, once started
         self.checkpoint_idle = False  # the checkpoint job runs every CHECKPOINT_IDLE_SECONDS
         self._checkpoint_lock = threading.Lock()
@@ -613,7 +614,18 @@ class Daemon:
                 CHECKPOINT_IDLE_SECONDS if idle else CHECKPOINT_SECONDS))
 
     def prune_job(self) -> None:
-        """APScheduler's thread, daily: retention (database rows only, no shared state)."""
+        """APScheduler's thread, daily: retention (database rows only, no shared state).
+
+        Not just after a step of the wall clock of more than an hour since its last run: a
+        clock 190 days ahead for a moment (a VM restored, a bad time source) made it delete
+        the whole history, for good. After a real correction it runs the next day."""
+        offset = time.time() - time.monotonic()
+        stepped, self.pruned_offset = offset - self.pruned_offset, offset
+        if abs(stepped) >= 3600:
+            logger.warning("retention skipped today: the wall clock moved %s by %s since it"
+                           " last ran", "back" if stepped < 0 else "forward",
+                           span(abs(stepped) / 60))
+            return
         try:
             removed: dict[str, int] = dict(db.prune(utcnow(), self.config.retention_days,
                                                     self.stopping))

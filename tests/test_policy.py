@@ -210,6 +210,28 @@ def test_a_wall_clock_stepped_back_does_not_stop_the_poll(tree, http, daemon_fac
     assert d.stop() == 0
 
 
+@pytest.mark.skipif(not FAKETIME.exists(), reason="libfaketime is not installed (.ci/run"
+                    " installs Debian's faketime)")
+def test_a_wall_clock_far_ahead_for_a_moment_does_not_prune_the_history(tree, http,
+                                                                       daemon_factory):
+    """190 days ahead: the daily retention, overdue by that clock, ran at once and deleted
+    the whole history for good."""
+    clock = tree.root / "faketime"
+    clock.write_text("+0\n")
+    tree.write_config(tree.webhook("hook", http.url()))
+    d = daemon_factory({"LD_PRELOAD": str(FAKETIME), "FAKETIME_TIMESTAMP_FILE": str(clock),
+                        "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+    tree.drop({"job_id": "etl", "run_id": "r1", "state": "FAILED"})
+    wait_until(lambda: tree.notifications(), what="the audit row")
+    clock.write_text(f"+{190 * 86400}\n")
+    wait_until(lambda: "retention skipped today: the wall clock moved forward by 190 days"
+               in d.output(), what="the retention's refusal")
+    clock.write_text("+0\n")
+    assert [r["run_id"] for r in tree.notifications()] == ["r1"]
+    assert tree.sql("SELECT run_id FROM events") == [("r1",)]
+    assert d.stop() == 0
+
+
 def test_a_wall_clock_stepped_forward_fires_the_timers_once_not_per_skipped_tick():
     """APScheduler's own interval walked every tick a step skipped before coalescing them:
     5 million for the 1 s checkpoint after a 60-day step (5 s of CPU, 285 MB)."""
