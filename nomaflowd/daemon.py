@@ -416,7 +416,8 @@ class Daemon:
         self.spool_lost = False
         self.watch_spool()
         self.ingest.hinted = True
-        logger.info("spool %s is back", self.config.spool_dir)
+        logger.info("spool %s is back; %s", self.config.spool_dir, "watching it again"
+                    if self.observer is not None else "finding files by the rescan")
 
     def watch_spool(self) -> None:
         """Watch the spool for arrivals. File events are only hints: without a watch

@@ -24,6 +24,7 @@ from nomaflowd.dispatch import Attempt
 from nomaflowd.errors import Rejected
 from nomaflowd.policy import Policy, Routed
 from nomaflowd.spool import Spool
+from nomaflowd.text import escape
 
 logger = logging.getLogger(__name__)
 
@@ -147,16 +148,17 @@ class Ingest:
                 if refused:
                     raise Rejected(refused)
                 for key, written in event.ahead:
-                    logger.warning("spool file %r (job %s): %s %s is ahead of this host's"
+                    logger.warning("spool file %s (job %s): %s %s is ahead of this host's"
                                    " clock; the time the file was read is used instead (check"
-                                   " the runner's clock)", name, event.job_id, key, written)
+                                   " the runner's clock)", escape(name), event.job_id, key,
+                                   written)
                 accepted.append((name, event))
             except Rejected as exc:
                 self.reject(name, str(exc), now)
             except OSError as exc:  # the file's own trouble (EIO, EACCES...)
                 self.reject(name, f"cannot be read: {exc.strerror or type(exc).__name__}", now)
             except Exception as exc:  # a parser bug must quarantine the file, not stop the loop
-                logger.exception("spool file %r could not be handled", name)
+                logger.exception("spool file %s could not be handled", escape(name))
                 self.reject(name, f"internal error: {type(exc).__name__}", now)
         parsed = time.monotonic()
         attempts = self.commit(accepted, now)
@@ -192,7 +194,7 @@ class Ingest:
         except db.VALUE_ERRORS as exc:
             if len(accepted) == 1:
                 name = accepted[0][0]
-                logger.warning("the database refused spool file %r: %s", name,
+                logger.warning("the database refused spool file %s: %s", escape(name),
                                type(exc).__name__)
                 self.reject(name, f"the database cannot store this event ({type(exc).__name__}:"
                             f" {str(exc)[:200]})", now)
@@ -232,7 +234,8 @@ class Ingest:
         """A file we can neither store nor move: skipped until the next start, said once."""
         if name not in self.stuck:
             self.stuck.add(name)
-            logger.error("spool file %r %s; skipping it until the next start", name, why)
+            logger.error("spool file %s %s; skipping it until the next start", escape(name),
+                         why)
 
     def count_tries(self, now: datetime) -> None:
         """Count a try for each file in hand when the last run died; quarantine at MAX_TRIES.
@@ -265,8 +268,8 @@ class Ingest:
                 t.delete().where(t.name == try_key(name)).execute()
             else:
                 if name in names:
-                    logger.warning("spool file %r was in hand when the daemon stopped"
-                                   " (try %d of %d)", name, count, MAX_TRIES)
+                    logger.warning("spool file %s was in hand when the daemon stopped"
+                                   " (try %d of %d)", escape(name), count, MAX_TRIES)
                 self.suspects.add(name)
 
     def commit_events(self, batch: list[events.Event], now: datetime) -> list[Attempt]:

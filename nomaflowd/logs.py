@@ -29,7 +29,10 @@ class OneLineFormatter(logging.Formatter):
     appended by logger.exception keeps its lines."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = escape(record.message)
+        # Backslashes stay: the values that may hold them (names, reasons) were escaped
+        # where they were logged, as in the rejected files' notes; doubling them again
+        # made the journal and the note disagree.
+        record.message = escape(record.message, backslash=False)
         return super().formatMessage(record)
 
 

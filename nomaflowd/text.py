@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 
-def escape(text: str) -> str:
+def escape(text: str, backslash: bool = True) -> str:
     """`text` on one printable line: control and other invisible characters as escapes.
 
     A newline in a file name or a reason must not forge a record in a log or a note.
     Undecodable bytes of a name (os.fsdecode's surrogateescape) show as \\xNN; a
-    backslash is doubled so every escape reads one way.
+    backslash is doubled so every escape reads one way (`backslash` False: left as it is,
+    for a log line whose values were escaped already).
     """
-    if text.isprintable() and "\\" not in text:
+    if text.isprintable() and (not backslash or "\\" not in text):
         return text
     out = []
     for ch in text:
         code = ord(ch)
-        if ch == "\\":
+        if ch == "\\" and backslash:
             out.append("\\\\")
         elif 0xDC80 <= code <= 0xDCFF:
             out.append(f"\\x{code - 0xDC00:02x}")

@@ -69,3 +69,17 @@ def test_another_threads_line_is_not_held_by_a_batch(stderr):
         worker.join()
         assert stderr.getvalue() == "WARNING from a worker\n"
     assert stderr.getvalue() == "WARNING from a worker\nINFO held\n"
+
+
+def test_a_name_reads_in_the_log_as_in_its_note(stderr):
+    """A rejected file's name is escaped once, as its note writes it: the journal showed
+    `w-bad\\\\xff.json` where the note said `w-bad\\xff.json`, and grepping one for the
+    other failed. A control character still cannot start a line."""
+    from nomaflowd.text import escape
+
+    name = "w-bad\udcff\udcfe.json"
+    logger = logging.getLogger("nomaflowd.test_logs")
+    logger.warning("spool file %s rejected: %s", escape(name), escape("not JSON"))
+    logger.warning("raw %s", "a\nforged line\x1b[2K")
+    assert stderr.getvalue() == ("WARNING spool file w-bad\\xff\\xfe.json rejected: not JSON\n"
+                                 "WARNING raw a\\nforged line\\x1b[2K\n")
