@@ -859,7 +859,8 @@ def prune(now: datetime, retention_days: int,
     targets: list[tuple[type[Model], Any]] = [
         (NotificationRow, NotificationRow.created_at < cutoff),
         (EventRow, EventRow.received_at < cutoff),
-        (RunRow, (RunRow.updated_at < cutoff) & (RunRow.state != "RUNNING")),
+        # RUNNING too: a runner that died mid-run never sends the final state.
+        (RunRow, RunRow.updated_at < cutoff),
         (DeliveryRow, (DeliveryRow.claimed_at < cutoff) & (DeliveryRow.state == "done")),
         (ThreadRow, ThreadRow.created_at < cutoff),
     ]

@@ -186,6 +186,22 @@ def test_prune_removes_only_rows_past_retention(backend, http):
         d.close()
 
 
+def test_a_run_left_running_for_longer_than_the_retention_is_pruned(backend, http):
+    """A runner that died mid-run never sends the final state: its row stayed RUNNING for
+    good, in the page's running list and in nomaflowd_running_runs."""
+    backend.write_config(backend.webhook("hook", http.url()))
+    d = InProcess(backend)
+    try:
+        old = db.utcnow() - timedelta(days=200)
+        for run_id, at in (("died", old), ("running", db.utcnow())):
+            db.RunRow.insert(job_id="j", run_id=run_id, state="RUNNING", started_at=at,
+                             updated_at=at).execute()
+        assert db.prune(db.utcnow(), 183)["runs"] == 1
+        assert [r.run_id for r in db.RunRow.select()] == ["running"]
+    finally:
+        d.close()
+
+
 def test_prune_waits_for_another_writer_instead_of_failing(tree):
     """Retention runs on the scheduler's thread while the main loop writes (the poll's
     heartbeat fires with it). A writer that commits while prune is in its transaction must
