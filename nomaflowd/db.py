@@ -133,7 +133,7 @@ class RunRow(Model):
 RunRow.add_index(RunRow.index(RunRow.job_id, where=RunRow.long_run_alerted_at.is_null(False),
                               name="runs_warned_job_id"))
 # Indexes an earlier version created that nothing reads any more: dropped at start.
-RETIRED_INDEXES = {"runs": ("runs_long_run_alerted_at_job_id",)}
+RETIRED_INDEXES = {"runs": ("runs_long_run_alerted_at_job_id", "runs_long_run_deadline")}
 
 
 class NotificationRow(Model):

@@ -562,12 +562,14 @@ def test_an_index_an_earlier_version_made_is_dropped_at_start(backend):
     old.execute_sql('DROP INDEX "runs_warned_job_id"')
     old.execute_sql('CREATE INDEX "runs_long_run_alerted_at_job_id" ON runs'
                     " (long_run_alerted_at, job_id)")
+    old.execute_sql('CREATE INDEX "runs_long_run_deadline" ON runs (long_run_deadline)')
     old.close()
 
     database = db.open_database(url)
     try:
         names = {i.name for i in database.get_indexes("runs", schema=_schema(database))}
         assert "runs_long_run_alerted_at_job_id" not in names
+        assert "runs_long_run_deadline" not in names  # the first versions' own
         assert "runs_warned_job_id" in names
         db.create_or_migrate(database)  # a second start finds nothing left to do
     finally:
