@@ -222,8 +222,18 @@ class Dispatcher:
             self._done.put(_Done(attempt, transport, [], withheld=True))
             self.wake()
             return
+        # The transport in force now: a reload since this was queued (a fixed URL, a removed
+        # transport) applies to it. Queued alerts kept going to the old, dead URL, one
+        # timeout after another, until a restart. Sends under way finish where they are.
+        current = self.transports.get(attempt.transport)
         try:
-            done = _Done(attempt, transport, execute(transport, attempt, paced=paced))
+            if current is None:
+                done = _Done(attempt, transport, [  # no transport type: no streak moves
+                    result(m, None, FAILED_TRANSPORT, f"transport {attempt.transport!r} was"
+                           " removed by a reload before this was sent", 0)
+                    for m in attempt.members or (attempt,)])
+            else:
+                done = _Done(attempt, transport, execute(current, attempt, paced=paced))
         except RateLimited as exc:
             done = _Done(attempt, transport, [], exc)
         except BaseException as exc:  # never lose the hand-back, whatever went wrong
@@ -275,8 +285,13 @@ class Dispatcher:
             logger.warning("transport %s answered 429: pausing it for %gs",
                            done.attempt.transport, exc.retry_after)
             return []
+        members = done.attempt.members or (done.attempt,)
+        if done.attempt.transport not in self.transports:  # its lane went with a reload
+            return [result(m, None, FAILED_TRANSPORT, f"refused with {exc}; transport"
+                           f" {done.attempt.transport!r} was removed by a reload before it"
+                           " could go again", 0) for m in members]
         return [result(m, done.transport, FAILED_DELIVERY, f"refused {MAX_REFUSALS} times: {exc}",
-                       0) for m in (done.attempt.members or (done.attempt,))]
+                       0) for m in members]
 
     def pace(self) -> float | None:
         """Send what the lanes allow now; returns seconds until it is worth calling again, or

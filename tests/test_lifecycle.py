@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import sqlite3
+import threading
 import subprocess
 import urllib.error
 import urllib.request
@@ -18,7 +19,7 @@ import pytest
 
 from nomaflowd import db, events
 from nomaflowd.deliveries import HELD, NO_TRANSPORT
-from tests.servers import Reply, wait_until
+from tests.servers import Reply, Request, wait_until
 from tests.test_web import bound_port
 
 FAILED = {"job_id": "reporting-nightly-sync", "run_id": "run_a8c4d", "state": "FAILED",
@@ -118,6 +119,86 @@ def test_reload_while_sending_records_every_attempt_once_and_closes_old_transpor
     assert {r["outcome"] for r in rows} == {"SENT"}
     # The replaced transport's keep-alive connections are closed once its sends are done.
     wait_until(lambda: http.open_connections == 0, what="the old connections closed")
+
+
+def test_sends_queued_when_a_reload_fixes_the_url_go_to_the_new_one(tree, http, inproc):
+    """An endpoint hangs, alerts queue behind its four senders, the operator fixes the URL
+    and reloads: the queued alerts kept going to the dead URL, one timeout after another
+    (200 queued at 10 s: minutes), and the fixed one got nothing until a restart. Sends
+    under way finish where they are; the queued ones go to the URL now configured."""
+    arrived, release = threading.Semaphore(0), threading.Event()
+
+    def hang(req: Request) -> Reply:
+        arrived.release()
+        release.wait(10)
+        return Reply(200, b"ok")
+
+    http.replies["/dead"] = hang
+    tree.write_config(tree.webhook("ops", http.url("/dead")))
+    d = inproc()
+    for i in range(12):
+        tree.drop({**FAILED, "run_id": f"r{i}"})
+    for _ in range(4):  # every sender of the transport is held at the dead URL
+        d.pump(lambda: arrived.acquire(blocking=False), what="a sender at the dead URL")
+    tree.write_config(tree.webhook("ops", http.url("/fixed")))
+    d.daemon.reload()
+    release.set()
+    d.pump(lambda: len(tree.notifications()) == 12, what="twelve rows")
+    paths = sorted(r.path for r in http.requests)
+    assert paths == ["/dead"] * 4 + ["/fixed"] * 8
+    assert {r["outcome"] for r in tree.notifications()} == {"SENT"}
+
+
+def test_sends_queued_for_a_transport_a_reload_removed_are_recorded_so(tree, http, inproc):
+    arrived, release = threading.Semaphore(0), threading.Event()
+
+    def hang(req: Request) -> Reply:
+        arrived.release()
+        release.wait(10)
+        return Reply(200, b"ok")
+
+    http.replies["/dead"] = hang
+    tree.write_config(tree.webhook("ops", http.url("/dead")) + tree.webhook("other", http.url()))
+    tree.write_jobs('[defaults.alerts]\nrecipients = ["ops"]\n')
+    d = inproc()
+    for i in range(6):
+        tree.drop({**FAILED, "run_id": f"r{i}"})
+    for _ in range(4):
+        d.pump(lambda: arrived.acquire(blocking=False), what="a sender at the dead URL")
+    tree.write_config(tree.webhook("other", http.url()))
+    d.daemon.reload()
+    release.set()
+    d.pump(lambda: len(tree.notifications()) == 6, what="six rows")
+    assert len(http.requests) == 4  # the two queued ones were not sent to the removed one
+    queued = [r for r in tree.notifications() if r["outcome"] != "SENT"]
+    assert [(r["outcome"], r["detail"]) for r in queued] == [
+        ("FAILED_TRANSPORT", "transport 'ops' was removed by a reload before this was sent")] * 2
+
+
+def test_a_429_answered_after_a_reload_removed_its_transport_says_so(tree, http, inproc):
+    """It said `refused 5 times` after one 429, and counted toward the transport's streak
+    (paging the fallback about a transport the operator had only renamed)."""
+    arrived, release = threading.Event(), threading.Event()
+
+    def busy(req: Request) -> Reply:
+        arrived.set()
+        release.wait(10)
+        return Reply(429, b"rate_limited", {"Retry-After": "2"})
+
+    http.replies["/hook"] = busy
+    tree.write_config(tree.webhook("ops", http.url()) + tree.webhook("other", http.url("/o")))
+    tree.write_jobs('[defaults.alerts]\nrecipients = ["ops"]\n')
+    d = inproc()
+    tree.drop(FAILED)
+    d.pump(arrived.is_set, what="the send under way")
+    tree.write_config(tree.webhook("other", http.url("/o")))
+    d.daemon.reload()
+    release.set()
+    d.pump(lambda: tree.notifications(), what="the row")
+    [row] = tree.notifications()
+    assert (row["outcome"], row["transport_type"]) == ("FAILED_TRANSPORT", "")
+    assert row["detail"] == ("refused with HTTP 429: rate_limited (Retry-After 2s); transport"
+                             " 'ops' was removed by a reload before it could go again")
 
 
 def test_stop_does_not_wait_for_alerts_held_by_pacing_and_says_they_were_never_tried(
