@@ -9,8 +9,8 @@ import re
 import shutil
 import signal
 import sqlite3
-import threading
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from datetime import datetime, timedelta
