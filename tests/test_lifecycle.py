@@ -108,14 +108,14 @@ def test_reload_while_sending_records_every_attempt_once_and_closes_old_transpor
     http.default = Reply(200, b"ok", delay=0.3)
     tree.write_config(tree.webhook("ops", http.url()))
     d = inproc()
-    for i in range(6):
+    for i in range(4):  # one per sender: none waits in the queue (those follow the reload)
         tree.drop({**FAILED, "run_id": f"r{i}"})
-    d.pump(lambda: d.daemon.dispatcher.sending > 0, what="sends in flight")
+    d.pump(lambda: d.daemon.dispatcher.sending == 4, what="four sends in flight")
     d.daemon.reload()
     d.daemon.poll_due()  # a long-run poll and the sweeps right behind the reload
     d.pump()
     rows = tree.notifications()
-    assert sorted(r["run_id"] for r in rows) == [f"r{i}" for i in range(6)]
+    assert sorted(r["run_id"] for r in rows) == [f"r{i}" for i in range(4)]
     assert {r["outcome"] for r in rows} == {"SENT"}
     # The replaced transport's keep-alive connections are closed once its sends are done.
     wait_until(lambda: http.open_connections == 0, what="the old connections closed")
@@ -199,6 +199,29 @@ def test_a_429_answered_after_a_reload_removed_its_transport_says_so(tree, http,
     assert (row["outcome"], row["transport_type"]) == ("FAILED_TRANSPORT", "")
     assert row["detail"] == ("refused with HTTP 429: rate_limited (Retry-After 2s); transport"
                              " 'ops' was removed by a reload before it could go again")
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_while_idle_is_opened_again_by_the_next_poll(tree, http, inproc,
+                                                                       pg_schema):
+    """PostgreSQL closed the daemon's connection (a restart, pg_terminate_backend, a healed
+    partition) while no file came: every poll after said `connection already closed` and
+    skipped its work (heartbeat, take-over, long-run warnings, schedules) until a file
+    arrived; /healthz said 503 with the server up."""
+    import psycopg2
+
+    tree.database = pg_schema
+    tree.write_config(tree.webhook("ops", http.url()), daemon="poll_seconds = 3600")
+    d = inproc()
+    d.pump()
+    pid = db.proxy.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+    with contextlib.closing(psycopg2.connect(pg_schema)) as admin:
+        admin.autocommit = True
+        admin.cursor().execute("SELECT pg_terminate_backend(%s)", (pid,))
+    d.daemon.poll(db.utcnow())  # the first finds the connection gone
+    d.daemon.poll(db.utcnow())
+    assert not d.daemon.outage
+    assert d.daemon.unhealthy() == ""
 
 
 def test_stop_does_not_wait_for_alerts_held_by_pacing_and_says_they_were_never_tried(
