@@ -623,6 +623,57 @@ def test_the_recovery_check_of_a_batch_does_not_grow_with_the_jobs_history(tree:
         database.close()
 
 
+def test_who_got_a_runs_failure_is_found_without_reading_the_audit_history(tree: Tree):
+    """incidents.triggered (who gets the recovery) and open_candidates (which successes may
+    close something) look up a few runs in `notifications`. SQLite's planner chose the
+    (outcome, id) index and walked every SENT row of the table: 147 ms a lookup at 541,000
+    rows, inside the ingest transaction, and the main loop stalled 15-19 s in a recovery
+    storm. Counted in virtual-machine steps, 20,000 rows must cost about what 200 do."""
+    from nomaflowd import events, incidents
+
+    tree.write_config()
+    database = db.open_database(_url(tree))
+    now = datetime(2026, 11, 30, 12, 0)
+    jobs = [f"job-{i:02d}" for i in range(20)]
+    successes = [events.parse(
+        f'{{"job_id": "{job}", "run_id": "new", "state": "SUCCEEDED"}}'.encode(), "x.json", now)
+        for job in jobs]
+
+    def history(first: int, last: int) -> None:
+        when = db.stamp(now - timedelta(days=1))
+        with db.proxy.atomic():
+            db.executemany(
+                "INSERT INTO notifications (created_at, job_id, run_id, alert, level, transport,"
+                " transport_type, recipient, outcome, detail, replica) VALUES (?, ?, ?,"
+                " 'failed', 'high', 'hook', 'webhook', 'hook', 'SENT', '', 'x')",
+                [(when, job, f"r{k}") for k in range(first, last) for job in jobs])
+
+    def steps() -> int:
+        count = [0]
+
+        def tick() -> int:
+            count[0] += 1
+            return 0
+
+        database.connection().set_progress_handler(tick, 10)
+        try:
+            assert incidents.open_candidates(successes, now) == set()
+            assert incidents.triggered("job-03", ["r1", "r2", "r3"]) == {
+                ("hook", "hook"): {"failed"}}
+        finally:
+            database.connection().set_progress_handler(None, 10)
+        return count[0]
+
+    try:
+        history(0, 10)             # 200 audit rows
+        small = steps()
+        history(10, 1000)          # 20,000
+        large = steps()
+        assert large < 2 * small, (small, large)
+    finally:
+        database.close()
+
+
 def stored_version(database: Any) -> int:
     return database.execute_sql("SELECT MAX(version) FROM nomaflowd_schema").fetchone()[0]
 
