@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
 import pytest
 
@@ -48,5 +49,26 @@ def test_credentials_in_a_webhook_url_are_sent_as_basic_auth(tree, http, headers
             b"ops@corp:pa:ss").decode()
         assert request.headers["Authorization"] == expected
         assert "pa%3Ass" not in request.path and "ops" not in request.path
+    finally:
+        dispatcher.close()
+
+
+def test_a_transport_keeps_no_state_per_job(tree, http):
+    """Opsgenie closes an alert at a URL that names the job: the transport's caches, keyed
+    by URL (Basic auth, proxies, connection routes), grew by a URL a job, about 1.2 KB each,
+    until a reload. A daemon up for months meets every job it ever had."""
+    key = tree.enc("6f0c2b1e-genie-key")
+    cfg = config.load(tree.write_config(tree.webhook(
+        "og", http.url("/"), f'preset = "opsgenie"\napi_key = "{key}"')))
+    dispatcher = Dispatcher(build(cfg.transports, 5), "test-replica")
+    try:
+        for j in range(70):
+            recovered = replace(make_alert("succeeded", job_id=f"job-{j:03d}"), kind="recovered")
+            result = dispatcher.attempt(Attempt(recovered, "og", "og"))
+            assert result.outcome == SENT, result.detail
+        og = dispatcher.transports["og"]
+        sizes = (len(og._auths), len(og._proxies), len(og._local.routes))
+        assert max(sizes) <= 64, sizes
+        assert len({r.path for r in http.requests}) == 70
     finally:
         dispatcher.close()

@@ -349,6 +349,19 @@ def host_trust(paths: ssl.DefaultVerifyPaths | None = None) -> str:
     return str(certifi.where())
 
 
+# URLs a transport keeps its look-ups for (Basic auth, proxies, connection routes). One or
+# two for most; Opsgenie closes at a URL that names the job, and these grew by a URL (about
+# 1.2 KB) per job until a reload.
+URL_CACHE = 64
+
+
+def bounded(cache: dict[str, Any]) -> None:
+    """Room for one more URL's look-up: past URL_CACHE, all are forgotten (each is cheap to
+    make again), not grown for months."""
+    if len(cache) >= URL_CACHE:
+        cache.clear()
+
+
 def _check_url(url: str) -> None:
     """Raise TransportError for a URL the HTTP libraries would mangle or quote in an error."""
     if " " in url or not url.isprintable():
@@ -406,6 +419,7 @@ class HttpTransport(Transport):
         auth = self._auths.get(url)
         if auth is None:
             parts = urlsplit(url)
+            bounded(self._auths)
             auth = self._auths[url] = {} if parts.username is None else {
                 "Authorization": "Basic " + b64(f"{unquote(parts.username)}:"
                                                 f"{unquote(parts.password or '')}")}
@@ -424,6 +438,7 @@ class HttpTransport(Transport):
                 cached = {"http": value, "https": value}
             else:  # read once: requests would parse the environment on every request
                 cached = dict(requests.utils.get_environ_proxies(url))
+            bounded(self._proxies)
             self._proxies[url] = cached
         return cached
 
@@ -477,6 +492,7 @@ class HttpTransport(Transport):
             pool = adapter.get_connection_with_tls_context(prepared, self._verify,
                                                            proxies=proxies)
             adapter.cert_verify(pool, url, self._verify, None)
+            bounded(routes)
             route = routes[url] = (pool, adapter.request_url(prepared, proxies))
         return route
 

@@ -35,6 +35,10 @@ def slack_error(data: bytes) -> str:
     return " ".join(str(error).split())[:200] if error else ""
 
 
+# Threads this process started that it keeps in memory (the table has them all).
+STARTED_KEPT = 1024
+
+
 class SlackApp(Slack):
     """`type = "slack"` with `bot_token`: chat.postMessage to a channel, threads by episode."""
 
@@ -43,7 +47,9 @@ class SlackApp(Slack):
 
     def __init__(self, name: str, settings: Any, *, timeout: float) -> None:
         super().__init__(name, settings, timeout=timeout)
-        # (recipient, job, episode) -> the thread this process started (see threads.py).
+        # (recipient, job, episode) -> the thread this process started (see threads.py);
+        # an episode that never ends (no success, or on_recovery off) stays: the oldest go
+        # past STARTED_KEPT. The chat_threads table keeps every one anyway.
         self._started: dict[tuple[str, str, str], dict[str, str]] = {}
 
     def api(self, method: str) -> str:
@@ -84,6 +90,8 @@ class SlackApp(Slack):
             started = {"episode": key[2], "ts": str(answer["ts"]),
                        "channel": str(answer.get("channel") or payload["channel"]),
                        "text": payload["text"]}
+            if len(self._started) >= STARTED_KEPT:  # the oldest episode that never ended
+                self._started.pop(next(iter(self._started)))
             self._started[key] = started
             return Sent(detail + ", thread started", started)
         return detail
