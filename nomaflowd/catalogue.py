@@ -277,10 +277,29 @@ def load(path: Path) -> Catalogue:
 class WatchedCatalogue:
     """jobs.toml, reloaded when it changes; a broken file keeps the last good catalogue."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, running: WatchedCatalogue | None = None) -> None:
+        """`running`: the catalogue a reload replaces, kept if this file is gone or empty."""
         self.path = path
         self._stamp = self._stat()
-        self.current = load(path)
+        self.from_file = False  # the catalogue in force came from a file with content
+        self.current: Catalogue
+        if running is not None and running.path == path and self._gone(running):
+            self.current, self.from_file = running.current, True
+        else:
+            self.current = load(path)
+            self.from_file = bool(self._stamp and self._stamp[1])
+
+    def _gone(self, last: WatchedCatalogue) -> bool:
+        """The file is missing or empty while `last` holds a catalogue read from one: it is
+        being written (an editor's truncate, then write), or was removed by mistake. Kept
+        and said: read as an empty catalogue, every job's alerts went to every transport's
+        default recipient and no `writers` applied. A catalogue of no jobs on purpose says so
+        with a comment."""
+        if not last.from_file or (self._stamp is not None and self._stamp[1] > 0):
+            return False
+        logger.warning("catalogue %s is %s; keeping the last good one", self.path,
+                       "missing" if self._stamp is None else "empty")
+        return True
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
@@ -295,8 +314,11 @@ class WatchedCatalogue:
         stamp = self._stat()
         if stamp != self._stamp:
             self._stamp = stamp
+            if self._gone(self):
+                return self.current
             try:
                 self.current = load(self.path)
+                self.from_file = bool(stamp and stamp[1])
                 logger.info("catalogue %s reloaded", self.path)
             except ConfigError as exc:
                 if not quiet:

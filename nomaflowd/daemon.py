@@ -486,7 +486,7 @@ class Daemon:
                 if getattr(cfg, key) != getattr(self.config, key):
                     logger.warning("daemon.%s changed; it takes effect at the next restart", key)
                     cfg = replace(cfg, **{key: getattr(self.config, key)})
-            policy = Policy(cfg)
+            policy = Policy(cfg, self.policy)
             built = transports.build(cfg.transports, cfg.send_timeout_seconds)
         except NomaflowError as exc:
             logger.error("reload refused, keeping the running config: %s", exc)

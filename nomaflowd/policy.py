@@ -25,10 +25,13 @@ class Routed:
 class Policy:
     """Pure apart from stat() on the catalogue and the reads a long-run warning needs."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, running: Policy | None = None) -> None:
+        """`running`: the policy a reload replaces (its catalogue is kept if jobs.toml is
+        gone or empty)."""
         self.config = cfg
         self.router = Router.from_config(cfg)
-        self.catalogue = WatchedCatalogue(cfg.jobs_file)  # ConfigError when jobs.toml is bad
+        self.catalogue: WatchedCatalogue = WatchedCatalogue(  # ConfigError: a bad jobs.toml
+            cfg.jobs_file, running.catalogue if running is not None else None)
 
     def current(self) -> Catalogue:
         return self.catalogue.refresh()

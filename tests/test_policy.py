@@ -306,6 +306,34 @@ def test_a_changed_threshold_applies_to_the_runs_already_running(tree, http, inp
     assert d.daemon.poll_long_runs(now + timedelta(minutes=111)) == 1  # etl own, at 120 min
 
 
+@pytest.mark.parametrize("gone", ["removed", "emptied", "dangling symlink"])
+def test_a_jobs_toml_gone_or_emptied_keeps_the_last_good_catalogue(tree, http, inproc, caplog,
+                                                                  gone):
+    """A jobs.toml removed, emptied (an editor's truncate, then write) or a symlink to
+    nothing became an empty catalogue, said only as `reloaded`: every job's alerts went to
+    every transport's default recipient, and `writers` no longer applied."""
+    tree.write_config(tree.webhook("pager", http.url("/pager"))
+                      + tree.webhook("everyone", http.url("/everyone")))
+    tree.write_jobs('[jobs.secret-job.alerts]\nrecipients = ["pager"]\n')
+    d = inproc()
+    d.pump()
+    if gone == "removed":
+        tree.jobs_path.unlink()
+    elif gone == "emptied":
+        tree.jobs_path.write_text("")
+    else:
+        tree.jobs_path.unlink()
+        tree.jobs_path.symlink_to(tree.root / "nowhere.toml")
+    tree.drop({"job_id": "secret-job", "run_id": "r1", "state": "FAILED"})
+    d.pump(lambda: tree.notifications(), what="the failure's row")
+    assert [r.path for r in http.requests] == ["/pager"]
+    assert "keeping the last good one" in caplog.text
+    tree.write_jobs("# no jobs: the built-in policy for all\n")  # what a file says on purpose
+    tree.drop({"job_id": "secret-job", "run_id": "r2", "state": "FAILED"})
+    d.pump(lambda: len(tree.notifications()) == 3, what="the next failure's rows")
+    assert sorted(r.path for r in http.requests) == ["/everyone", "/pager", "/pager"]
+
+
 def test_late_running_event_for_finished_run_changes_nothing(tree, http, inproc):
     tree.write_config(tree.webhook("hook", http.url()))
     tree.write_jobs("[jobs.etl.alerts]\non_long_run_minutes = 1\n")
