@@ -185,6 +185,11 @@ def _import_quietly(name: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # SIGHUP's default ends the process: until the daemon's own handling is in place (after
+    # the config is read, a few hundred milliseconds), one is noted and acted on then. It
+    # killed the daemon without a line, an exit systemd does not restart.
+    early_hup: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: early_hup.append(signum))
     # The daemon's modules load on a thread while load_config() waits for the child process
     # that decrypts the secrets (about 45 ms). Spawn -> READY on an empty spool, one
     # encrypted webhook: 217 and 235 ms before, 174 and 171 after (medians of 7, interleaved).
@@ -201,6 +206,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     warn_loose_key(crypto.key_path(cfg.key_file))
     daemon = Daemon(cfg)
     daemon.install_signals()
+    if early_hup:
+        daemon.reload_requested = True
     return daemon.run()
 
 

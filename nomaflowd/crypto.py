@@ -70,7 +70,10 @@ def load_keys(path: Path) -> MultiFernet:
     from cryptography.fernet import Fernet, MultiFernet
 
     keys = []
-    for candidate in (path, _pending(path)):
+    # The pending key first: `secret rotate` moves it over the key file once the config
+    # holds tokens of the new key, and read the other way round, a reload in between found
+    # the old key alone and refused the new tokens.
+    for candidate in (_pending(path), path):
         try:
             raw = candidate.read_bytes().strip()
         except FileNotFoundError:

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -426,3 +427,34 @@ def test_claims_another_version_left_are_resumed_or_named_never_a_crash_loop(tre
     assert "claim k-unreadable cannot be read by this version" in caplog.text
     assert tree.sql("SELECT state FROM deliveries WHERE alert_key = 'k-unreadable'") == [
         ("claimed",)]
+
+
+def test_a_sighup_while_the_daemon_starts_does_not_kill_it(tree, http):
+    """SIGHUP's default is to end the process, and the daemon set its handler only once the
+    config was read: a `kill -HUP` in its first few hundred milliseconds killed it without a
+    line, and systemd counts that a clean exit (no restart). Here the start is held on the
+    key file (a FIFO) while the signal comes."""
+    from tests.harness import DaemonProcess
+
+    tree.write_config(tree.webhook("ops", http.url()))
+    key = tree.key.read_bytes()
+    tree.key.unlink()
+    os.mkfifo(tree.key, 0o600)
+    d = DaemonProcess(tree).start(wait=False)
+    try:
+        def hup_caught() -> bool:
+            status = Path(f"/proc/{d.pid}/status").read_text()
+            caught = int(status.split("SigCgt:")[1].split()[0], 16)
+            return bool(caught & (1 << (signal.SIGHUP - 1)))
+
+        wait_until(hup_caught, what="SIGHUP handled before the config is read")
+        d.signal(signal.SIGHUP)
+        with open(tree.key, "wb") as fifo:  # the start goes on...
+            fifo.write(key)
+        (tree.root / "key").write_bytes(key)  # ...and the reload it asked for reads a file
+        os.replace(tree.root / "key", tree.key)
+        d.wait_message("READY=1")
+        wait_until(lambda: "reloaded" in d.output(), what="the reload it asked for")
+        assert d.stop() == 0
+    finally:
+        d.close()
