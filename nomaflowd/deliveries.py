@@ -77,6 +77,7 @@ class Deliveries:
         self.closing = False  # at shutdown: what on_recorded claims waits for the next start
         self.waiting_since = 0.0  # time.monotonic() when the oldest unrecorded result came
         self.unreadable: set[int] = set()  # claims another version wrote: said once, left
+        self.replay = False  # `unrecorded` holds results whose recording failed once
 
     def claim(self, routed: Iterable[Routed], now: datetime | str) -> list[Attempt]:
         return claim(routed, self.replica, now)
@@ -110,7 +111,12 @@ class Deliveries:
         self.unrecorded.extend(results)
         if self.unrecorded:
             done = self.unrecorded
-            record(done, self.replica)  # raises on an outage: kept for next time
+            try:
+                record(done, self.replica, replay=self.replay)
+            except BaseException:  # an outage: kept for next time
+                self.replay = True  # its commit may have landed, the answer lost
+                raise
+            self.replay = False
             self.unrecorded = []
             if self.on_recorded is not None:
                 now = db.utcnow()

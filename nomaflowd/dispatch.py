@@ -371,21 +371,40 @@ def field(value: str | None) -> str:
     return value
 
 
-def record(results: list[Result], replica: str) -> None:
+def record(results: list[Result], replica: str, replay: bool = False) -> None:
     """One audit row and one `notification` log line per attempt; their claims marked done.
 
-    The only place an outcome is written.
+    The only place an outcome is written. `replay`: these results' recording failed before,
+    and may have committed all the same (a link that dropped the answer to COMMIT): a claim
+    this replica already marked done has its row, and gets no second one. A claim a peer
+    took over meanwhile (this replica was cut off past its lease) still gets this
+    attempt's row, saying so: the peer sent it again.
     """
     if not results:
         return
+    done = [r.attempt.delivery_id for r in results if r.attempt.delivery_id is not None]
+    new = results
+    if replay and done:
+        claims = {row[0]: row[1:] for row in db.proxy.execute_sql(
+            "SELECT id, state, claimed_by FROM deliveries WHERE id IN"
+            f" ({', '.join([db.proxy.param] * len(done))})", done).fetchall()}
+        new = []
+        for r in results:
+            state, owner = claims.get(r.attempt.delivery_id, (None, replica))
+            if state == "done" and owner == replica:
+                continue  # recorded: the answer to its COMMIT was lost, not the COMMIT
+            if owner != replica:
+                r = replace(r, detail=f"{r.detail}; recorded late: replica {owner} had"
+                                      " taken it over")
+            new.append(r)
     rows = [(r.created_at, r.attempt.alert.event_id, r.attempt.alert.job_id or None,
              r.attempt.alert.run_id, r.attempt.alert.kind, r.attempt.alert.level,
              r.attempt.transport, r.transport_type, r.attempt.recipient, r.outcome,
-             r.detail[:1000], r.duration_ms, replica) for r in results]
-    done = [r.attempt.delivery_id for r in results if r.attempt.delivery_id is not None]
+             r.detail[:1000], r.duration_ms, replica) for r in new]
     with db.write():
-        db.executemany(RECORD.format(p=db.proxy.param), rows)
-        threads.remember(results)
+        if rows:
+            db.executemany(RECORD.format(p=db.proxy.param), rows)
+        threads.remember(new)
         if done:
             db.execute_in("UPDATE deliveries SET state = 'done' WHERE id IN", done)
     with logs.batched():  # the batch's lines in one write

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -18,7 +19,9 @@ from datetime import datetime, timedelta
 import pytest
 
 from nomaflowd import db, events
+from nomaflowd.alerts import from_event
 from nomaflowd.deliveries import HELD, NO_TRANSPORT
+from nomaflowd.dispatch import Attempt, Result
 from tests.servers import Reply, Request, wait_until
 from tests.test_web import bound_port
 
@@ -222,6 +225,31 @@ def test_a_connection_lost_while_idle_is_opened_again_by_the_next_poll(tree, htt
     d.daemon.poll(db.utcnow())
     assert not d.daemon.outage
     assert d.daemon.unhealthy() == ""
+
+
+def test_results_recorded_again_after_a_lost_commit_answer_make_no_second_row(tree, http,
+                                                                              inproc):
+    """The link dropped the answer to the audit COMMIT, not the COMMIT: the results, kept as
+    unrecorded, were written again once the database answered, two SENT rows for one POST.
+    A claim a peer took over meanwhile still gets this attempt's row, saying so."""
+    from nomaflowd.dispatch import record
+
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = inproc()
+    tree.drop(FAILED)
+    d.pump(lambda: tree.notifications(), what="the row")
+    [(claim, replica)] = tree.sql("SELECT id, claimed_by FROM deliveries")
+    [row] = tree.notifications()
+    alert = from_event("failed", events.parse(json.dumps(FAILED).encode(), "x.json",
+                                              db.utcnow()), "")
+    again = Result(Attempt(alert, "ops", "ops", delivery_id=claim), "webhook", "SENT",
+                   "HTTP 200 ok", 3, db.utcnow())
+    record([again], replica, replay=True)
+    assert [r["id"] for r in tree.notifications()] == [row["id"]]
+    tree.sql("UPDATE deliveries SET claimed_by = 'peer'")
+    record([again], replica, replay=True)
+    assert tree.notifications()[-1]["detail"] == (
+        "HTTP 200 ok; recorded late: replica peer had taken it over")
 
 
 def test_stop_does_not_wait_for_alerts_held_by_pacing_and_says_they_were_never_tried(
