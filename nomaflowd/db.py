@@ -174,7 +174,7 @@ class DeliveryRow(Model):
     transport = pw.CharField(max_length=200)
     recipient = pw.CharField(max_length=400)
     event_id = pw.CharField(max_length=300, null=True)
-    context = pw.TextField()  # the alert as JSON, to send it again after a crash
+    context = pw.TextField()  # the alert as JSON, to send it again after a crash ('' once done)
     state = pw.CharField(max_length=16, default="claimed")  # claimed -> done
     claimed_by = pw.CharField(max_length=200)
     claimed_at = pw.DateTimeField()

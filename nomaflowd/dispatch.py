@@ -406,7 +406,7 @@ def record(results: list[Result], replica: str, replay: bool = False) -> None:
             db.executemany(RECORD.format(p=db.proxy.param), rows)
         threads.remember(new)
         if done:
-            db.execute_in("UPDATE deliveries SET state = 'done' WHERE id IN", done)
+            db.execute_in("UPDATE deliveries SET state = 'done', context = '' WHERE id IN", done)
     with logs.batched():  # the batch's lines in one write
         for r in results:
             a = r.attempt

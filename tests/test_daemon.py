@@ -458,3 +458,14 @@ def test_a_sighup_while_the_daemon_starts_does_not_kill_it(tree, http):
         assert d.stop() == 0
     finally:
         d.close()
+
+
+def test_a_done_claim_keeps_no_copy_of_its_alert(tree, http, inproc):
+    """A claim keeps its alert as JSON to send it again after a crash; once done, nothing
+    reads it again, and it was 40 % of the database (370 bytes a claim, 6.4 KB an event
+    over five transports)."""
+    tree.write_config(tree.webhook("ops", http.url()))
+    d = inproc()
+    tree.drop(FAILED)
+    d.pump(lambda: tree.notifications(), what="the row")
+    assert tree.sql("SELECT state, context FROM deliveries") == [("done", "")]

@@ -134,3 +134,30 @@ def test_tmpfiles_spool_is_the_only_extra_writable_path() -> None:
     for path in (spool, f"{spool}/tmp"):
         assert "default:user:nomaflowd:r" in acls[path].split(",")
         assert "default:group::-" in acls[path].split(",")
+
+
+@pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None,
+                    reason="systemd-tmpfiles is not installed (.ci/run installs systemd)")
+def test_tmpfiles_cleans_a_runners_dead_temp_files_and_keeps_the_spool(tmp_path) -> None:
+    """A runner killed between its write and its rename leaves a file in tmp/ for good:
+    systemd-tmpfiles-clean takes those a day old (by every time stamp, so a file being
+    written is never one of them), and nothing else."""
+    users = "root:x:0:0::/root:/bin/sh\nnomaflowd:x:990:990::/:/bin/false\n"
+    for name, text in (("passwd", users),
+                       ("group", "root:x:0:\nnomaflowd:x:990:\nnomaflow-runners:x:991:\n")):
+        (tmp_path / "etc").mkdir(exist_ok=True)
+        (tmp_path / "etc" / name).write_text(text)
+    spool = tmp_path / "var" / "spool" / "nomaflowd"
+    (spool / "tmp").mkdir(parents=True)
+    (spool / "tmp" / ".being-written.json").write_text("{")
+    (spool / "waiting.json").write_text("{}")
+    done = subprocess.run(["systemd-tmpfiles", "--clean", f"--root={tmp_path}", str(TMPFILES)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in spool.rglob("*")) == [".being-written.json", "tmp",
+                                                        "waiting.json"]
+    lines = [line.split() for line in TMPFILES.read_text(encoding="utf-8").splitlines()
+             if line.startswith("d ")]
+    assert {fields[1]: fields[5] for fields in lines} == {
+        "/var/spool/nomaflowd": "-", "/var/spool/nomaflowd/tmp": "1d",
+        "/var/spool/nomaflowd/rejected": "-"}
