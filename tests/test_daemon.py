@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from nomaflowd import db, events
+from nomaflowd.alerts import from_event
 from tests.servers import Reply, closed_port, wait_until
 
 FAILED = {"job_id": "reporting-nightly-sync", "run_id": "run_a8c4d", "state": "FAILED",
@@ -413,9 +415,11 @@ def test_claims_another_version_left_are_resumed_or_named_never_a_crash_loop(tre
     tree.drop(FAILED)
     first.pump(lambda: tree.notifications(), what="the first alert")
     first.close()
-    [(context, replica)] = tree.sql("SELECT context, claimed_by FROM deliveries")
-    newer = json.loads(context)
-    newer["alert"] = {**newer["alert"], "run_id": "from-a-newer-version", "added_later": 1}
+    [replica] = [row[0] for row in tree.sql("SELECT claimed_by FROM deliveries")]
+    alert = from_event("failed", events.parse(json.dumps(FAILED).encode(), "x.json",
+                                              db.utcnow()), "")
+    newer = {"alert": {**vars(alert), "run_id": "from-a-newer-version", "added_later": 1},
+             "error": None}  # as deliveries.claim writes it, and one field more
     tree.sql("INSERT INTO deliveries (alert_key, transport, recipient, event_id, context, state,"
              " claimed_by, claimed_at, attempts) VALUES ('k-newer', 'ops', 'ops', NULL, ?,"
              " 'claimed', ?, '2026-12-01 00:00:00', 1), ('k-unreadable', 'ops', 'ops', NULL,"
