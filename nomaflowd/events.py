@@ -208,11 +208,11 @@ def parse(raw: bytes, name: str, received_at: datetime,
           written_at: datetime | None = None) -> Event:
     """Validate one spool file's bytes; `name` feeds the default event_id of notices.
 
-    `at` defaults to `received_at`, or to `written_at` (the file's modification time) for a
-    file that waited in the spool longer than WAITED: a run that reported while the daemon
-    was down happened then, not when the backlog was read after the restart (it was called
-    missed). Not for every file: file times are coarse (a few ms), and a failure stamped
-    so could seem older than the success read just before it.
+    `at` defaults to `received_at`, or to `written_at` (the file's modification time), which
+    the caller gives for a file that waited in the spool longer than WAITED: a run that
+    reported while the daemon was down happened then, not when the backlog was read after
+    the restart (it was called missed). Not for every file: file times are coarse (a few
+    ms), and a failure stamped so could seem older than the success read just before it.
     """
     obj, text = decode(raw)
     # A NUL or a lone surrogate can only come from a \u escape: the decoder refuses a raw
@@ -288,8 +288,7 @@ def parse(raw: bytes, name: str, received_at: datetime,
         job_id=obj["job_id"],
         state=state,
         run_id=run_id,
-        at=times.get("at", written_at if written_at and written_at < received_at - WAITED
-                     else received_at),
+        at=times.get("at", min(written_at, received_at) if written_at else received_at),
         started_at=times.get("started_at"),
         finished_at=times.get("finished_at"),
         fields=obj,

@@ -130,6 +130,7 @@ class Ingest:
         cat = self.policy.current()
         budget = BATCH_BYTES
         unread: list[str] = []
+        waited = time.time() - events.WAITED.total_seconds()  # older files waited in the spool
         for i, name in enumerate(names):
             if budget <= 0:
                 names, unread = names[:i], names[i:]
@@ -143,7 +144,8 @@ class Ingest:
                     continue
                 budget -= len(raw)
                 self.read_as[name] = raw.ident
-                event = events.parse(raw, name, now, events.written_at(raw.mtime))
+                event = events.parse(raw, name, now, events.written_at(raw.mtime)
+                                     if raw.mtime < waited else None)
                 refused = cat.may_write(event.job_id, raw.uid, raw.gid)
                 if refused:
                     raise Rejected(refused)
