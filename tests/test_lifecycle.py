@@ -336,6 +336,19 @@ def test_two_daemons_with_one_replica_id_are_told_so(tree, http, daemon_factory)
     assert first.stop() == 0 and second.stop() == 0
 
 
+def test_healthz_says_the_poll_stalled_when_it_stops_running(tree, http, inproc):
+    """README: /healthz is 200 only while the poll has run within three poll_seconds (and
+    10 s). A poll that stopped (its timer held back, as a wall clock stepped back held it)
+    with the main loop still turning said ok; it says `poll stalled` now."""
+    tree.write_config(tree.webhook("ops", http.url()), daemon="poll_seconds = 0.1")
+    d = inproc()
+    d.pump(lambda: d.daemon.unhealthy() == "", what="healthy at first")
+    d.daemon.scheduler.pause()  # the poll's timer stops; the loop goes on turning
+    d.pump(lambda: d.daemon.unhealthy() == "poll stalled", timeout=20, what="poll stalled")
+    d.daemon.scheduler.resume()
+    d.pump(lambda: d.daemon.unhealthy() == "", what="healthy again")
+
+
 def test_healthz_fails_while_the_database_is_away(tree, http, daemon_factory, pg_schema):
     from playhouse.db_url import connect
 
