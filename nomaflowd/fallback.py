@@ -70,7 +70,8 @@ def step(row: db.StreakRow, r: Result, policy: Policy, now: datetime) -> list[Ro
     if r.outcome == SENT:
         due = []
         if row.alerted_at is not None:
-            due = route(policy, alert(row, "transport_restored", cfg.base_url))
+            if cfg.fallback_recipients:  # else nobody was told it failed: nor that it is back
+                due = route(policy, alert(row, "transport_restored", cfg.base_url))
             logger.info("transport %s delivers again after %d failed attempt(s)",
                         row.transport, row.failures)
         row.failures, row.undelivered, row.started_at, row.alerted_at = 0, "[]", None, None

@@ -3,6 +3,7 @@ channel breaks. End to end against local servers; time is passed in as `now`."""
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -642,6 +643,25 @@ def test_failing_webhook_makes_one_fallback_email_and_its_recovery_another(tree,
     streak = "SELECT failures, alerted_at FROM transport_streaks WHERE transport = 'hook'"
     assert tree.sql(streak) == [(0, None)]
     assert len(smtp.messages) == 2
+
+
+def test_a_transport_back_without_fallback_recipients_logs_no_error(tree, http, inproc,
+                                                                      caplog):
+    """With no daemon.fallback_recipients the failing side is one WARNING (nobody is told);
+    the transport's return logged an ERROR `no fallback recipient is on a transport other
+    than hook; nobody else can be told`, as if something were misconfigured."""
+    caplog.set_level(logging.INFO, logger="nomaflowd")
+    answers = iter([Reply(500)] * 3)
+    http.replies["/hook"] = lambda req: next(answers, Reply(200, b"ok"))
+    tree.write_config(tree.webhook("hook", http.url()))
+    d = inproc()
+    for i in range(4):
+        tree.drop({"job_id": "etl", "run_id": f"r{i}", "state": "FAILED"})
+        d.pump(lambda n=i + 1: len(tree.notifications()) == n, what="the row")
+    assert [r["outcome"] for r in tree.notifications()] == ["FAILED_DELIVERY"] * 3 + ["SENT"]
+    assert "no daemon.fallback_recipients: nobody is told that hook is failing" in caplog.text
+    assert "transport hook delivers again after 3 failed attempt(s)" in caplog.text
+    assert "ERROR" not in caplog.text
 
 
 def test_recipients_a_runner_may_not_name_do_not_count_against_the_transport(tree, http,
