@@ -12,7 +12,7 @@ import signal
 import stat
 import sys
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -440,6 +440,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     removed["rejected files"] = Spool(cfg.spool_dir).prune_rejected(db.utcnow(),
                                                                   cfg.retention_days)
+    from nomaflowd import catalogue, schedules
+
+    removed["schedules"] = schedules.forget(catalogue.load(cfg.jobs_file), db.utcnow()
+                                            - timedelta(days=cfg.retention_days))
     print("removed " + ", ".join(f"{n} {table}" for table, n in removed.items())
           + f" (older than {cfg.retention_days} days)")
     return 0

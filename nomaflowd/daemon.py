@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
 
-from nomaflowd import config, db, fallback, longrun, metrics, systemd, transports
+from nomaflowd import config, db, fallback, longrun, metrics, schedules, systemd, transports
 from nomaflowd.alerts import span
 from nomaflowd.config import Config
 from nomaflowd.db import utcnow
@@ -641,6 +641,9 @@ class Daemon:
                                                     self.stopping))
             removed["rejected files"] = self.spool.prune_rejected(utcnow(),
                                                                   self.config.retention_days)
+            removed["schedules"] = schedules.forget(  # the catalogue as the loop last saw it
+                self.policy.catalogue.current,
+                utcnow() - timedelta(days=self.config.retention_days))
             logger.info("retention: removed %s", ", ".join(f"{n} {t}" for t, n in removed.items()))
         except db.OUTAGES as exc:
             logger.error("retention skipped, database unavailable: %s", db.one_line(exc))

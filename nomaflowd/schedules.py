@@ -227,6 +227,20 @@ def job_alert(kind: str, row: db.ScheduleRow, key: str, url: str, **values: Any)
                  details=details, **values)
 
 
+def forget(cat: Catalogue, cutoff: datetime) -> int:
+    """The daily retention's: rows of jobs jobs.toml does not name, silent since before
+    `cutoff`. With [defaults.alerts] watching every job, each job id ever seen kept its row
+    for good, and every reload re-armed them all (4 s at 100,000 rows). A job that comes
+    back is watched again from then."""
+    s = db.ScheduleRow
+    named = catalogue_jobs(cat)
+    gone = [row.id for row in s.select(s.id, s.job_id).where(
+        pw.fn.COALESCE(s.last_run_at, s.monitored_since) < cutoff) if row.job_id not in named]
+    for i in range(0, len(gone), BATCH):
+        s.delete().where(s.id.in_(gone[i:i + BATCH])).execute()
+    return len(gone)
+
+
 class Schedules:
     """The due-schedule poll; keeps which catalogue it last synchronised with."""
 

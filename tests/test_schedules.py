@@ -664,6 +664,26 @@ def test_a_transport_back_without_fallback_recipients_logs_no_error(tree, http, 
     assert "ERROR" not in caplog.text
 
 
+def test_a_job_gone_for_longer_than_the_retention_is_no_longer_watched(tree, http, inproc):
+    """With [defaults.alerts] watching every job, each job id ever seen kept its schedules
+    row for good, and every reload re-armed them all (4 s at 100,000 rows). The daily
+    retention forgets the rows of jobs jobs.toml does not name once they have been silent
+    that long; a job that comes back is watched again from then."""
+    from nomaflowd.db import utcnow
+
+    setup_slack(tree, http, '[defaults.alerts]\non_stale_hours = 24\nrecipients = ["#ops"]\n'
+                '[jobs.named.alerts]\non_stale_hours = 24\n')
+    d = inproc()
+    for job in ("named", "gone", "recent"):
+        tree.drop({"job_id": job, "run_id": "r1", "state": "SUCCEEDED"})
+    d.pump()
+    old = utcnow() - timedelta(days=200)
+    tree.sql("UPDATE schedules SET last_run_at = ?, monitored_since = ? WHERE job_id != 'recent'",
+             str(old), str(old))
+    d.daemon.prune_job()
+    assert sorted(r[0] for r in tree.sql("SELECT job_id FROM schedules")) == ["named", "recent"]
+
+
 def test_recipients_a_runner_may_not_name_do_not_count_against_the_transport(tree, http,
                                                                             inproc):
     """A refused recipient is never sent: it says nothing of the channel. Three of them in a
