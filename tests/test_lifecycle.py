@@ -15,6 +15,7 @@ import threading
 import urllib.error
 import urllib.request
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -124,11 +125,8 @@ def test_reload_while_sending_records_every_attempt_once_and_closes_old_transpor
     wait_until(lambda: http.open_connections == 0, what="the old connections closed")
 
 
-def test_sends_queued_when_a_reload_fixes_the_url_go_to_the_new_one(tree, http, inproc):
-    """An endpoint hangs, alerts queue behind its four senders, the operator fixes the URL
-    and reloads: the queued alerts kept going to the dead URL, one timeout after another
-    (200 queued at 10 s: minutes), and the fixed one got nothing until a restart. Sends
-    under way finish where they are; the queued ones go to the URL now configured."""
+def hang_at(http: Any, path: str) -> tuple[threading.Semaphore, threading.Event]:
+    """Requests to `path` hang until the event is set; the semaphore counts each arrival."""
     arrived, release = threading.Semaphore(0), threading.Event()
 
     def hang(req: Request) -> Reply:
@@ -136,13 +134,27 @@ def test_sends_queued_when_a_reload_fixes_the_url_go_to_the_new_one(tree, http, 
         release.wait(10)
         return Reply(200, b"ok")
 
-    http.replies["/dead"] = hang
+    http.replies[path] = hang
+    return arrived, release
+
+
+def hold_every_sender(d: Any, arrived: threading.Semaphore) -> None:
+    """Until each of a transport's four senders is held by the hanging URL."""
+    for _ in range(4):
+        d.pump(lambda: arrived.acquire(blocking=False), what="a sender at the dead URL")
+
+
+def test_sends_queued_when_a_reload_fixes_the_url_go_to_the_new_one(tree, http, inproc):
+    """An endpoint hangs, alerts queue behind its four senders, the operator fixes the URL
+    and reloads: the queued alerts kept going to the dead URL, one timeout after another
+    (200 queued at 10 s: minutes), and the fixed one got nothing until a restart. Sends
+    under way finish where they are; the queued ones go to the URL now configured."""
+    arrived, release = hang_at(http, "/dead")
     tree.write_config(tree.webhook("ops", http.url("/dead")))
     d = inproc()
     for i in range(12):
         tree.drop({**FAILED, "run_id": f"r{i}"})
-    for _ in range(4):  # every sender of the transport is held at the dead URL
-        d.pump(lambda: arrived.acquire(blocking=False), what="a sender at the dead URL")
+    hold_every_sender(d, arrived)
     tree.write_config(tree.webhook("ops", http.url("/fixed")))
     d.daemon.reload()
     release.set()
@@ -153,21 +165,13 @@ def test_sends_queued_when_a_reload_fixes_the_url_go_to_the_new_one(tree, http, 
 
 
 def test_sends_queued_for_a_transport_a_reload_removed_are_recorded_so(tree, http, inproc):
-    arrived, release = threading.Semaphore(0), threading.Event()
-
-    def hang(req: Request) -> Reply:
-        arrived.release()
-        release.wait(10)
-        return Reply(200, b"ok")
-
-    http.replies["/dead"] = hang
+    arrived, release = hang_at(http, "/dead")
     tree.write_config(tree.webhook("ops", http.url("/dead")) + tree.webhook("other", http.url()))
     tree.write_jobs('[defaults.alerts]\nrecipients = ["ops"]\n')
     d = inproc()
     for i in range(6):
         tree.drop({**FAILED, "run_id": f"r{i}"})
-    for _ in range(4):
-        d.pump(lambda: arrived.acquire(blocking=False), what="a sender at the dead URL")
+    hold_every_sender(d, arrived)
     tree.write_config(tree.webhook("other", http.url()))
     d.daemon.reload()
     release.set()

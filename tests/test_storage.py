@@ -9,6 +9,7 @@ import sqlite3
 import stat
 import threading
 import warnings
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -576,6 +577,22 @@ def test_an_index_an_earlier_version_made_is_dropped_at_start(backend):
         database.close()
 
 
+def vm_steps(database: Any, check: Callable[[], None]) -> int:
+    """SQLite virtual-machine steps (in tens) that `check` costs: work, not time."""
+    count = [0]
+
+    def tick() -> int:
+        count[0] += 1
+        return 0
+
+    database.connection().set_progress_handler(tick, 10)
+    try:
+        check()
+    finally:
+        database.connection().set_progress_handler(None, 10)
+    return count[0]
+
+
 def test_the_recovery_check_of_a_batch_does_not_grow_with_the_jobs_history(tree: Tree):
     """Once a batch, incidents.open_candidates asks which of its jobs may have an episode to
     close. Its work must not grow with every run the jobs ever had: counted in SQLite
@@ -600,18 +617,9 @@ def test_the_recovery_check_of_a_batch_does_not_grow_with_the_jobs_history(tree:
                 [(job, f"r{k}", when, when, when) for k in range(first, last) for job in jobs])
 
     def steps() -> int:
-        count = [0]
-
-        def tick() -> int:
-            count[0] += 1
-            return 0
-
-        database.connection().set_progress_handler(tick, 10)
-        try:
+        def check() -> None:
             assert incidents.open_candidates(successes, now) == set()
-        finally:
-            database.connection().set_progress_handler(None, 10)
-        return count[0]
+        return vm_steps(database, check)
 
     try:
         history(0, 10)             # 200 runs
@@ -649,20 +657,11 @@ def test_who_got_a_runs_failure_is_found_without_reading_the_audit_history(tree:
                 [(when, job, f"r{k}") for k in range(first, last) for job in jobs])
 
     def steps() -> int:
-        count = [0]
-
-        def tick() -> int:
-            count[0] += 1
-            return 0
-
-        database.connection().set_progress_handler(tick, 10)
-        try:
+        def check() -> None:
             assert incidents.open_candidates(successes, now) == set()
             assert incidents.triggered("job-03", ["r1", "r2", "r3"]) == {
                 ("hook", "hook"): {"failed"}}
-        finally:
-            database.connection().set_progress_handler(None, 10)
-        return count[0]
+        return vm_steps(database, check)
 
     try:
         history(0, 10)             # 200 audit rows
